@@ -40,7 +40,7 @@ class APIError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
     def body(self) -> bytes:
-        return json.dumps(self.to_json()).encode("utf-8") + b"\n"
+        return json.dumps(self.to_json(), separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def not_found(what: str = "resource") -> APIError:

@@ -58,7 +58,12 @@ class InputFile:
     path: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "filename": self.filename, "size": self.size, "sha256": self.sha256}
+        return {
+            "name": self.name,
+            "filename": self.filename,
+            "size": self.size,
+            "sha256": self.sha256,
+        }
 
 
 @dataclass
@@ -152,7 +157,7 @@ class IJobStore(Interface):
     """
 
     def load() -> list[Job]:
-        """Every stored job, oldest first.  Called once, at start-up, before the reactor runs jobs."""
+        """Every stored job, oldest first.  Called once, at start-up, before any job runs."""
 
     def save(job: Job) -> Deferred[None]:
         """Insert or replace C{job}.  Calls for one job complete in the order made."""

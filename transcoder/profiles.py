@@ -54,7 +54,9 @@ class Parameter:
         try:
             value = int(raw, 10) if self.type == "int" else float(raw)
         except ValueError:
-            raise _bad_param(self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}") from None
+            raise _bad_param(
+                self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}"
+            ) from None
         if isinstance(value, float) and value != value:  # NaN passes range checks
             raise _bad_param(self.name, "must be a number")
         if self.minimum is not None and value < self.minimum:

@@ -1,0 +1,96 @@
+"""Small HTTP helpers shared by the resources and the request: JSON answers and errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from transcoder.errors import APIError, method_not_allowed
+
+JSON_TYPE = b"application/json"
+
+
+def json_body(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def write_json(request: Request, status: int, obj: Any) -> bytes:
+    """Set the status and type of a JSON answer; return the body for a render method."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json_body(obj)
+
+
+def write_error(request: Request, error: APIError) -> bytes:
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return write_json(request, error.status, error.to_json())
+
+
+def finish_error(request: Request, error: APIError) -> None:
+    """Answer an asynchronous request with an error, unless the client has gone."""
+    if getattr(request, "_disconnected", False) or request.finished:
+        return
+    body = write_error(request, error)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def raw_response(error: APIError) -> bytes:
+    """
+    A complete HTTP/1.1 response, for answering from inside C{gotLength} or
+    mid-body, where twisted.web's own response machinery cannot yet be used.
+    """
+    body = error.body()
+    lines = [
+        f"HTTP/1.1 {error.status} {error.phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    lines += [f"{k}: {v}" for k, v in error.headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def allowed_methods(resource: IResource) -> list[str]:
+    """The methods a resource renders, from its C{render_*} methods."""
+    methods = {name[len("render_") :] for name in dir(resource) if name.startswith("render_")}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+class ErrorResource(Resource):
+    """Answers every request with one L{APIError}."""
+
+    isLeaf = True
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        return write_error(request, self.error)
+
+
+class JSONResource(Resource):
+    """A resource whose unsupported methods get a JSON 405 with C{Allow}."""
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, "render_" + method, None)
+        if handler is None and method == "HEAD":
+            handler = getattr(self, "render_GET", None)
+        if handler is None:
+            return write_error(request, method_not_allowed(method, allowed_methods(self)))
+        result: bytes | int = handler(request)
+        return result
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
+        return ErrorResource(APIError(404, "not_found", "no such resource"))

@@ -1,0 +1,150 @@
+"""
+The service: one L{Options} and one L{makeService}, shared by C{transcoder
+serve}, the twistd plugin and C{tap.py}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from transcoder.profiles import ProfileError, load_profiles
+from transcoder.registry import JobRegistry
+from transcoder.store import SQLiteJobStore
+from transcoder.web import TranscoderSite, build_root
+
+log = Logger()
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """C{"8G"}, C{"512M"}, C{"100k"}, C{"1024"}: bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise usage.UsageError(f"not a size: {text!r} (try 8G, 512M, 100k)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_duration(text: str) -> float:
+    """C{"30s"}, C{"5m"}, C{"7d"}, C{"90"} (seconds)."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise usage.UsageError(f"not a duration: {text!r} (try 30s, 5m, 2h, 7d)")
+    unit = (m.group(2) or "s").lower()
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    return float(m.group(1)) * scale
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+class Options(usage.Options):
+    """Options of the transcoding service (C{transcoder serve}, C{twistd transcoder})."""
+
+    synopsis = "[options]"
+    longdesc = "An HTTP video transcoding service: uploads streamed to disk, mencoder/ffmpeg jobs."
+
+    optParameters: list[list[Any]] = [
+        [
+            "listen",
+            "l",
+            "tcp:8080:interface=127.0.0.1",
+            "Endpoint to listen on (Twisted endpoint string).",
+        ],
+        ["data-dir", "d", "./data", "Directory for uploads, results and the job database."],
+        ["max-upload-size", None, "8G", "Largest upload accepted (bytes, or with k/M/G/T)."],
+        ["profiles", None, None, "TOML file of profiles extending (or replacing) the built-ins."],
+        [
+            "workers",
+            "w",
+            None,
+            "Encoders run at once (default: the number of CPUs).",
+            _positive_int,
+        ],
+        ["max-queued", None, "1000", "Queued jobs beyond which uploads get 503.", _positive_int],
+        ["job-timeout", None, "1h", "Default time limit of a job, for profiles that set none."],
+        ["kill-grace", None, "5s", "Time between TERM and KILL when stopping an encoder."],
+        ["idle-timeout", None, "60s", "Close connections idle (nothing received) this long."],
+    ]
+
+    def postOptions(self) -> None:
+        self["max-upload-size"] = parse_size(self["max-upload-size"])
+        for key in ("job-timeout", "kill-grace", "idle-timeout"):
+            self[key] = parse_duration(self[key])
+        if self["workers"] is None:
+            self["workers"] = os.cpu_count() or 1
+        try:
+            self["profiles-loaded"] = load_profiles(
+                Path(self["profiles"]) if self["profiles"] else None
+            )
+        except (OSError, ProfileError) as e:
+            raise usage.UsageError(f"--profiles: {e}") from None
+
+
+class RegistryService(Service):
+    """Starts the job registry (recovery, scheduling) and stops it with the service."""
+
+    def __init__(self, registry: JobRegistry) -> None:
+        self.registry = registry
+
+    def startService(self) -> None:
+        super().startService()
+        self.registry.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.registry.stop()
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The whole service: the job registry, then the HTTP listener."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    data_dir = Path(options["data-dir"]).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    profiles = options["profiles-loaded"]
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3", reactor)
+    registry = JobRegistry(
+        reactor,
+        store,
+        data_dir,
+        profiles,
+        workers=options["workers"],
+        max_queued=options["max-queued"],
+        job_timeout=options["job-timeout"],
+        kill_grace=options["kill-grace"],
+    )
+    root = build_root(reactor, registry, profiles, data_dir, options["max-upload-size"])
+    site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
+
+    top = MultiService()
+    # Children stop in reverse order: the listener first, then the registry.
+    RegistryService(registry).setServiceParent(top)
+    listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    log.info(
+        "transcoder: data in {data_dir}, {workers} workers, profiles: {profiles}",
+        data_dir=str(data_dir),
+        workers=options["workers"],
+        profiles=", ".join(profiles),
+    )
+    return top

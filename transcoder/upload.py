@@ -1,0 +1,680 @@
+"""
+Request bodies written straight to their files as they arrive.
+
+Stock twisted.web spools every body to a temporary file, reaches the resource
+only once all of it is in, and then parses form bodies into memory.  Here
+L{TranscoderRequest} decides in C{gotLength}, after the headers and before any
+body byte or C{100 Continue}, what the body is for:
+
+  - the addressed resource provides L{IBodyReceiver}: it checks the request
+    (profile, size, capacity) and returns an L{IRequestBody}, which gets every
+    chunk as the transfer decoder produces it;
+  - the resource refuses: the error goes out at once, without C{100 Continue};
+  - any other resource: small bodies only, kept by the stock machinery.
+
+L{RawBody} and L{MultipartBody} write through a L{Spool} into a staging
+directory, C{uploads/<job id>/}.  Only a complete, checked upload becomes a
+job, by renaming that directory (see L{transcoder.web}).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import multipart
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.http import parse_qs
+from twisted.web.resource import IResource
+from zope.interface import Interface, implementer
+
+from transcoder._http import ErrorResource, allowed_methods, raw_response
+from transcoder._names import extension, sanitise_filename
+from transcoder._spool import Opener, Spool, SpooledFile, _open
+from transcoder.errors import APIError, method_not_allowed
+from transcoder.jobs import InputFile
+from transcoder.profiles import RESERVED_FIELDS, ParamValue, Profile
+
+log = Logger()
+
+# Endpoints that do not stream take small bodies or none.
+SMALL_BODY = 64 * 1024
+# How long a refused request's body is read and thrown away before closing, so
+# that the client sees the answer rather than a reset.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 << 20
+# Reading 1 MiB per recv instead of 64 KiB cut the upload path's CPU by a
+# quarter (measured; see docs/performance.md).
+UPLOAD_READ_SIZE = 1 << 20
+
+_MAX_FIELD = 8 * 1024
+_MAX_FIELDS = 64
+_MAX_FILE_PARTS = 8
+_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class IRequestBody(Interface):
+    """Where the chunks of one request's body go."""
+
+    def dataReceived(data: bytes) -> None:
+        """A chunk of the body.  Raise L{APIError} to refuse the rest."""
+
+    def finish() -> Deferred[Any]:
+        """The body is complete: fire once it is on disk and checked; errback with L{APIError}."""
+
+    def abort() -> None:
+        """Throw away everything written.  Safe to call more than once, or after L{finish}."""
+
+
+class IBodyReceiver(Interface):
+    """A resource that takes streamed bodies."""
+
+    def receiveBody(request: server.Request, length: int | None) -> IRequestBody:
+        """
+        Accept the body of C{request}, whose C{method}, C{uri}, C{path},
+        C{args} and headers are set, or raise L{APIError} to refuse it before
+        it is read.  C{length} is the declared length, or None when chunked.
+        """
+
+
+@dataclass
+class Submission:
+    """A complete upload: everything needed to create its job."""
+
+    job_id: str
+    staging: Path
+    profile: Profile
+    params: dict[str, ParamValue]
+    inputs: list[InputFile]
+    callback_url: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
+    values = args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "bad_query", f"query parameter {name!r} is not UTF-8") from None
+
+
+def query_fields(args: Mapping[bytes, list[bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in args:
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(400, "bad_query", "query parameter names must be UTF-8") from None
+        value = _arg(args, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _profile_for(profiles: Mapping[str, Profile], name: str | None) -> Profile:
+    if not name:
+        raise APIError(422, "missing_profile", "name a profile: ?profile=NAME (see GET /profiles)")
+    profile = profiles.get(name)
+    if profile is None:
+        raise APIError(
+            422,
+            "unknown_profile",
+            f"no profile {name[:64]!r}; known: {', '.join(sorted(profiles))}",
+        )
+    return profile
+
+
+def _split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Control fields (profile, filename, ...) and the rest, which are profile parameters."""
+    control = {k: v for k, v in fields.items() if k in RESERVED_FIELDS or k.startswith("sha256.")}
+    params = {k: v for k, v in fields.items() if k not in control}
+    return control, params
+
+
+def _check_callback(url: str | None) -> str | None:
+    if url is None or url == "":
+        return None
+    if not re.match(r"^https?://[^\s/?#]+[^\s]*$", url) or len(url) > 2048:
+        raise APIError(422, "invalid_callback_url", "callback_url must be an http(s) URL")
+    return url
+
+
+def _digest_expectations(request: server.Request, single_role: str | None) -> dict[str, str]:
+    """
+    SHA-256 digests the client announced, by input role, from C{?sha256=} and
+    C{Repr-Digest}/C{Content-Digest} (raw bodies: C{single_role} set).
+    """
+    out: dict[str, str] = {}
+    q = _arg(request.args or {}, "sha256")
+    if q is not None and single_role is not None:
+        if not _HEX64.match(q):
+            raise APIError(400, "bad_digest", "sha256 must be 64 hexadecimal digits")
+        out[single_role] = q.lower()
+    if single_role is not None:
+        for header in (b"repr-digest", b"content-digest"):
+            for value in request.requestHeaders.getRawHeaders(header, []):
+                m = re.search(rb"sha-256=:([A-Za-z0-9+/=]+):", value)
+                if m is None:
+                    continue
+                try:
+                    digest = base64.b64decode(m.group(1), validate=True)
+                except binascii.Error:
+                    digest = b""
+                if len(digest) != 32:
+                    raise APIError(400, "bad_digest", f"{header.decode()} sha-256 is malformed")
+                out[single_role] = digest.hex()
+    return out
+
+
+def _content_md5(request: server.Request) -> str | None:
+    value = request.requestHeaders.getRawHeaders(b"content-md5", [None])[0]
+    if value is None:
+        return None
+    try:
+        digest = base64.b64decode(value.strip(), validate=True)
+    except binascii.Error:
+        digest = b""
+    if len(digest) != 16:
+        raise APIError(400, "bad_digest", "Content-MD5 must be the base64 of 16 bytes")
+    return digest.hex()
+
+
+def _storage_error(error: BaseException) -> APIError:
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return APIError(507, "insufficient_storage", "the server ran out of disk space")
+    return APIError(500, "storage_error", "the server could not store the upload")
+
+
+class _BaseBody:
+    """What raw and multipart bodies share: the staging directory, the spool, the size cap."""
+
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        staging: Path,
+        job_id: str,
+        max_size: int,
+        opener: Opener,
+    ) -> None:
+        self.job_id = job_id
+        self.staging = staging
+        self._max = max_size
+        self._received = 0
+        self._finishing = False
+        self._aborted = False
+        # Set by TranscoderRequest: stop the upload mid-body with an error.
+        self.onFatal: Callable[[APIError], None] = lambda e: None
+        self.onPressure: Callable[[bool], None] = lambda paused: None
+        staging.mkdir(parents=True)
+        self.spool = Spool(
+            reactor,
+            onPressure=lambda paused: self.onPressure(paused),
+            onError=self._spoolFailed,
+            opener=opener,
+        )
+
+    def _count(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self._max:
+            raise APIError(413, "too_large", f"the upload exceeds the maximum of {self._max} bytes")
+
+    def _spoolFailed(self, error: OSError) -> None:
+        log.warn("upload {job}: write failed: {error}", job=self.job_id, error=error)
+        if not self._finishing:
+            self.onFatal(_storage_error(error))
+
+    def _finished_files(self, d: Deferred[list[SpooledFile]]) -> Deferred[list[SpooledFile]]:
+        def failed(f: Failure) -> Failure:
+            if not f.check(APIError):
+                return Failure(_storage_error(f.value or Exception()))
+            return f
+
+        return d.addErrback(failed)
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        staging = self.staging
+        self.spool.abort(cleanup=lambda: shutil.rmtree(staging, ignore_errors=True))
+
+
+@implementer(IRequestBody)
+class RawBody(_BaseBody):
+    """The whole body is one input: C{curl -T}, C{--data-binary}, chunked."""
+
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        request: server.Request,
+        staging: Path,
+        job_id: str,
+        profile: Profile,
+        max_size: int,
+        opener: Opener = _open,
+    ) -> None:
+        fields = query_fields(request.args or {})
+        control, raw_params = _split_fields(fields)
+        if len(profile.inputs) != 1:
+            raise APIError(
+                422,
+                "needs_multipart",
+                f"profile {profile.name} takes several inputs ({', '.join(profile.inputs)}): "
+                "send them as multipart/form-data fields of those names",
+            )
+        self.profile = profile
+        self.params = profile.validate_params(raw_params)
+        self.callback_url = _check_callback(control.get("callback_url"))
+        self.role = profile.inputs[0]
+        self.filename = sanitise_filename(control.get("filename"), default="input")
+        self.expected = _digest_expectations(request, self.role)
+        self.md5 = _content_md5(request)
+        super().__init__(reactor, staging, job_id, max_size, opener)
+        self.path = staging / f"input-{self.role}{extension(self.filename)}"
+        self.spool.open(self.path, md5=self.md5 is not None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._count(data)
+        self.spool.write(data)
+
+    def finish(self) -> Deferred[Submission]:
+        self._finishing = True
+        if self._received == 0:
+            d: Deferred[Submission] = Deferred()
+            d.errback(APIError(400, "empty_body", "the upload is empty"))
+            return d
+        self.spool.closeFile()
+        return self._finished_files(self.spool.finish()).addCallback(self._checked)
+
+    def _checked(self, files: list[SpooledFile]) -> Submission:
+        (f,) = files
+        want = self.expected.get(self.role)
+        if want is not None and want != f.sha256:
+            raise APIError(400, "digest_mismatch", "the body's SHA-256 does not match")
+        if self.md5 is not None and self.md5 != f.md5:
+            raise APIError(400, "digest_mismatch", "the body's MD5 does not match Content-MD5")
+        return Submission(
+            job_id=self.job_id,
+            staging=self.staging,
+            profile=self.profile,
+            params=self.params,
+            inputs=[
+                InputFile(self.role, self.filename, f.size, f.sha256, f.path.name),
+            ],
+            callback_url=self.callback_url,
+        )
+
+
+@implementer(IRequestBody)
+class MultipartBody(_BaseBody):
+    """
+    C{multipart/form-data}: each file part streams into its own input file as
+    it arrives; the other parts are small fields (the profile, parameters).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        request: server.Request,
+        staging: Path,
+        job_id: str,
+        profiles: Mapping[str, Profile],
+        boundary: str,
+        length: int | None,
+        max_size: int,
+        opener: Opener = _open,
+    ) -> None:
+        self.profiles = profiles
+        self.fields = query_fields(request.args or {})
+        self.profile: Profile | None = None
+        if self.fields.get("profile"):
+            self.profile = _profile_for(profiles, self.fields["profile"])
+        try:
+            self.parser = multipart.PushMultipartParser(
+                boundary,
+                content_length=length if length is not None else -1,
+                max_header_size=4096,
+                max_header_count=8,
+                max_segment_count=_MAX_FIELDS + _MAX_FILE_PARTS,
+            )
+        except multipart.MultipartError as e:
+            raise APIError(400, "bad_multipart", f"bad multipart boundary: {e}") from None
+        super().__init__(reactor, staging, job_id, max_size, opener)
+        self.files: dict[str, tuple[str, Path]] = {}
+        self._segment: Any = None
+        self._isFile = False
+        self._fieldValue = bytearray()
+
+    def _startSegment(self, segment: Any) -> None:
+        name = segment.name
+        if segment.filename is None:
+            if len(self.fields) >= _MAX_FIELDS:
+                raise APIError(400, "bad_multipart", "too many form fields")
+            self._isFile = False
+            self._fieldValue = bytearray()
+            return
+        if not _ROLE.match(name or ""):
+            raise APIError(422, "unknown_input", f"file field {name[:64]!r} is not an input name")
+        if self.profile is not None and name not in self.profile.inputs:
+            raise APIError(
+                422,
+                "unknown_input",
+                f"profile {self.profile.name} takes inputs {', '.join(self.profile.inputs)}, "
+                f"not {name!r}",
+            )
+        if name in self.files:
+            raise APIError(422, "duplicate_input", f"input {name!r} sent twice")
+        if len(self.files) >= _MAX_FILE_PARTS:
+            raise APIError(400, "bad_multipart", "too many file parts")
+        filename = sanitise_filename(segment.filename, default=name)
+        path = self.staging / f"input-{name}{extension(filename)}"
+        self.files[name] = (filename, path)
+        self._isFile = True
+        self.spool.open(path)
+
+    def _endSegment(self) -> None:
+        if self._isFile:
+            self.spool.closeFile()
+        else:
+            name = self._segment.name
+            try:
+                value = self._fieldValue.decode("utf-8")
+            except UnicodeDecodeError:
+                raise APIError(400, "bad_multipart", f"field {name[:64]!r} is not UTF-8") from None
+            self.fields[name] = value
+            if name == "profile" and self.profile is None:
+                self.profile = _profile_for(self.profiles, value)
+                for role in self.files:
+                    if role not in self.profile.inputs:
+                        raise APIError(
+                            422, "unknown_input", f"profile {value} has no input {role!r}"
+                        )
+        self._segment = None
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            for event in self.parser.parse(data):
+                if isinstance(event, multipart.MultipartSegment):
+                    self._segment = event
+                    self._startSegment(event)
+                elif event is None:
+                    self._endSegment()
+                elif self._isFile:
+                    self.spool.write(event)
+                else:
+                    self._fieldValue += event
+                    if len(self._fieldValue) > _MAX_FIELD:
+                        raise APIError(400, "bad_multipart", "a form field is too long")
+        except multipart.ParserLimitReached as e:
+            raise APIError(400, "bad_multipart", f"multipart limit reached: {e}") from None
+        except multipart.MultipartError as e:
+            raise APIError(400, "bad_multipart", f"malformed multipart body: {e}") from None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._count(data)
+        self._feed(data)
+
+    def finish(self) -> Deferred[Submission]:
+        self._finishing = True
+        try:
+            self._feed(b"")
+            if not self.parser.closed or self._segment is not None:
+                raise APIError(400, "bad_multipart", "the multipart body ended early")
+            profile = _profile_for(self.profiles, self.fields.get("profile"))
+            missing = [r for r in profile.inputs if r not in self.files]
+            if missing:
+                raise APIError(
+                    422,
+                    "missing_input",
+                    f"profile {profile.name} needs file fields: {', '.join(missing)}",
+                )
+            control, raw_params = _split_fields(self.fields)
+            params = profile.validate_params(raw_params)
+            callback = _check_callback(control.get("callback_url"))
+            expected: dict[str, str] = {}
+            for role in profile.inputs:
+                value = control.get(f"sha256.{role}")
+                if value is None and len(profile.inputs) == 1:
+                    value = control.get("sha256")
+                if value is not None:
+                    if not _HEX64.match(value):
+                        raise APIError(400, "bad_digest", "sha256 must be 64 hexadecimal digits")
+                    expected[role] = value.lower()
+        except APIError as e:
+            d: Deferred[Submission] = Deferred()
+            d.errback(e)
+            return d
+
+        def checked(files: list[SpooledFile]) -> Submission:
+            by_path = {f.path: f for f in files}
+            inputs = []
+            for role in profile.inputs:
+                filename, path = self.files[role]
+                f = by_path[path]
+                if role in expected and expected[role] != f.sha256:
+                    raise APIError(
+                        400, "digest_mismatch", f"input {role!r}: SHA-256 does not match"
+                    )
+                inputs.append(InputFile(role, filename, f.size, f.sha256, path.name))
+            return Submission(
+                job_id=self.job_id,
+                staging=self.staging,
+                profile=profile,
+                params=params,
+                inputs=inputs,
+                callback_url=callback,
+                fields=control,
+            )
+
+        return self._finished_files(self.spool.finish()).addCallback(checked)
+
+
+_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+
+
+def multipart_boundary(request: server.Request) -> str | None:
+    """The boundary if the request is C{multipart/form-data}; raise 400 if it has none."""
+    ctype = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
+    if not ctype.lower().startswith(b"multipart/form-data"):
+        return None
+    m = _BOUNDARY.search(ctype)
+    if m is None:
+        raise APIError(400, "bad_multipart", "multipart/form-data without a boundary")
+    return m.group(1).decode("latin-1")
+
+
+class TranscoderRequest(server.Request):
+    """
+    A request whose body goes where its resource says, decided before the
+    body is read.  See the module docstring.
+    """
+
+    body: IRequestBody | None = None
+    _refused = False
+    _linger: Any = None
+    _lingerLeft = 0
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        method: bytes = channel._command
+        if length == 0 and method not in (b"POST", b"PUT"):
+            super().gotLength(length)
+            return
+        try:
+            resource = self._route(method, channel._path, channel._version)
+            if isinstance(resource, ErrorResource):
+                raise resource.error
+            receiver = IBodyReceiver(resource, None)
+            if receiver is None:
+                allowed = allowed_methods(resource)
+                name = method.decode("ascii", "replace")
+                if allowed and name not in allowed:
+                    raise method_not_allowed(name, allowed)
+                if length is None or length > SMALL_BODY:
+                    raise APIError(413, "too_large", "this endpoint takes no large body")
+                super().gotLength(length)
+                return
+            body = receiver.receiveBody(self, length)
+        except APIError as e:
+            self.content = io.BytesIO()
+            self._refuse(e, bodyStarted=False)
+            return
+        except Exception:
+            log.failure("refusing a request: routing it failed")
+            self.content = io.BytesIO()
+            self._refuse(APIError(500, "internal", "internal server error"), bodyStarted=False)
+            return
+        self.content = io.BytesIO()
+        self.body = body
+        body_any: Any = body
+        body_any.onFatal = self._failMidBody
+        body_any.onPressure = self._pressure
+        transport: Any = self.transport
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = UPLOAD_READ_SIZE
+
+    def _route(self, method: bytes, uri: bytes, version: bytes) -> IResource:
+        """Find the resource early; L{process} finds it again the usual way later."""
+        self.method, self.uri, self.clientproto = method, uri, version
+        path, _, query = uri.partition(b"?")
+        self.path = path
+        self.args = parse_qs(query, 1) if query else {}
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(p) for p in path[1:].split(b"/")]
+        channel: Any = self.channel
+        resource: IResource = channel.site.getResourceFor(self)
+        return resource
+
+    def handleContentChunk(self, data: bytes) -> None:
+        body = self.body
+        if body is not None:
+            try:
+                body.dataReceived(data)
+            except APIError as e:
+                self._failMidBody(e)
+            return
+        if self._refused:
+            self._lingerLeft -= len(data)
+            if self._lingerLeft < 0:
+                self._close()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            self._close()
+            return
+        transport: Any = self.transport
+        if self.body is not None and hasattr(transport, "bufferSize"):
+            try:
+                del transport.bufferSize
+            except AttributeError:
+                pass
+        super().requestReceived(command, path, version)
+
+    def _pressure(self, paused: bool) -> None:
+        if self.channel is None or self._disconnected:
+            return
+        transport: Any = self.transport
+        if paused:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _failMidBody(self, error: APIError) -> None:
+        body, self.body = self.body, None
+        if body is not None:
+            body.abort()
+        if not self._refused and self.channel is not None:
+            self._pressure(False)
+            self._refuse(error, bodyStarted=True)
+
+    def _refuse(self, error: APIError, bodyStarted: bool) -> None:
+        """
+        Answer now, with the body unread.  A client that asked for C{100
+        Continue} has sent nothing yet, so the connection can close at once;
+        others may be sending, and closing on unread data would reset the
+        connection before they read the answer, so their bytes are read and
+        dropped for a short while first.
+        """
+        self._refused = True
+        expect = self.requestHeaders.getRawHeaders(b"expect", [b""])[0].lower()
+        # HTTPChannel sends 100 Continue after gotLength returns, if this is still there.
+        self.requestHeaders.removeHeader(b"expect")
+        channel: Any = self.channel
+        channel.persistent = False
+        channel.transport.write(raw_response(error))
+        log.info(
+            "refused {method} {uri}: {status} {code}",
+            method=self.method,
+            uri=self.uri,
+            status=error.status,
+            code=error.code,
+        )
+        if expect == b"100-continue" and not bodyStarted:
+            self._close()
+        else:
+            self._lingerLeft = LINGER_BYTES
+            self._linger = channel.callLater(LINGER_SECONDS, self._close)
+
+    def _close(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+        if self.channel is not None:
+            self.channel.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        body, self.body = self.body, None
+        if body is not None:
+            body.abort()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+    def processingFailed(self, reason: Failure) -> None:  # type: ignore[override]
+        """Log the traceback; the client gets a JSON 500 and never the traceback."""
+        log.failure("request {uri} failed", failure=reason, uri=self.uri)
+        if self.finished or self._disconnected:
+            return
+        error = APIError(500, "internal", "internal server error")
+        body = error.body()
+        self.setResponseCode(500)
+        self.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+
+def read_stock_body(request: server.Request, body: IRequestBody, chunk: int = 1 << 20) -> None:
+    """
+    Feed a body that stock twisted.web already spooled (under C{twistd web},
+    or with treq's StubTreq) to an L{IRequestBody}: one extra copy, but the
+    same checks and the same files.
+    """
+    content = request.content
+    if content is None:
+        return
+    content.seek(0)
+    while True:
+        data = content.read(chunk)
+        if not data:
+            break
+        body.dataReceived(data)
