@@ -1,0 +1,119 @@
+# Set-up, run, test, lint and bench for transcoder.
+#
+# `make run` and `make test` each do all their own set-up on a fresh Debian 12 machine:
+# the system commands the service runs (apt-get, only when one is missing), a virtualenv in
+# .venv (only when missing) and the project installed into it (only when pyproject.toml is
+# newer than the stamp left by the last install).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# apt-get and pip must not run at the same time as each other or as the command they set up.
+.NOTPARALLEL:
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+# Inside the venv, so that a venv made anew always gets the project installed again.
+STAMP := $(VENV)/.transcoder-installed
+
+BENCH_VENV := bench/.venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.bench-installed
+
+PYTEST_ARGS ?=
+SIZE_MIB ?= 1024
+ROUNDS ?= 5
+
+# command:debian-package pairs; a package is installed when its command is not on PATH.
+RUNTIME_CMDS := mencoder:mencoder ffmpeg:ffmpeg ffprobe:ffmpeg curl:curl
+BENCH_CMDS := nginx:nginx socat:socat curl:curl
+
+# Shell snippet: apt-get install the Debian packages named in $$pkgs, as root directly or
+# through sudo, or fail saying what to install.
+define apt_install
+if [ "$$(id -u)" = 0 ]; then as_root=""; \
+elif command -v sudo >/dev/null 2>&1; then as_root="sudo"; \
+else \
+  echo "error: missing system packages: $$pkgs" >&2; \
+  echo "       run this as root, install sudo, or run as root: apt-get install $$pkgs" >&2; \
+  exit 1; \
+fi; \
+echo "installing system packages: $$pkgs"; \
+$$as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+$$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$pkgs
+endef
+
+# $(call ensure_cmds,command:package ...): install the packages whose command is not on
+# PATH; no apt-get at all when every command is there.
+define ensure_cmds
+pkgs=""; \
+for pair in $(1); do \
+  command -v "$${pair%%:*}" >/dev/null 2>&1 || pkgs="$$pkgs $${pair#*:}"; \
+done; \
+pkgs=$$(printf '%s\n' $$pkgs | sort -u | tr '\n' ' '); \
+if [ -n "$${pkgs// }" ]; then $(apt_install); fi
+endef
+
+.PHONY: help setup sysdeps venv run test lint bench bench-deps
+
+help:
+	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data"
+	@echo "make test    set up, then run pytest (extra arguments: PYTEST_ARGS='...')"
+	@echo "make lint    ruff check, ruff format --check, mypy"
+	@echo "make bench   upload benchmark against nginx, aiohttp, stock twisted.web and the"
+	@echo "             project (SIZE_MIB=$(SIZE_MIB) ROUNDS=$(ROUNDS)); see docs/performance.md"
+	@echo "make setup   only the set-up that run and test do"
+
+setup: sysdeps venv
+
+sysdeps:
+	@$(call ensure_cmds,$(RUNTIME_CMDS))
+
+venv: $(STAMP)
+
+$(VENV_PY):
+	@if ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+	  if [ "$$(command -v $(PYTHON))" = /usr/bin/$(PYTHON) ]; then \
+	    pkgs=python3-venv; $(apt_install); \
+	  else \
+	    echo "error: $(PYTHON) cannot make a virtualenv (no venv/ensurepip module)" >&2; exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+
+# Make compares the stamp with pyproject.toml: a venv made by hand without the project
+# installed has no stamp, so it gets the install too.
+$(STAMP): pyproject.toml | $(VENV_PY)
+	@echo "installing the project into $(VENV) (pyproject.toml is newer than the last install)"
+	$(VENV_PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/transcoder serve --listen tcp:8080:interface=127.0.0.1 --data-dir ./data
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The upload bench's copied scripts are kept byte for byte as they were handed over.
+LINT_EXCLUDE := --extend-exclude bench/upload_bench.py --extend-exclude bench/peers
+
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_EXCLUDE) .
+	$(VENV)/bin/ruff format --check $(LINT_EXCLUDE) .
+	$(VENV)/bin/mypy
+
+bench-deps: setup $(BENCH_STAMP)
+	@$(call ensure_cmds,$(BENCH_CMDS))
+
+# The peers (aiohttp, stock twisted.web) run from their own venv, so the project's test
+# venv never holds packages the project does not declare.
+$(BENCH_PY):
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_STAMP): bench/requirements.txt | $(BENCH_PY)
+	$(BENCH_PY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
+	touch $@
+
+bench: bench-deps
+	SIZE_MIB=$(SIZE_MIB) ROUNDS=$(ROUNDS) bench/run_upload_bench.sh

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Upload bench: the project's server beside raw socat, nginx, aiohttp and stock twisted.web,
+# first with curl -T (upload_bench.py), then chunked and multipart bodies (upload_variants.py).
+# `make bench` installs what this needs and calls it; see docs/performance.md.
+#
+# Environment (all optional):
+#   SIZE_MIB  upload size, default 1024          ROUNDS   timed rounds, default 5
+#   TARGETS   default raw,nginx,aiohttp,twisted-naive,project
+#   VARIANTS  default chunked,multipart ("" skips upload_variants.py)
+#   VARIANT_TARGETS  targets for the variants, default nginx,aiohttp,twisted-naive,project
+#   PEER_PY   python with twisted and aiohttp, default bench/.venv/bin/python
+#   PROJECT_CMD  how to start the project on 127.0.0.1:18090 storing under $STORE
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+SIZE_MIB=${SIZE_MIB:-1024}
+ROUNDS=${ROUNDS:-5}
+TARGETS=${TARGETS:-raw,nginx,aiohttp,twisted-naive,project}
+VARIANTS=${VARIANTS-chunked,multipart}
+VARIANT_TARGETS=${VARIANT_TARGETS:-nginx,aiohttp,twisted-naive,project}
+export PEER_PY=${PEER_PY:-$root/bench/.venv/bin/python}
+# $STORE is expanded by upload_bench.py's shell, which sets it per target.
+export PROJECT_CMD=${PROJECT_CMD:-"$root/.venv/bin/transcoder serve --listen tcp:18090:interface=127.0.0.1 --data-dir \"\$STORE\" --max-upload-size 4G"}
+
+# Until the project has its server, bench the peers alone rather than fail.
+drop_project() {
+  local list=$1 out=() t
+  IFS=, read -ra all <<<"$list"
+  for t in "${all[@]}"; do [[ $t == project ]] || out+=("$t"); done
+  (IFS=,; echo "${out[*]}")
+}
+if [[ ,$TARGETS,$VARIANT_TARGETS, == *,project,* ]] \
+   && ! "$root/.venv/bin/transcoder" serve --help >/dev/null 2>&1; then
+  echo "note: '.venv/bin/transcoder serve' is not available yet: the project target is left out" >&2
+  TARGETS=$(drop_project "$TARGETS")
+  VARIANT_TARGETS=$(drop_project "$VARIANT_TARGETS")
+fi
+
+echo "== curl -T: bench/upload_bench.py $SIZE_MIB $ROUNDS $TARGETS"
+"$PEER_PY" bench/upload_bench.py "$SIZE_MIB" "$ROUNDS" "$TARGETS"
+
+if [[ -n $VARIANTS && -n $VARIANT_TARGETS ]]; then
+  echo
+  echo "== chunked and multipart: bench/upload_variants.py $SIZE_MIB $ROUNDS $VARIANT_TARGETS $VARIANTS"
+  "$PEER_PY" bench/upload_variants.py "$SIZE_MIB" "$ROUNDS" "$VARIANT_TARGETS" "$VARIANTS"
+fi
