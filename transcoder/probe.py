@@ -1,0 +1,199 @@
+"""
+Ask ffprobe what a file is, without blocking the reactor.
+
+Inputs are probed before an encoder ever sees them: mencoder takes some
+garbage for raw DV and "succeeds", ffprobe rejects it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+# ffprobe's JSON for a real file is a few KiB; a file that makes it say more is
+# not something we want to transcode.
+_MAX_OUTPUT = 4 * 1024 * 1024
+_MEDIA_TYPES = frozenset({"audio", "video"})
+
+
+class NotMediaError(Exception):
+    """ffprobe could not read the file, or found no audio or video in it."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            f"not a recognised media file: {detail}" if detail else "not a recognised media file"
+        )
+        self.detail = detail
+
+
+class ProbeTimeout(NotMediaError):
+    """ffprobe took longer than allowed and was killed."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    codec_type: str
+    codec_name: str
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    # Seconds; None when neither the container nor any stream states it.
+    duration: float | None
+    format_name: str
+    streams: tuple[StreamInfo, ...]
+
+    def codecs(self, codec_type: str) -> list[str]:
+        """The codec names of the streams of one type (C{"video"}, C{"audio"})."""
+        return [s.codec_name for s in self.streams if s.codec_type == codec_type]
+
+
+def tool_env(home: Path | None = None) -> dict[str, str]:
+    """
+    The whole environment of a spawned tool: a search path, a UTF-8 locale and
+    nothing else from ours, so no secret of the server leaks into a child.
+    """
+    env = {"PATH": os.environ.get("PATH") or os.defpath, "LANG": "C.UTF-8"}
+    if home is not None:
+        env["HOME"] = str(home)
+    return env
+
+
+def parse_ffprobe(document: bytes) -> MediaInfo:
+    """
+    Turn the JSON of C{ffprobe -show_format -show_streams -of json} into a
+    L{MediaInfo}.
+
+    @raise NotMediaError: it is not such a document, or names no audio or
+        video stream.
+    """
+    try:
+        doc = json.loads(document)
+    except (ValueError, UnicodeDecodeError):
+        raise NotMediaError("ffprobe said something that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise NotMediaError("ffprobe said something unexpected")
+    fmt = doc.get("format")
+    fmt = fmt if isinstance(fmt, dict) else {}
+    raw_streams = doc.get("streams")
+    streams: list[StreamInfo] = []
+    durations: list[float] = []
+    for s in raw_streams if isinstance(raw_streams, list) else []:
+        if not isinstance(s, dict):
+            continue
+        streams.append(
+            StreamInfo(str(s.get("codec_type", "unknown")), str(s.get("codec_name", "unknown")))
+        )
+        d = _seconds(s.get("duration"))
+        if d is not None and s.get("codec_type") in _MEDIA_TYPES:
+            durations.append(d)
+    if not any(s.codec_type in _MEDIA_TYPES for s in streams):
+        raise NotMediaError("no audio or video stream")
+    duration = _seconds(fmt.get("duration"))
+    if duration is None and durations:
+        duration = max(durations)
+    return MediaInfo(duration, str(fmt.get("format_name", "unknown")), tuple(streams))
+
+
+def _seconds(value: Any) -> float | None:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class _ProbeProtocol(ProcessProtocol):
+    def __init__(self, done: Deferred[MediaInfo]) -> None:
+        self._done = done
+        self._out = bytearray()
+        self._overflow = False
+        self.timed_out: float | None = None
+        self.timer: IDelayedCall | None = None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # stderr is drained and dropped: -v error keeps it short, and its
+        # content is not worth showing to a client.
+        if childFD == 1 and not self._overflow:
+            self._out += data
+            if len(self._out) > _MAX_OUTPUT:
+                self._overflow = True
+                self._out.clear()
+
+    def kill(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self._done.called:
+            return
+        if self.timed_out is not None:
+            self._done.errback(ProbeTimeout(f"ffprobe timed out after {self.timed_out:g} s"))
+        elif not isinstance(reason.value, ProcessDone):
+            self._done.errback(NotMediaError("ffprobe could not read it"))
+        elif self._overflow:
+            self._done.errback(NotMediaError("ffprobe said too much"))
+        else:
+            try:
+                info = parse_ffprobe(bytes(self._out))
+            except NotMediaError as e:
+                self._done.errback(e)
+            else:
+                self._done.callback(info)
+
+
+def probe(reactor: IReactorProcess, path: Path, timeout: float = 60) -> Deferred[MediaInfo]:
+    """
+    Run C{ffprobe} on C{path}.
+
+    @param reactor: must also provide L{IReactorTime}.
+    @return: fires with a L{MediaInfo}, or fails with L{NotMediaError}
+        (L{ProbeTimeout} after killing an ffprobe that ran past C{timeout}).
+        Cancelling it kills ffprobe.
+    """
+    clock = IReactorTime(reactor)
+    env = tool_env()
+    ffprobe = shutil.which("ffprobe", path=env["PATH"])
+    if ffprobe is None:
+        return fail(FileNotFoundError("ffprobe is not installed (not on PATH)"))
+
+    def cancel(d: Deferred[MediaInfo]) -> None:
+        proto.kill()
+
+    done: Deferred[MediaInfo] = Deferred(cancel)
+    proto = _ProbeProtocol(done)
+
+    def expire() -> None:
+        proto.timed_out = timeout
+        proto.kill()
+
+    proto.timer = clock.callLater(timeout, expire)
+    # The file: protocol keeps a name with a colon from being taken for a URL.
+    argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
+    argv.append("file:" + str(Path(path).absolute()))
+    try:
+        reactor.spawnProcess(proto, ffprobe, argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+    except OSError as e:
+        proto.timer.cancel()
+        return fail(e)
+    if proto.transport is not None:
+        proto.transport.closeStdin()
+    return done
