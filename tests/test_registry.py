@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,12 +16,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from transcoder.errors import APIError
 from transcoder.jobs import IJobStore, InputFile, Job, JobState, OutputFile, new_job_id
-from transcoder.profiles import Profile
+from transcoder.profiles import Profile, builtin_profiles
 from transcoder.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
 from transcoder.store import SQLiteJobStore
 
@@ -663,12 +664,36 @@ def test_recovery_with_dead_pid(make_env: Callable[..., Env]) -> None:
     assert env.executor.started_ids == [first.id]
 
 
+def test_add_not_stored(make_env: Callable[..., Env]) -> None:
+    """A job the store refuses is not kept or run, and its directory is removed."""
+    env = make_env()
+    job = on_disk(env.registry, new_job())
+
+    def refuse(job: Job) -> Deferred[None]:
+        raise sqlite3.OperationalError("disk full")
+
+    env.store.save = refuse  # type: ignore[method-assign]
+    d = env.registry.add(job)
+    assert isinstance(d.result.value, sqlite3.OperationalError)
+    d.addErrback(lambda f: None)
+    assert env.registry.get(job.id) is None
+    assert not env.registry.job_dir(job.id).exists()
+    assert env.executor.executions == []
+
+
 def test_add_requires_a_started_registry(make_env: Callable[..., Env]) -> None:
     """add() before start() or after stop() fails rather than losing the job."""
     env = make_env(start=False)
-    d = env.registry.add(new_job())
+    d = env.registry.add(on_disk(env.registry, new_job()))
     assert isinstance(d.result.value, RuntimeError)
     d.addErrback(lambda f: None)
+    env.registry.start()
+    env.registry.stop()
+    d = env.registry.add(on_disk(env.registry, new_job()))
+    assert isinstance(d.result.value, APIError)
+    assert (d.result.value.status, d.result.value.code) == (503, "shutting_down")
+    d.addErrback(lambda f: None)
+    assert env.store.rows == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -698,3 +723,107 @@ async def test_with_sqlite_store(tmp_path: Path) -> None:
     stopped = again.stop()
     executor.executions[0].finish(JobState.CANCELLED)
     await stopped
+
+
+# -- with the real runner, encoders and store --------------------------------
+
+SLEEPER = Profile(
+    name="sleeper",
+    description="an encoder that only waits, to be stopped part-way",
+    executable="sh",
+    argv=("-c", "exec sleep 30", "sh", "{file}", "{output}"),
+)
+
+
+def real_profiles() -> dict[str, Profile]:
+    return {**builtin_profiles(), SLEEPER.name: SLEEPER}
+
+
+def real_registry(tmp_path: Path) -> JobRegistry:
+    profiles = real_profiles()
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
+    registry = JobRegistry(reactor, store, tmp_path, profiles, workers=2, kill_grace=2.0)
+    registry.start()
+    return registry
+
+
+def real_job(registry: JobRegistry, clip: Path, profile: str) -> Job:
+    job = Job(
+        id=new_job_id(),
+        profile=profile,
+        params=real_profiles()[profile].validate_params({}),
+        inputs=[InputFile("file", clip.name, clip.stat().st_size, "00" * 32, "input/file.mp4")],
+    )
+    d = registry.job_dir(job.id)
+    (d / "input").mkdir(parents=True)
+    (d / "input" / "file.mp4").write_bytes(clip.read_bytes())
+    return job
+
+
+async def until(registry: JobRegistry, job: Job, done: Callable[[Job], bool]) -> None:
+    while not done(job):
+        await registry.changed(job.id).addTimeout(30, reactor)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # The reactor reaps its children; a zombie here would be a leak.
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_encode(tmp_path: Path, clips: Any) -> None:
+    """A job runs mencoder through the runner to a checked result, recorded in the store."""
+    registry = real_registry(tmp_path)
+    seen: list[float] = []
+    registry.subscribe(lambda j: seen.append(j.progress))
+    try:
+        job = await registry.add(real_job(registry, clips.av, "avi-mpeg4"))
+        await until(registry, job, lambda j: j.state.finished)
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert job.output is not None
+        assert (registry.job_dir(job.id) / job.output.path).stat().st_size == job.output.size
+        assert job.progress == 100.0 and job.pid is None
+        assert seen == sorted(seen), "progress only grows"
+    finally:
+        await registry.stop()
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
+    try:
+        [stored] = store.load()
+        assert stored == job
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_cancel_and_stop(tmp_path: Path, clips: Any) -> None:
+    """
+    Cancelling a real running encoder ends its process and the job is cancelled;
+    stopping the registry ends another and leaves its job queued.
+    """
+    registry = real_registry(tmp_path)
+    stopped = False
+    try:
+        cancelled = await registry.add(real_job(registry, clips.av, "sleeper"))
+        requeued = await registry.add(real_job(registry, clips.av, "sleeper"))
+        for job in (cancelled, requeued):
+            # The pid is not a change clients see, so changed() does not report it.
+            while job.pid is None:
+                await deferLater(reactor, 0.02, lambda: None)
+        pids = cancelled.pid, requeued.pid
+        assert None not in pids
+
+        result = await registry.cancel(cancelled.id)
+        assert result is cancelled and cancelled.state is JobState.CANCELLED
+        assert cancelled.pid is None
+
+        await registry.stop()
+        stopped = True
+        assert requeued.state is JobState.QUEUED and requeued.pid is None
+        assert all(process_gone(pid) for pid in pids if pid is not None)
+    finally:
+        if not stopped:
+            await registry.stop()

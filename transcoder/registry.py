@@ -207,12 +207,7 @@ class JobRegistry:
         @raise APIError: 503 with C{Retry-After} when C{max_queued} jobs already wait.
         """
         if self._stopping:
-            raise APIError(
-                503,
-                "shutting_down",
-                "the server is shutting down; try again shortly",
-                {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
-            )
+            raise _shutting_down()
         if self._max_queued is not None and self.queued_count >= self._max_queued:
             raise APIError(
                 503,
@@ -228,10 +223,13 @@ class JobRegistry:
 
         The queue limit is not applied here (L{check_capacity} is, before the
         upload), so a finished upload is never thrown away.  If the job cannot
-        be stored, its directory is removed and the Deferred fails.
+        be stored, its directory is removed and the Deferred fails; once
+        L{stop} was called it fails with L{APIError} 503 C{shutting_down}.
         """
-        if not self._started or self._stopping:
-            return fail(RuntimeError("the registry is not running"))
+        if self._stopping:
+            return fail(_shutting_down())
+        if not self._started:
+            return fail(RuntimeError("the registry is not started"))
         if job.id in self._jobs:
             return fail(ValueError(f"job {job.id} already exists"))
         job.seq = self._next_seq
@@ -590,6 +588,15 @@ class JobRegistry:
         if self._mean_run is None:
             return _DEFAULT_RETRY_AFTER
         return min(600, max(1, math.ceil(self._mean_run / self._workers)))
+
+
+def _shutting_down() -> APIError:
+    return APIError(
+        503,
+        "shutting_down",
+        "the server is shutting down; try again shortly",
+        {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
+    )
 
 
 def _reset(job: Job) -> None:
