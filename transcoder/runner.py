@@ -307,11 +307,14 @@ class _Execution:
         return await self._accept(infos[0].duration, last)
 
     def _spawn(self, duration: float | None) -> Deferred[BaseException] | Outcome:
-        argv = self._profile.build_argv(
-            {role: str(path) for role, path in self._inputs.items()},
-            output=str(self._partial),
-            params=self._params,
-        )
+        try:
+            argv = self._profile.build_argv(
+                {role: str(path) for role, path in self._inputs.items()},
+                output=str(self._partial),
+                params=self._params,
+            )
+        except KeyError as e:
+            return self._failed(f"missing parameter: {e.args[0]}")
         env = tool_env(home=self._job_dir)
         if shutil.which(argv[0], path=env["PATH"]) is None:
             return self._failed(f"encoder not found: {argv[0]}")

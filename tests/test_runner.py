@@ -1,0 +1,602 @@
+"""
+Unit tests for transcoder.runner, without spawning anything: a fake reactor
+records the spawn, the tests play the encoder's part through the protocol, and
+Clock.advance stands in for the passing of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from transcoder.jobs import JobState
+from transcoder.probe import MediaInfo, NotMediaError, StreamInfo
+from transcoder.profiles import Profile
+from transcoder.runner import IJobExecution, Outcome, execute_job
+
+
+@dataclass
+class FakeTransport:
+    pid: int
+    signals: list[str | int] = field(default_factory=list)
+    stdin_closed: bool = False
+
+    def signalProcess(self, sig: str | int) -> None:
+        self.signals.append(sig)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+
+@implementer(IReactorProcess)
+class FakeReactor(Clock):
+    """A Clock whose spawnProcess records what it was asked and spawns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[dict[str, Any]] = []
+
+    def spawnProcess(
+        self, proto: ProcessProtocol, executable: str, args: list[str], **kw: Any
+    ) -> FakeTransport:
+        transport = FakeTransport(pid=90000 + len(self.spawned))
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        self.spawned.append({"proto": proto, "executable": executable, "args": args, **kw})
+        return transport
+
+
+def _info(duration: float | None, *types: str) -> MediaInfo:
+    return MediaInfo(duration, "avi", tuple(StreamInfo(t, "codec") for t in types or ("video",)))
+
+
+@dataclass
+class Harness:
+    """One execute_job call under test, with everything it reports recorded."""
+
+    job_dir: Path
+    reactor: FakeReactor = field(default_factory=FakeReactor)
+    # What the fake probe answers for a file name: a MediaInfo, an exception,
+    # or a Deferred left for the test to fire.
+    answers: dict[str, MediaInfo | Exception | Deferred[MediaInfo]] = field(default_factory=dict)
+    probed: list[Path] = field(default_factory=list)
+    progress: list[float] = field(default_factory=list)
+    spawns: list[int] = field(default_factory=list)
+    killed: list[tuple[int, int]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    execution: Any = None
+
+    def probe(self, reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+        self.probed.append(path)
+        answer = self.answers[path.name]
+        if isinstance(answer, Deferred):
+            return answer
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed(answer)
+
+    def killpg(self, pgid: int, sig: int) -> None:
+        self.killed.append((pgid, sig))
+
+    def start(self, profile: Profile, inputs: dict[str, str], **kw: Any) -> Any:
+        kw.setdefault("timeout", None)
+        kw.setdefault("hash_file", lambda p: succeed(hashlib.sha256(p.read_bytes()).hexdigest()))
+        self.execution = execute_job(
+            self.reactor,
+            job_dir=self.job_dir,
+            profile=profile,
+            inputs={role: self.job_dir / name for role, name in inputs.items()},
+            params=kw.pop("params", {"vbitrate": 900}),
+            on_progress=self.progress.append,
+            on_spawn=self.spawns.append,
+            probe=self.probe,
+            killpg=self.killpg,
+            **kw,
+        )
+        self.execution.deferred.addCallback(self.outcomes.append)
+        return self.execution
+
+    @property
+    def proto(self) -> ProcessProtocol:
+        proto: ProcessProtocol = self.reactor.spawned[-1]["proto"]
+        return proto
+
+    def output(self, data: bytes = b"encoded bytes") -> Path:
+        """Play the encoder writing its output."""
+        partial = self.job_dir / "result.partial.avi"
+        partial.write_bytes(data)
+        return partial
+
+    def end(self, exit_code: int = 0, sig: int | None = None) -> None:
+        if exit_code == 0 and sig is None:
+            self.proto.processEnded(Failure(ProcessDone(0)))
+        else:
+            self.proto.processEnded(
+                Failure(ProcessTerminated(exitCode=None if sig else exit_code, signal=sig))
+            )
+
+
+MENCODER = Profile(
+    name="t-mencoder",
+    description="",
+    executable="mencoder",
+    argv=("{file}", "-ovc", "lavc", "-lavcopts", "vbitrate={vbitrate}", "-o", "{output}"),
+    output_extension="avi",
+    media_type="video/x-msvideo",
+    progress="mencoder",
+)
+FFMPEG = Profile(
+    name="t-ffmpeg",
+    description="",
+    executable="ffmpeg",
+    argv=("-progress", "pipe:1", "-i", "{file}", "{output}"),
+    output_extension="avi",
+    media_type="video/x-msvideo",
+    progress="ffmpeg",
+)
+MUX = Profile(
+    name="t-mux",
+    description="",
+    executable="mencoder",
+    argv=("{video}", "-audiofile", "{audio}", "-o", "{output}"),
+    inputs=("video", "audio"),
+    output_extension="avi",
+    progress="mencoder",
+)
+
+
+def _pos(seconds: float, percent: int = 30) -> bytes:
+    return b"Pos: %5.1fs %6df (%2d%%)  0.00fps Trem:   0min   0mb  A-V:0.000 [0:0]\r" % (
+        seconds,
+        int(seconds * 25),
+        percent,
+    )
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    harness = Harness(tmp_path)
+    harness.answers.update(
+        {"in.mp4": _info(10.0, "video", "audio"), "result.partial.avi": _info(10.0)}
+    )
+    return harness
+
+
+def test_spawn_through_setsid(h: Harness) -> None:
+    """The encoder starts through setsid, in the job directory, with a small explicit env."""
+    execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
+    verifyObject(IJobExecution, execution)
+    [spawned] = h.reactor.spawned
+    assert os.path.basename(spawned["executable"]) == "setsid"
+    assert spawned["args"] == [
+        "setsid",
+        "mencoder",
+        str(h.job_dir / "in.mp4"),
+        *("-ovc", "lavc", "-lavcopts", "vbitrate=900", "-o"),
+        str(h.job_dir / "result.partial.avi"),
+    ]
+    assert spawned["path"] == str(h.job_dir)
+    env = spawned["env"]
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["HOME"] == str(h.job_dir)
+    assert env["LANG"] == "C.UTF-8"
+    assert set(env) == {"PATH", "HOME", "LANG"}
+    assert h.proto.transport.stdin_closed  # type: ignore[union-attr]
+    assert h.spawns == [90000]
+    assert execution.pid == 90000
+    assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_success(h: Harness) -> None:
+    """Exit 0 with an output of the right duration: the result is renamed, hashed and reported."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    (h.job_dir / "result.avi").write_bytes(b"stale")
+    data = b"\x00avi bytes" * 1000
+    h.output(data)
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert outcome.exit_code == 0 and outcome.error is None
+    assert outcome.output is not None
+    assert outcome.output.path == "result.avi"
+    assert outcome.output.size == len(data)
+    assert outcome.output.sha256 == hashlib.sha256(data).hexdigest()
+    assert outcome.output.media_type == "video/x-msvideo"
+    assert outcome.output.duration == 10.0
+    assert (h.job_dir / "result.avi").read_bytes() == data
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.probed[-1] == h.job_dir / "result.partial.avi"
+    assert h.progress[-1] == 100.0
+    assert h.execution.pid is None
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_progress_monotonic_below_100(h: Harness) -> None:
+    """Progress is Pos over the duration, never goes back, and stays below 100 until success."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, _pos(1.0) + _pos(2.5)[:20])
+    assert h.progress == [10.0]
+    h.proto.childDataReceived(1, _pos(2.5)[20:])
+    h.proto.childDataReceived(1, _pos(2.0))
+    h.proto.childDataReceived(2, _pos(9.0))  # stderr is not progress
+    h.proto.childDataReceived(1, _pos(10.0) + _pos(11.0))
+    assert h.progress == [10.0, 25.0, 99.9]
+    h.output()
+    h.end(0)
+    assert h.progress == [10.0, 25.0, 99.9, 100.0]
+
+
+def test_progress_byte_figure_without_duration(h: Harness) -> None:
+    """When the input's duration is unknown, mencoder's own percentage is used."""
+    h.answers["in.mp4"] = _info(None)
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, _pos(1.0, percent=40))
+    assert h.progress == [40.0]
+
+
+def test_ffmpeg_progress(h: Harness) -> None:
+    """ffmpeg's -progress blocks give progress, and progress=end stays below 100."""
+    h.start(FFMPEG, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, b"out_time_us=N/A\nprogress=continue\n")
+    h.proto.childDataReceived(1, b"out_time_us=2500000\nprogress=continue\n")
+    h.proto.childDataReceived(1, b"out_time_us=10000000\nprogress=end\n")
+    assert h.progress == [25.0, 99.9]
+
+
+def test_no_duration_check_when_input_duration_unknown(h: Harness) -> None:
+    """An input without a duration cannot be compared with, so any readable output passes."""
+    h.answers["in.mp4"] = _info(None)
+    h.answers["result.partial.avi"] = _info(1.0)
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    assert h.outcomes[0].state is JobState.SUCCEEDED
+
+
+def test_log_and_tail(h: Harness) -> None:
+    """Every byte of stdout and stderr goes to encoder.log; the tail keeps the last 20 lines."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    chunks = [(1, b"MEncoder\n"), (2, b"warning one\n"), (1, _pos(1.0) + _pos(2.0) + b"\n")]
+    chunks += [(2, b"line %d\n" % i) for i in range(30)]
+    chunks += [(2, b"Cannot open demuxer.")]
+    for fd, data in chunks:
+        h.proto.childDataReceived(fd, data)
+    h.end(1)
+    log = (h.job_dir / "encoder.log").read_bytes()
+    assert log == b"".join(data for _, data in chunks)
+    [outcome] = h.outcomes
+    assert outcome.log_tail is not None
+    lines = outcome.log_tail.split("\n")
+    assert len(lines) == 20
+    assert lines[-1] == "Cannot open demuxer."
+    assert lines[0] == "line 11"
+
+
+def test_tail_shows_a_redrawn_line_once(h: Harness) -> None:
+    """mencoder's status line, redrawn with carriage returns, is one line in the tail."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, b"".join(_pos(i / 10) for i in range(200)))
+    h.proto.childDataReceived(1, b"\nFlushing video frames.\n")
+    h.end(3)
+    tail = h.outcomes[0].log_tail
+    assert tail is not None
+    assert tail.split("\n") == [_pos(19.9).decode().strip("\r").strip(), "Flushing video frames."]
+
+
+def test_log_cap(h: Harness) -> None:
+    """Past the cap the log stops growing and says so, while the pipes are still read."""
+    h.start(MENCODER, {"file": "in.mp4"}, log_limit=1000)
+    h.proto.childDataReceived(2, b"a" * 600)
+    h.proto.childDataReceived(2, b"b" * 600)
+    h.proto.childDataReceived(1, _pos(5.0))
+    log = (h.job_dir / "encoder.log").read_bytes()
+    assert log.startswith(b"a" * 600 + b"b" * 400 + b"\n[transcoder: log truncated at 1000 bytes")
+    assert b"Pos" not in log
+    assert h.progress == [50.0]
+
+
+def test_exit_code_failure(h: Harness) -> None:
+    """A non-zero exit fails the job with the code and the encoder's last complaint."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.proto.childDataReceived(1, b"Exiting...\n")
+    h.proto.childDataReceived(2, b"Failed to open x.\nCannot open file/device.\n")
+    h.end(1)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.exit_code == 1
+    assert outcome.error == "encoder exited with code 1: Cannot open file/device."
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.execution.pid is None
+
+
+def test_signal_failure(h: Harness) -> None:
+    """An encoder killed by a signal it was not sent fails the job, naming the signal."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.end(sig=11)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "encoder killed by signal 11"
+    assert h.killed == []
+
+
+def test_duration_mismatch(h: Harness) -> None:
+    """Exit 0 with an output much shorter than the input is a failure, and the output goes."""
+    h.answers["result.partial.avi"] = _info(0.04)
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "output duration 0.04 s does not match input duration 10.00 s"
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert not (h.job_dir / "result.avi").exists()
+    assert max(h.progress, default=0) < 100
+
+
+def test_duration_within_tolerance(h: Harness) -> None:
+    """An output within the profile's tolerance of the input's duration passes."""
+    h.answers["result.partial.avi"] = _info(10.45)
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    assert h.outcomes[0].state is JobState.SUCCEEDED
+
+
+def test_output_not_media(h: Harness) -> None:
+    """Exit 0 with an output ffprobe rejects is a failure."""
+    h.answers["result.partial.avi"] = NotMediaError()
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error is not None and "not a media file" in outcome.error
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_input_not_media(h: Harness) -> None:
+    """An input ffprobe rejects fails the job, naming its role, and no encoder starts."""
+    h.answers.update({"v.flv": _info(3.0), "a.bin": NotMediaError()})
+    h.start(MUX, {"video": "v.flv", "audio": "a.bin"})
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "not a recognised media file: audio"
+    assert h.reactor.spawned == []
+    assert h.spawns == []
+
+
+def test_duration_from_first_input(h: Harness) -> None:
+    """Progress and the duration check use the profile's first input, not the longest."""
+    h.answers.update({"v.flv": _info(4.0), "a.mp3": _info(40.0, "audio")})
+    h.answers["result.partial.avi"] = _info(4.05)
+    h.start(MUX, {"video": "v.flv", "audio": "a.mp3"})
+    h.proto.childDataReceived(1, _pos(1.0))
+    assert h.progress == [25.0]
+    h.output()
+    h.end(0)
+    assert h.outcomes[0].state is JobState.SUCCEEDED
+
+
+def test_stale_partial_removed_before_start(h: Harness) -> None:
+    """A partial output left by an earlier attempt is gone before the encoder starts."""
+    h.output(b"old")
+    h.start(MENCODER, {"file": "in.mp4"})
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_encoder_not_installed(h: Harness) -> None:
+    """A profile naming a program not on PATH fails without spawning."""
+    missing = Profile(
+        name="missing",
+        description="",
+        executable="no-such-encoder-9f2c",
+        argv=("{file}", "{output}"),
+    )
+    h.start(missing, {"file": "in.mp4"})
+    assert h.outcomes[0].state is JobState.FAILED
+    assert h.outcomes[0].error == "encoder not found: no-such-encoder-9f2c"
+    assert h.reactor.spawned == []
+
+
+def test_time_limit_term_then_kill(h: Harness) -> None:
+    """At the time limit the group gets TERM, then KILL after the grace; the job times out."""
+    h.start(MENCODER, {"file": "in.mp4"}, timeout=10, kill_grace=5)
+    h.output()
+    h.reactor.advance(9.99)
+    assert h.killed == []
+    h.reactor.advance(0.01)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    h.reactor.advance(4.99)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    h.reactor.advance(0.01)
+    assert h.killed == [(90000, signal.SIGTERM), (90000, signal.SIGKILL)]
+    assert h.outcomes == []
+    assert h.execution.pid == 90000
+    h.end(sig=9)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "timed out after 10 s"
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.execution.pid is None
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_time_limit_no_kill_when_term_suffices(h: Harness) -> None:
+    """An encoder that exits on TERM gets no KILL, even one that exits 0."""
+    h.start(MENCODER, {"file": "in.mp4"}, timeout=3, kill_grace=5)
+    h.reactor.advance(3)
+    h.output()
+    h.end(0)
+    assert h.outcomes[0].state is JobState.FAILED
+    assert h.outcomes[0].error == "timed out after 3 s"
+    assert h.reactor.getDelayedCalls() == []
+    h.reactor.advance(10)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_no_time_limit(h: Harness) -> None:
+    """With no time limit nothing is scheduled and nothing is killed."""
+    h.start(MENCODER, {"file": "in.mp4"}, timeout=None)
+    assert h.reactor.getDelayedCalls() == []
+    h.reactor.advance(100000)
+    assert h.killed == []
+
+
+def test_cancel_running(h: Harness) -> None:
+    """cancel() TERMs the group at once; mencoder's exit 2 with a valid partial is CANCELLED."""
+    h.start(MENCODER, {"file": "in.mp4"}, kill_grace=5)
+    h.proto.childDataReceived(1, _pos(4.0))
+    h.execution.cancel()
+    h.execution.cancel()
+    assert h.killed == [(90000, signal.SIGTERM)]
+    h.output()
+    h.end(2)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.CANCELLED
+    assert outcome.exit_code == 2
+    assert outcome.error is None
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert not (h.job_dir / "result.avi").exists()
+    h.reactor.advance(10)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    assert h.progress == [40.0]
+
+
+def test_cancel_kill_after_grace(h: Harness) -> None:
+    """An encoder ignoring TERM gets KILL after the grace, and the outcome is still CANCELLED."""
+    h.start(MENCODER, {"file": "in.mp4"}, kill_grace=2)
+    h.execution.cancel()
+    h.reactor.advance(2)
+    assert h.killed == [(90000, signal.SIGTERM), (90000, signal.SIGKILL)]
+    h.end(sig=9)
+    assert h.outcomes[0].state is JobState.CANCELLED
+
+
+def test_cancel_during_probe(h: Harness) -> None:
+    """cancel() while an input is being probed ends the job CANCELLED and nothing is spawned."""
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.execution.cancel()
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.CANCELLED
+    assert h.reactor.spawned == []
+    assert h.killed == []
+    assert h.execution.pid is None
+
+
+def test_time_limit_during_probe(h: Harness) -> None:
+    """The time limit covers probing: a probe still running then fails the job, unspawned."""
+    h.answers["in.mp4"] = Deferred()
+    h.start(MENCODER, {"file": "in.mp4"}, timeout=30)
+    h.reactor.advance(30)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "timed out after 30 s"
+    assert h.reactor.spawned == []
+
+
+def test_cancel_while_checking_output(h: Harness) -> None:
+    """cancel() while the output is being probed ends CANCELLED and removes the output."""
+    h.answers["result.partial.avi"] = Deferred()
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    assert h.outcomes == []
+    h.execution.cancel()
+    assert h.outcomes[0].state is JobState.CANCELLED
+    assert h.killed == []
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_cancel_after_end_is_harmless(h: Harness) -> None:
+    """cancel() after the outcome changes nothing and signals nobody."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    h.execution.cancel()
+    assert [o.state for o in h.outcomes] == [JobState.SUCCEEDED]
+    assert h.killed == []
+    assert (h.job_dir / "result.avi").exists()
+
+
+def test_broken_callbacks_do_not_break_the_job(h: Harness) -> None:
+    """on_spawn and on_progress raising is logged, and the job still succeeds."""
+
+    def boom(_: object) -> None:
+        raise RuntimeError("boom")
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        execution = execute_job(
+            h.reactor,
+            job_dir=h.job_dir,
+            profile=MENCODER,
+            inputs={"file": h.job_dir / "in.mp4"},
+            params={"vbitrate": 900},
+            timeout=None,
+            on_progress=boom,
+            on_spawn=boom,
+            probe=h.probe,
+            killpg=h.killpg,
+            hash_file=lambda p: succeed("0" * 64),
+        )
+        outcomes: list[Outcome] = []
+        execution.deferred.addCallback(outcomes.append)
+        h.reactor.spawned[-1]["proto"].childDataReceived(1, _pos(3.0))
+        h.output()
+        h.reactor.spawned[-1]["proto"].processEnded(Failure(ProcessDone(0)))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert outcomes[0].state is JobState.SUCCEEDED
+    logged = [e["log_failure"].value for e in events if "log_failure" in e]
+    # on_spawn once, on_progress for 30% and for the final 100%.
+    assert [str(v) for v in logged] == ["boom", "boom", "boom"]
+
+
+def test_internal_error_is_an_outcome(h: Harness) -> None:
+    """An unexpected error after the encoder ended gives a FAILED outcome, never an errback."""
+    errors: list[Failure] = []
+    h.start(
+        MENCODER,
+        {"file": "in.mp4"},
+        hash_file=lambda p: fail(RuntimeError("disk on fire")),
+    )
+    h.execution.deferred.addErrback(errors.append)
+    h.output()
+    h.end(0)
+    assert errors == []
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "internal error: disk on fire"
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_progress_callback_type(h: Harness) -> None:
+    """Progress values are floats in 0..100, whatever the encoder prints."""
+    h.start(MENCODER, {"file": "in.mp4"})
+
+    def noise(i: int) -> bytes:
+        return bytes((i * 37 + k) % 256 for k in range(300))
+
+    for i in range(50):
+        h.proto.childDataReceived(1, noise(i) + _pos(i / 5))
+    assert all(isinstance(p, float) and 0 <= p < 100 for p in h.progress)
+    assert h.progress == sorted(h.progress)
