@@ -325,7 +325,8 @@ class _Execution:
         elif self._profile.progress == "ffmpeg":
             parser = FfmpegProgress(duration)
         try:
-            log = (self._job_dir / LOG_NAME).open("wb")
+            # Unbuffered: the log can be read while the encoder runs.
+            log = (self._job_dir / LOG_NAME).open("wb", buffering=0)
         except OSError as e:
             return self._failed(f"cannot write the encoder log: {e}")
         proto = _EncoderProtocol(log, self._log_limit, parser, self._report_progress)
