@@ -295,3 +295,23 @@ async def test_failure_reports_the_encoder_complaint(clips: Clips, tmp_path: Pat
     assert outcome.log_tail is not None
     assert outcome.error.split(": ", 1)[1] in outcome.log_tail.split("\n")
     assert not (tmp_path / "job" / "result.partial.avi").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_short_output_fails(clips: Clips, tmp_path: Path) -> None:
+    """An encoder that exits 0 with an output much shorter than its input has failed."""
+    truncating = replace(
+        PROFILES["mux-avi"],
+        name="truncating",
+        argv=(*PROFILES["mux-avi"].argv[:-2], "-endpos", "1", "-o", "{output}"),
+    )
+    run = _start(tmp_path / "job", truncating, {"video": clips.flv_video, "audio": clips.mp3_audio})
+    outcome = await run.execution.deferred
+    assert outcome.state is JobState.FAILED
+    assert outcome.exit_code == 0
+    assert outcome.error is not None
+    assert outcome.error.startswith("output duration 1.")
+    assert outcome.error.endswith("does not match input duration 3.00 s")
+    assert not (tmp_path / "job" / "result.partial.avi").exists()
+    assert not (tmp_path / "job" / "result.avi").exists()
+    assert all(p < 100 for p in run.progress)

@@ -205,6 +205,12 @@ def _exit_status(ended: BaseException) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
+
+
 def _with_detail(message: str, detail: str | None) -> str:
     return f"{message}: {detail}" if detail else message
 
@@ -418,7 +424,10 @@ class _Execution:
         if outcome.state is JobState.SUCCEEDED:
             self._report(100.0)
         else:
-            self._partial.unlink(missing_ok=True)
+            try:
+                self._partial.unlink(missing_ok=True)
+            except OSError as e:
+                _log.warn("cannot remove {path}: {error}", path=self._partial, error=e)
         self.deferred.callback(outcome)
 
     def _internal_error(self, failure: Failure) -> Outcome:
@@ -441,7 +450,7 @@ class _Execution:
     def _stopped(self, exit_code: int | None) -> Outcome:
         if self._stop == _Stop.CANCEL:
             return Outcome(JobState.CANCELLED, exit_code=exit_code, log_tail=self._tail_text())
-        return self._failed(f"timed out after {self._timeout:g} s", exit_code)
+        return self._failed(f"timed out after {_seconds(self._timeout)} s", exit_code)
 
     # Progress
 
