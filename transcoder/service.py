@@ -77,15 +77,31 @@ class Options(usage.Options):
             "Encoders run at once (default: the number of CPUs).",
             _positive_int,
         ],
-        ["max-queued", None, "1000", "Queued jobs beyond which uploads get 503.", _positive_int],
+        ["max-queued", None, 1000, "Queued jobs beyond which uploads get 503.", _positive_int],
         ["job-timeout", None, "1h", "Default time limit of a job, for profiles that set none."],
         ["kill-grace", None, "5s", "Time between TERM and KILL when stopping an encoder."],
         ["idle-timeout", None, "60s", "Close connections idle (nothing received) this long."],
+        ["tokens", None, None, "File of bearer tokens (one per line, or name:token); none: open."],
+        [
+            "webhook-secret",
+            None,
+            None,
+            "Sign job-finished webhooks with HMAC-SHA256 and this secret.",
+        ],
+        ["keep-results", None, "7d", "Remove finished jobs and their files after this long."],
+        [
+            "min-free-disk",
+            None,
+            "1G",
+            "Refuse uploads (507) while the data dir has less free space.",
+        ],
+        ["shutdown-grace", None, "30s", "On SIGTERM, give in-flight uploads this long to finish."],
     ]
 
     def postOptions(self) -> None:
         self["max-upload-size"] = parse_size(self["max-upload-size"])
-        for key in ("job-timeout", "kill-grace", "idle-timeout"):
+        self["min-free-disk"] = parse_size(self["min-free-disk"])
+        for key in ("job-timeout", "kill-grace", "idle-timeout", "keep-results", "shutdown-grace"):
             self[key] = parse_duration(self[key])
         if self["workers"] is None:
             self["workers"] = os.cpu_count() or 1
