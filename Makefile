@@ -96,7 +96,7 @@ test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The upload bench's copied scripts are kept byte for byte as they were handed over.
-LINT_EXCLUDE := --extend-exclude bench/upload_bench.py --extend-exclude bench/peers
+LINT_EXCLUDE := $(foreach f,upload_bench.py peers/aiohttp_upload.py peers/twisted_naive.py,--extend-exclude bench/$(f))
 
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_EXCLUDE) .

@@ -37,6 +37,25 @@ if [[ ,$TARGETS,$VARIANT_TARGETS, == *,project,* ]] \
   VARIANT_TARGETS=$(drop_project "$VARIANT_TARGETS")
 fi
 
+# Two benches at once would share these ports, and each would measure the other's servers.
+exec 9>"${TMPDIR:-/tmp}/transcoder-upload-bench.lock"
+if ! flock -n 9; then
+  echo "another upload bench is running here: waiting for it" >&2
+  flock 9
+fi
+"$PEER_PY" - <<'EOF'
+import sys
+ports = {18081, 18082, 18083, 18084, 18085, 18090}
+busy = set()
+for tab in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(tab).readlines()[1:]:
+        f = line.split()
+        if f[3] == "0A":  # LISTEN
+            busy.add(int(f[1].rsplit(":", 1)[1], 16))
+if busy & ports:
+    sys.exit(f"port(s) {sorted(busy & ports)} already in use (another bench or server?): stop it")
+EOF
+
 echo "== curl -T: bench/upload_bench.py $SIZE_MIB $ROUNDS $TARGETS"
 "$PEER_PY" bench/upload_bench.py "$SIZE_MIB" "$ROUNDS" "$TARGETS"
 

@@ -43,7 +43,12 @@ class VariantTarget(ub.Target):
 
     def start(self) -> None:
         if self.variant == "multipart" and self.name == "aiohttp":
-            argv = [ub.PY, os.path.join(ub.HERE, "peers", "aiohttp_multipart.py"), "18085", self.store]
+            argv = [
+                ub.PY,
+                os.path.join(ub.HERE, "peers", "aiohttp_multipart.py"),
+                "18085",
+                self.store,
+            ]
             self.port, self.url, self.method = 18085, "http://127.0.0.1:18085/jobs", "POST"
             self.proc = subprocess.Popen(
                 argv,
@@ -55,6 +60,9 @@ class VariantTarget(ub.Target):
             ub.listening(self.port)
             return
         super().start()
+        # Something else on the port would answer in its place and be measured instead.
+        if self.proc is not None and self.proc.poll() is not None:
+            raise SystemExit(f"{self.name} exited at start (port {self.port} taken?)")
         if self.variant == "multipart" and self.name == "project":
             self.url = os.environ.get(
                 "PROJECT_MULTIPART_URL", os.environ.get("PROJECT_URL", DEFAULT_PROJECT_URL)
@@ -67,7 +75,9 @@ class VariantTarget(ub.Target):
             # Size unknown to curl, so HTTP/1.1 sends the body chunked.
             return [*curl, "-X", self.method, "-T", "-", self.url]
         field = os.environ.get("MULTIPART_FIELD", "file")
-        extra = [a for kv in os.environ.get("MULTIPART_EXTRA", "").split("&") if kv for a in ("-F", kv)]
+        extra = [
+            a for kv in os.environ.get("MULTIPART_EXTRA", "").split("&") if kv for a in ("-F", kv)
+        ]
         return [*curl, *extra, "-F", f"{field}=@{path};type=application/octet-stream", self.url]
 
     def upload(self, path: str) -> tuple[float, float]:
@@ -82,14 +92,18 @@ class VariantTarget(ub.Target):
             )
             dt = time.perf_counter() - t
         if not r.stdout.strip().startswith("2"):
-            raise SystemExit(f"{self.name} {self.variant}: HTTP {r.stdout.strip()} {r.stderr.strip()}")
+            raise SystemExit(
+                f"{self.name} {self.variant}: HTTP {r.stdout.strip()} {r.stderr.strip()}"
+            )
         used = ub.cpu(self.proc.pid) - c0
         if self.name == "project":
             self.settle(answer)
         return dt, used
 
 
-def run_variant(variant: str, names: list[str], src: str, size_mib: int, rounds: int, work: str) -> None:
+def run_variant(
+    variant: str, names: list[str], src: str, size_mib: int, rounds: int, work: str
+) -> None:
     if variant == "multipart":
         names = [n for n in names if n in MULTIPART_TARGETS]
     if not names:
@@ -126,7 +140,8 @@ def run_variant(variant: str, names: list[str], src: str, size_mib: int, rounds:
             print(
                 f"{t.name:14s} {statistics.median(v):8.0f} ({min(v):.0f}-{max(v):.0f})"
                 f"  x{statistics.median(v) / base:5.2f}"
-                f"  cpu {statistics.median(cpus[t.name]):5.2f}  rss {peak:.0f} (+{peak - idle[t.name]:.0f})"
+                f"  cpu {statistics.median(cpus[t.name]):5.2f}"
+                f"  rss {peak:.0f} (+{peak - idle[t.name]:.0f})"
             )
     finally:
         for t in targets:
