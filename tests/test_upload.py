@@ -361,10 +361,10 @@ def test_idle_client_is_cut_off_and_its_partial_file_removed(server: ServerProce
 def test_sha256_query_and_repr_digest_are_checked(server: ServerProcess, small: Path) -> None:
     """A matching ?sha256= or Repr-Digest is accepted; a mismatch answers 400 and keeps nothing."""
     digest = sha256_file(small)
-    status, job, _ = curl("-T", str(small), f"{server.url}/jobs?profile=avi-mpeg4&sha256={digest}")
+    status, _, _ = curl("-T", str(small), f"{server.url}/jobs?profile=avi-mpeg4&sha256={digest}")
     assert status == 201
     b64 = base64.b64encode(bytes.fromhex(digest)).decode()
-    status, job, _ = curl(
+    status, _, _ = curl(
         "-T",
         str(small),
         "-H",
