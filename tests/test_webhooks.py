@@ -1,0 +1,496 @@
+"""Tests for L{transcoder.webhooks}: signed job-finished callbacks with bounded, backed-off retries."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from transcoder.jobs import InputFile, Job, JobState, new_job_id
+from transcoder.webhooks import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    WebhookNotifier,
+    is_callback_url,
+    sign,
+    verify_signature,
+)
+
+SECRET = b"s3cret-for-tests"
+URL = "http://hooks.example/transcoder?token=abc"
+
+
+class FakeRegistry:
+    """The registry's subscription surface: tests announce changes with L{change}."""
+
+    def __init__(self) -> None:
+        self.subscribers: list[Callable[[Job], None]] = []
+        self.live: dict[str, Job] = {}
+
+    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        return lambda: self.subscribers.remove(callback)
+
+    def get(self, job_id: str) -> Job | None:
+        return self.live.get(job_id)
+
+    def change(self, job: Job) -> None:
+        self.live[job.id] = job
+        for callback in list(self.subscribers):
+            callback(job)
+
+
+@dataclass
+class Received:
+    method: bytes
+    path: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        values = self.headers.get(name.lower().encode("ascii"), [])
+        assert len(values) == 1, (name, values)
+        return values[0].decode("ascii")
+
+
+class Receiver(Resource):
+    """Records each request; answers with the next status of C{codes} (the last one repeats)."""
+
+    isLeaf = True
+
+    def __init__(self, codes: list[int] | None = None, hang: bool = False) -> None:
+        super().__init__()
+        self.codes = list(codes or [200])
+        self.hang = hang
+        self.received: list[Received] = []
+        self.lost: list[Failure] = []
+        self.arrived: list[Deferred[Received]] = []
+        self.answer = b"ok"
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        got = Received(
+            request.method,
+            request.uri,
+            {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
+            request.content.read(),
+        )
+        self.received.append(got)
+        waiting, self.arrived = self.arrived, []
+        for d in waiting:
+            d.callback(got)
+        if self.hang:
+            request.notifyFinish().addErrback(self.lost.append)
+            return NOT_DONE_YET
+        code = self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
+        request.setResponseCode(code)
+        return self.answer
+
+    def next_request(self) -> Deferred[Received]:
+        d: Deferred[Received] = Deferred()
+        self.arrived.append(d)
+        return d
+
+
+def finished_job(
+    state: JobState = JobState.SUCCEEDED, callback_url: str | None = URL, **kw: Any
+) -> Job:
+    return Job(
+        id=new_job_id(),
+        profile="mp4-h264",
+        params={"crf": 23},
+        inputs=[InputFile("file", "clip.mov", 3, "00" * 32, "input/file.mov")],
+        state=state,
+        created_at=1_700_000_000.0,
+        started_at=1_700_000_001.0 if state is not JobState.QUEUED else None,
+        finished_at=1_700_000_010.0 if state.finished else None,
+        callback_url=callback_url,
+        **kw,
+    )
+
+
+@dataclass
+class Env:
+    clock: Clock
+    registry: FakeRegistry
+    receiver: Receiver
+    http: StubTreq
+    notifier: WebhookNotifier
+
+    def timers(self) -> list[float]:
+        """Seconds from now to each pending timer."""
+        now = self.clock.seconds()
+        return [c.getTime() - now for c in self.clock.getDelayedCalls()]
+
+
+def make_env(
+    codes: list[int] | None = None, hang: bool = False, secret: bytes | None = SECRET, **kw: Any
+) -> Env:
+    clock = Clock()
+    registry = FakeRegistry()
+    receiver = Receiver(codes, hang)
+    http = StubTreq(receiver)
+    notifier = WebhookNotifier(clock, registry, secret=secret, http=http, **kw)
+    notifier.start()
+    return Env(clock, registry, receiver, http, notifier)
+
+
+def test_signed_post_of_the_job_json() -> None:
+    """A finished job's JSON is POSTed to its callback URL, signed, with event and delivery ids."""
+    env = make_env()
+    job = finished_job()
+    env.registry.change(job)
+    assert len(env.receiver.received) == 1
+    got = env.receiver.received[0]
+    assert got.method == b"POST"
+    assert got.path == b"/transcoder?token=abc"
+    assert json.loads(got.body) == job.to_json()
+    assert got.header("Content-Type") == "application/json"
+    assert got.header(EVENT_HEADER) == "job.finished"
+    assert uuid.UUID(got.header(DELIVERY_HEADER))
+    signature = got.header(SIGNATURE_HEADER)
+    # What a receiver would do, from the documented scheme alone.
+    expected = "sha256=" + hmac.new(SECRET, got.body, hashlib.sha256).hexdigest()
+    assert signature == expected
+    assert verify_signature(SECRET, got.body, signature)
+    assert verify_signature(SECRET, got.body, signature.encode("ascii"))
+    assert not verify_signature(b"another secret", got.body, signature)
+    assert not verify_signature(SECRET, got.body + b" ", signature)
+    assert not verify_signature(SECRET, got.body, None)
+    assert env.notifier.pending == 0
+    assert env.clock.getDelayedCalls() == []
+
+
+def test_base_url_in_the_body() -> None:
+    """With a base URL, the job JSON carries absolute links."""
+    env = make_env(base_url="https://transcoder.example")
+    job = finished_job()
+    env.registry.change(job)
+    body = json.loads(env.receiver.received[0].body)
+    assert body["url"] == f"https://transcoder.example/jobs/{job.id}"
+    assert body["output"] is None or body["output"]["result_url"].startswith("https://")
+
+
+def test_no_signature_without_secret() -> None:
+    """Without a secret the POST carries no signature header, but still the event headers."""
+    env = make_env(secret=None)
+    env.registry.change(finished_job())
+    got = env.receiver.received[0]
+    assert SIGNATURE_HEADER.lower().encode() not in got.headers
+    assert got.header(EVENT_HEADER) == "job.finished"
+
+
+@pytest.mark.parametrize("state", [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED])
+def test_each_finished_state_calls_back(state: JobState) -> None:
+    """Succeeded, failed and cancelled jobs are all called back, with their state in the body."""
+    env = make_env()
+    env.registry.change(finished_job(state, error="boom" if state is JobState.FAILED else None))
+    assert [json.loads(r.body)["state"] for r in env.receiver.received] == [state.value]
+
+
+def test_only_finished_jobs_with_a_callback_url() -> None:
+    """Queued and running jobs, and finished jobs without a callback URL, send nothing."""
+    env = make_env()
+    job = finished_job(JobState.QUEUED)
+    env.registry.change(job)
+    job.state = JobState.RUNNING
+    job.progress = 50.0
+    env.registry.change(job)
+    env.registry.change(finished_job(callback_url=None))
+    env.registry.change(finished_job(callback_url=""))
+    assert env.receiver.received == []
+    job.state = JobState.SUCCEEDED
+    env.registry.change(job)
+    assert len(env.receiver.received) == 1
+
+
+def test_exactly_once_per_job() -> None:
+    """Repeated notifications of a finished job, during and after its delivery, send one POST."""
+    env = make_env(codes=[500, 200], base_delay=1.0)
+    job = finished_job()
+    env.registry.change(job)
+    env.registry.change(job)
+    assert len(env.receiver.received) == 1
+    env.clock.advance(10)
+    assert len(env.receiver.received) == 2
+    env.registry.change(job)
+    env.clock.advance(100)
+    assert len(env.receiver.received) == 2
+    other = finished_job()
+    env.registry.change(other)
+    assert json.loads(env.receiver.received[-1].body)["id"] == other.id
+
+
+def test_retries_with_growing_delays_then_gives_up() -> None:
+    """Failures are retried after base*2**n with jitter (half to all of it), max_attempts in all."""
+    env = make_env(codes=[500], max_attempts=5, base_delay=2.0)
+    env.registry.change(finished_job())
+    delays = []
+    for attempt in range(1, 5):
+        assert len(env.receiver.received) == attempt
+        [delay] = env.timers()
+        delays.append(delay)
+        ceiling = 2.0 * 2 ** (attempt - 1)
+        assert ceiling / 2 <= delay <= ceiling
+        # Nothing is sent before the delay is over.
+        env.clock.advance(delay * 0.99)
+        assert len(env.receiver.received) == attempt
+        env.clock.advance(delay * 0.01 + 1e-6)
+    assert delays == sorted(delays) and len(set(delays)) == len(delays)
+    assert len(env.receiver.received) == 5
+    # Given up: nothing pending, nothing more sent.
+    assert env.clock.getDelayedCalls() == []
+    assert env.notifier.pending == 0
+    env.clock.advance(10_000)
+    assert len(env.receiver.received) == 5
+
+
+def test_retry_delay_is_capped() -> None:
+    """The backoff stops doubling at max_delay."""
+    env = make_env(base_delay=1.0, max_delay=60.0)
+    for failures in (7, 10, 30):
+        assert 30.0 <= env.notifier.retry_delay(failures) <= 60.0
+    assert 0.5 <= env.notifier.retry_delay(1) <= 1.0
+
+
+def test_2xx_stops_retrying() -> None:
+    """After failures, a 2xx ends the delivery; every attempt sends the same body and delivery id."""
+    env = make_env(codes=[503, 302, 500, 204, 500], max_attempts=6)
+    job = finished_job()
+    env.registry.change(job)
+    # The job changes (or is deleted) meanwhile: retries send the snapshot taken at the end.
+    job.progress = 12.0
+    env.clock.advance(1000)
+    env.clock.advance(1000)
+    env.clock.advance(1000)
+    env.clock.advance(1000)
+    received = env.receiver.received
+    assert len(received) == 4
+    assert {r.body for r in received} == {received[0].body}
+    assert len({r.header(DELIVERY_HEADER) for r in received}) == 1
+    assert all(verify_signature(SECRET, r.body, r.header(SIGNATURE_HEADER)) for r in received)
+    assert env.clock.getDelayedCalls() == []
+    assert env.notifier.pending == 0
+
+
+def test_a_long_answer_is_still_an_answer() -> None:
+    """A receiver answering 200 with a big body has received the webhook (the body is discarded)."""
+    env = make_env()
+    env.receiver.answer = b"x" * (1 << 20)
+    env.registry.change(finished_job())
+    assert len(env.receiver.received) == 1
+    assert env.notifier.pending == 0
+    assert env.clock.getDelayedCalls() == []
+
+
+def test_timeout_counts_as_a_failure() -> None:
+    """A receiver that never answers is cut off after the timeout and retried."""
+    env = make_env(hang=True, timeout=10.0, base_delay=1.0, max_attempts=2)
+    env.registry.change(finished_job())
+    assert len(env.receiver.received) == 1
+    # Only the time limit is pending.
+    assert env.timers() == [10.0]
+    env.clock.advance(10.0)
+    # The request was aborted: the receiver saw the connection go.
+    env.http.flush()
+    assert len(env.receiver.lost) == 1
+    [delay] = env.timers()
+    assert 0.5 <= delay <= 1.0
+    env.clock.advance(delay)
+    assert len(env.receiver.received) == 2
+    env.clock.advance(10.0)
+    assert env.clock.getDelayedCalls() == []
+    assert env.notifier.pending == 0
+
+
+def test_stop_cancels_timers_and_requests() -> None:
+    """stop() cancels retry timers and requests in flight, and no later change sends anything."""
+    clock = Clock()
+    registry = FakeRegistry()
+    failing = Receiver([500])
+    hanging = Receiver(hang=True)
+    failing_notifier = WebhookNotifier(clock, registry, secret=None, http=StubTreq(failing))
+    hanging_http = StubTreq(hanging)
+    hanging_notifier = WebhookNotifier(clock, registry, secret=None, http=hanging_http)
+    for n in (failing_notifier, hanging_notifier):
+        n.start()
+    registry.change(finished_job())
+    assert len(failing.received) == 1 and len(hanging.received) == 1
+    # A retry timer for one, a time limit for the other.
+    assert len(clock.getDelayedCalls()) == 2
+    assert failing_notifier.pending == hanging_notifier.pending == 1
+    failing_notifier.stop()
+    hanging_notifier.stop()
+    assert clock.getDelayedCalls() == []
+    assert failing_notifier.pending == hanging_notifier.pending == 0
+    # The request in flight was aborted: its server side saw the connection go.
+    hanging_http.flush()
+    assert len(hanging.lost) == 1
+    registry.change(finished_job())
+    clock.advance(10_000)
+    assert len(failing.received) == 1 and len(hanging.received) == 1
+    assert registry.subscribers == []
+
+
+@dataclass
+class FakeResponse:
+    code: int
+    delivered: list[Any] = field(default_factory=list)
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.delivered.append(protocol)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakeHTTP:
+    """A treq stand-in whose post() does what the test says."""
+
+    def __init__(self, *results: Callable[[], Deferred[Any]]) -> None:
+        self.results = list(results)
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        self.calls.append((url, kwargs))
+        result = self.results.pop(0) if len(self.results) > 1 else self.results[0]
+        return result()
+
+
+def _raise() -> Deferred[Any]:
+    raise RuntimeError("broken client")
+
+
+def test_client_errors_are_retried_and_never_raised() -> None:
+    """A client that raises or fails (connection refused) is retried; the registry sees no error."""
+    clock = Clock()
+    registry = FakeRegistry()
+    http = FakeHTTP(
+        _raise,
+        lambda: fail(ConnectionRefusedError()),
+        lambda: succeed(FakeResponse(200)),
+    )
+    notifier = WebhookNotifier(clock, registry, secret=SECRET, http=http, base_delay=1.0)
+    notifier.start()
+    job = finished_job()
+    registry.change(job)
+    clock.advance(1.0)
+    clock.advance(2.0)
+    assert len(http.calls) == 3
+    assert notifier.pending == 0
+    assert clock.getDelayedCalls() == []
+    url, kwargs = http.calls[0]
+    assert url == URL
+    # Redirects are not followed, and the answer is not buffered in memory.
+    assert kwargs["allow_redirects"] is False
+    assert kwargs["unbuffered"] is True
+    assert kwargs["headers"][SIGNATURE_HEADER] == sign(SECRET, kwargs["data"])
+
+
+def test_invalid_url_is_not_called() -> None:
+    """A callback URL that is not http(s) (stored before validation got stricter) is skipped."""
+    clock = Clock()
+    registry = FakeRegistry()
+    http = FakeHTTP(lambda: succeed(FakeResponse(200)))
+    notifier = WebhookNotifier(clock, registry, secret=None, http=http)
+    notifier.start()
+    for url in ("file:///etc/passwd", "gopher://x/", "http://", "javascript:alert(1)"):
+        registry.change(finished_job(callback_url=url))
+    assert http.calls == []
+    assert notifier.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://example.com/hook", True),
+        ("https://example.com:8443/a/b?c=d", True),
+        ("http://127.0.0.1:9/", True),
+        ("http://[::1]:8080/x", True),
+        ("HTTPS://EXAMPLE.COM/", True),
+        ("ftp://example.com/", False),
+        ("http:///path", False),
+        ("http://exa mple.com/", False),
+        ("http://example.com/\nX-Injected: 1", False),
+        ("http://example.com:99999/", False),
+        ("example.com/hook", False),
+        ("", False),
+        ("http://example.com/" + "a" * 2048, False),
+    ],
+)
+def test_is_callback_url(url: str, ok: bool) -> None:
+    """Only absolute http(s) URLs with a host, a valid port and no whitespace are accepted."""
+    assert is_callback_url(url) is ok
+
+
+def test_memory_of_handled_jobs_follows_the_registry() -> None:
+    """Deleted jobs are forgotten once many have been handled; live ones still get one POST."""
+    clock = Clock()
+    registry = FakeRegistry()
+    http = FakeHTTP(lambda: succeed(FakeResponse(200)))
+    notifier = WebhookNotifier(clock, registry, secret=None, http=http)
+    notifier.start()
+    kept = finished_job()
+    registry.change(kept)
+    for _ in range(3000):
+        job = finished_job()
+        registry.change(job)
+        del registry.live[job.id]
+    assert len(http.calls) == 3001
+    assert len(notifier._handled) < 1100
+    registry.change(kept)
+    assert len(http.calls) == 3001
+
+
+def test_bad_arguments() -> None:
+    """Nonsense limits are refused when the notifier is built."""
+    with pytest.raises(ValueError):
+        WebhookNotifier(Clock(), FakeRegistry(), secret=None, http=FakeHTTP(), max_attempts=0)
+    with pytest.raises(ValueError):
+        WebhookNotifier(Clock(), FakeRegistry(), secret=None, http=FakeHTTP(), timeout=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_loopback_server_with_treq() -> None:
+    """Through real treq and a real loopback server: a 500 is retried, then the signed POST lands."""
+    receiver = Receiver([500, 200])
+    port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+    registry = FakeRegistry()
+    notifier = WebhookNotifier(reactor, registry, secret=SECRET, base_delay=0.05, timeout=5.0)
+    notifier.start()
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/hook"
+        first = receiver.next_request()
+        job = finished_job(callback_url=url)
+        registry.change(job)
+        got = await first.addTimeout(10, reactor)
+        second = receiver.next_request()
+        again = await second.addTimeout(10, reactor)
+        assert got.body == again.body
+        assert json.loads(again.body) == job.to_json()
+        assert verify_signature(SECRET, again.body, again.header(SIGNATURE_HEADER))
+        assert again.header(DELIVERY_HEADER) == got.header(DELIVERY_HEADER)
+        # Wait until the notifier has read the 200.
+        for _ in range(200):
+            if notifier.pending == 0:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert notifier.pending == 0
+        assert len(receiver.received) == 2
+    finally:
+        notifier.stop()
+        await port.stopListening()

@@ -1,0 +1,336 @@
+"""
+Webhooks: tell a job's C{callback_url} that the job has finished.
+
+When a job with a callback URL reaches a finished state, its public JSON is
+POSTed there once, signed with HMAC-SHA256 when a secret is set.  A delivery
+that does not get a 2xx answer is retried with exponential backoff and jitter,
+a bounded number of times.  Everything is asynchronous: the registry's
+notification only schedules work, and no error ever reaches the registry.
+
+Deliveries live in memory only: those still pending when the notifier stops
+are dropped (and logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from transcoder import __version__
+from transcoder.jobs import Job
+
+_log = Logger()
+
+SIGNATURE_HEADER = "X-Transcoder-Signature"
+EVENT_HEADER = "X-Transcoder-Event"
+DELIVERY_HEADER = "X-Transcoder-Delivery"
+EVENT_FINISHED = "job.finished"
+
+# A receiver's answer is read and thrown away; beyond this much, the connection is dropped.
+_MAX_RESPONSE_BODY = 64 * 1024
+# The set of jobs already handled is pruned of deleted jobs when it grows past this.
+_PRUNE_AT = 1024
+
+
+class _Registry(Protocol):
+    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]: ...
+    def get(self, job_id: str) -> Job | None: ...
+
+
+class _HTTP(Protocol):
+    """The part of treq's API (C{treq}, L{HTTPClient}, C{StubTreq}) this module uses."""
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The value of C{X-Transcoder-Signature} for C{body}: C{sha256=<hex HMAC>}."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes, body: bytes, header: str | bytes | None) -> bool:
+    """Whether C{header} is the signature of C{body} under C{secret}, compared in constant time."""
+    if header is None:
+        return False
+    if isinstance(header, bytes):
+        header = header.decode("ascii", "replace")
+    return hmac.compare_digest(sign(secret, body), header.strip())
+
+
+def is_callback_url(url: str) -> bool:
+    """Whether C{url} is an absolute http(s) URL with a host, fit to POST to."""
+    if not url or len(url) > 2048 or any(c.isspace() or ord(c) < 0x20 for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        # Reading the port checks it is a number in range.
+        parts.port  # noqa: B018
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _for_log(url: str) -> str:
+    """C{url} without credentials or query, which may carry secrets of the receiver."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "<invalid URL>"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@dataclass(eq=False)
+class _Delivery:
+    job_id: str
+    url: str
+    body: bytes
+    # The same for every attempt, so that a receiver can drop duplicates.
+    delivery_id: str
+    attempts: int = 0
+    timer: IDelayedCall | None = None
+    request: Deferred[int] | None = None
+
+
+class WebhookNotifier:
+    """
+    POSTs each finished job's JSON to its C{callback_url}, once per job.
+
+    @param reactor: schedules retries and time limits.
+    @param registry: the job registry, whose changes are followed between
+        L{start} and L{stop}.
+    @param secret: when set, each body is signed (L{SIGNATURE_HEADER}).
+    @param http: a treq-like object with C{post}; by default treq over an
+        L{Agent} on C{reactor}.
+    @param max_attempts: attempts per job, the first one included.
+    @param base_delay: the delay before the first retry; each further retry
+        waits twice as long, up to C{max_delay}.  Each delay is drawn between
+        half and all of that, so that many failed deliveries do not retry in step.
+    @param timeout: time limit of one attempt, from connecting to reading the answer.
+    @param base_url: prefix of the URLs inside the job JSON (C{url}, C{result_url}).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        registry: _Registry,
+        *,
+        secret: bytes | None,
+        http: _HTTP | None = None,
+        max_attempts: int = 6,
+        base_delay: float = 1.0,
+        timeout: float = 10.0,
+        max_delay: float = 3600.0,
+        base_url: str = "",
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if base_delay < 0 or timeout <= 0 or max_delay < 0:
+            raise ValueError("delays must not be negative and the timeout must be positive")
+        self._reactor = reactor
+        self._registry = registry
+        self._secret = secret
+        if http is None:
+            # Not persistent: webhooks are rare and go to many hosts, and nothing
+            # is left to close on stop.
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            http = cast(_HTTP, HTTPClient(Agent(reactor, pool=pool)))
+        self._http: _HTTP = http
+        self._max_attempts = max_attempts
+        self._base_delay = base_delay
+        self._timeout = timeout
+        self._max_delay = max_delay
+        self._base_url = base_url
+        self._random: Callable[[], float] = random.random
+        self._unsubscribe: Callable[[], None] | None = None
+        self._deliveries: set[_Delivery] = set()
+        # Jobs whose webhook was already handled: a finished job may be notified again.
+        self._handled: set[str] = set()
+        self._prune_at = _PRUNE_AT
+
+    @property
+    def pending(self) -> int:
+        """Deliveries not yet done: in flight or waiting to retry."""
+        return len(self._deliveries)
+
+    def start(self) -> None:
+        """Follow the registry's changes."""
+        if self._unsubscribe is None:
+            self._unsubscribe = self._registry.subscribe(self._changed)
+
+    def stop(self) -> None:
+        """Stop following the registry; cancel every retry timer and request in flight."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        deliveries, self._deliveries = self._deliveries, set()
+        if deliveries:
+            _log.warn(
+                "dropping {count} undelivered webhooks on stop: {jobs}",
+                count=len(deliveries),
+                jobs=", ".join(sorted(d.job_id for d in deliveries)),
+            )
+        for delivery in deliveries:
+            if delivery.timer is not None and delivery.timer.active():
+                delivery.timer.cancel()
+            delivery.timer = None
+            if delivery.request is not None:
+                request, delivery.request = delivery.request, None
+                request.cancel()
+
+    # -- internals -----------------------------------------------------------
+
+    def _changed(self, job: Job) -> None:
+        # Called by the registry for every change: filter fast, never raise.
+        try:
+            if not job.state.finished or not job.callback_url or job.id in self._handled:
+                return
+            self._handled.add(job.id)
+            self._prune()
+            self._begin(job, job.callback_url)
+        except Exception:
+            _log.failure("could not schedule the webhook of job {job_id}", job_id=job.id)
+
+    def _prune(self) -> None:
+        """Forget deleted jobs, so that the memory of handled jobs follows the registry's size."""
+        if len(self._handled) < self._prune_at:
+            return
+        self._handled = {i for i in self._handled if self._registry.get(i) is not None}
+        self._prune_at = max(_PRUNE_AT, 2 * len(self._handled))
+
+    def _begin(self, job: Job, url: str) -> None:
+        if not is_callback_url(url):
+            _log.warn(
+                "not calling back job {job_id}: its callback_url is not an http(s) URL",
+                job_id=job.id,
+            )
+            return
+        # The job may change again (be deleted) before a retry: every attempt sends this snapshot.
+        body = json.dumps(job.to_json(self._base_url), separators=(",", ":")).encode("utf-8")
+        delivery = _Delivery(job.id, url, body, str(uuid.uuid4()))
+        self._deliveries.add(delivery)
+        self._attempt(delivery)
+
+    def _headers(self, delivery: _Delivery) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"transcoder/{__version__} webhooks",
+            EVENT_HEADER: EVENT_FINISHED,
+            DELIVERY_HEADER: delivery.delivery_id,
+        }
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self._secret, delivery.body)
+        return headers
+
+    def _attempt(self, delivery: _Delivery) -> None:
+        delivery.timer = None
+        if delivery not in self._deliveries:
+            return
+        delivery.attempts += 1
+        request = Deferred.fromCoroutine(self._post(delivery))
+        request.addTimeout(self._timeout, self._reactor)
+        delivery.request = request
+        request.addBoth(self._attempted, delivery, request)
+
+    async def _post(self, delivery: _Delivery) -> int:
+        # Redirects are not followed: the receiver was named at upload, not wherever it points.
+        response = await self._http.post(
+            delivery.url,
+            data=delivery.body,
+            headers=self._headers(delivery),
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        code: int = response.code
+        try:
+            await treq.collect(response, _Discard(_MAX_RESPONSE_BODY))
+        except CancelledError:
+            raise
+        except Exception:
+            # The status is what counts; a receiver that sends too much or
+            # drops the connection after its headers has still answered.
+            pass
+        return code
+
+    def _attempted(
+        self, result: int | Failure, delivery: _Delivery, request: Deferred[int]
+    ) -> None:
+        if delivery.request is request:
+            delivery.request = None
+        if delivery not in self._deliveries:
+            # Stopped meanwhile; the cancellation is not worth a log line.
+            return
+        where = _for_log(delivery.url)
+        if isinstance(result, int) and 200 <= result < 300:
+            self._deliveries.discard(delivery)
+            _log.info(
+                "webhook of job {job_id} delivered to {url} (HTTP {code}, attempt {attempt})",
+                job_id=delivery.job_id,
+                url=where,
+                code=result,
+                attempt=delivery.attempts,
+            )
+            return
+        if isinstance(result, Failure):
+            reason = (
+                f"{result.type.__name__ if result.type else 'error'}: {result.getErrorMessage()}"
+            )
+        else:
+            reason = f"HTTP {result}"
+        if delivery.attempts >= self._max_attempts:
+            self._deliveries.discard(delivery)
+            _log.error(
+                "giving up on the webhook of job {job_id} to {url} after {attempts} attempts;"
+                " last: {reason}",
+                job_id=delivery.job_id,
+                url=where,
+                attempts=delivery.attempts,
+                reason=reason,
+            )
+            return
+        delay = self.retry_delay(delivery.attempts)
+        _log.warn(
+            "webhook of job {job_id} to {url} failed ({reason}); attempt {next} in {delay:.1f}s",
+            job_id=delivery.job_id,
+            url=where,
+            reason=reason,
+            next=delivery.attempts + 1,
+            delay=delay,
+        )
+        delivery.timer = self._reactor.callLater(delay, self._attempt, delivery)
+
+    def retry_delay(self, failed_attempts: int) -> float:
+        """
+        The wait after C{failed_attempts} failures: between half and all of
+        C{base_delay * 2 ** (failed_attempts - 1)}, at most C{max_delay}.
+        """
+        ceiling = min(self._max_delay, self._base_delay * 2.0 ** (failed_attempts - 1))
+        return ceiling / 2 + self._random() * ceiling / 2
+
+
+class _Discard:
+    """A body collector that keeps nothing and refuses more than C{limit} bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._left = limit
+
+    def __call__(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0:
+            raise ValueError("the receiver's answer is too long")
