@@ -1,0 +1,513 @@
+"""
+A treq client of the transcoding service.
+
+    client = Client("http://127.0.0.1:8080", token=None)
+    job = await client.submit({"video": Path("v.flv"), "audio": Path("a.mp3")}, "mux-avi")
+    job = await client.wait(job.id)
+    await client.download(job.id, Path("out.avi"))
+
+Every method returns a L{Deferred} (C{await} it under C{ensureDeferred}).
+Uploads stream from disk and downloads stream to disk, so memory stays flat
+whatever the file sizes.  Any error answer of the server raises
+L{TranscoderError}; failures to connect raise Twisted's own exceptions
+(L{twisted.internet.error.ConnectError}, L{twisted.web.client.ResponseFailed}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator, deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+from transcoder._bodies import FilePart, ProgressCallback, StreamingBody
+
+__all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
+
+FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# The server answers a long-poll after at most 60 s.
+LONG_POLL = 30.0
+# A download or long-poll with nothing received this long is dropped (and a
+# download resumed).
+IDLE_TIMEOUT = 120.0
+# Requests other than uploads, downloads and long-polls: until the answer's headers.
+REQUEST_TIMEOUT = 60.0
+
+
+class TranscoderError(Exception):
+    """
+    The server answered with an error (C{{"error": {"code", "message"}}}), or
+    the answer was unusable.
+
+    @ivar status: the HTTP status; 0 for a check made by the client itself.
+    @ivar code: the server's machine-readable code, e.g. C{"unknown_profile"}.
+    @ivar message: its explanation.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """A job as the server last described it; C{data} is the whole JSON."""
+
+    id: str
+    profile: str
+    state: str
+    progress: float
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @classmethod
+    def from_json(cls, data: Any) -> RemoteJob:
+        try:
+            return cls(
+                id=str(data["id"]),
+                profile=str(data["profile"]),
+                state=str(data["state"]),
+                progress=float(data.get("progress") or 0.0),
+                params=dict(data.get("params") or {}),
+                inputs=list(data.get("inputs") or []),
+                output=data.get("output"),
+                error=data.get("error"),
+                data=dict(data),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TranscoderError(0, "bad_response", f"not a job: {e!r}") from None
+
+
+JobCallback = Callable[[RemoteJob], None]
+
+
+class _Sink(Protocol):
+    """
+    Receives a response body into a file, hashing it, and drops a connection
+    that stays silent for C{idle} seconds (so a stalled download resumes).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        out: Any,
+        digest: Any,
+        on_data: Callable[[int], None],
+        idle: float,
+    ) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._reactor = reactor
+        self._out = out
+        self._digest = digest
+        self._on_data = on_data
+        self._idle = idle
+        self._timer: Any = None
+        self.timed_out = False
+
+    def connectionMade(self) -> None:
+        self._timer = self._reactor.callLater(self._idle, self._silent)
+
+    def _silent(self) -> None:
+        self.timed_out = True
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+        self._out.write(data)
+        self._digest.update(data)
+        self._on_data(len(data))
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class Client:
+    """
+    The service at C{base_url} (e.g. C{http://127.0.0.1:8080}), with a bearer
+    C{token} if it requires one.  C{http} is a treq L{HTTPClient} to use
+    instead of the client's own (tests pass a C{StubTreq}).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        reactor: Any = None,
+        http: Any = None,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._base = base_url.rstrip("/")
+        self._token = token
+        self._request_timeout = request_timeout
+        self._idle_timeout = idle_timeout
+        self._pool: HTTPConnectionPool | None = None
+        if http is None:
+            from treq.client import HTTPClient
+
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            http = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=30))
+        self._http = http
+        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
+
+    def close(self) -> Deferred[None]:
+        """Close idle kept-alive connections."""
+        self._cooperator.stop()
+        if self._pool is not None:
+            d: Deferred[None] = self._pool.closeCachedConnections()
+            return d
+        return Deferred.fromCoroutine(_nothing())
+
+    # Requests.
+
+    def _url(self, path: str, query: Mapping[str, Any] | None = None) -> str:
+        url = self._base + path
+        if query:
+            url += "?" + urlencode({k: str(v) for k, v in query.items() if v is not None})
+        return url
+
+    def _headers(self, extra: Mapping[bytes, bytes] | None = None) -> dict[bytes, list[bytes]]:
+        headers: dict[bytes, list[bytes]] = {b"Accept": [b"application/json"]}
+        if self._token:
+            headers[b"Authorization"] = [b"Bearer " + self._token.encode("utf-8")]
+        for name, value in (extra or {}).items():
+            headers[name] = [value]
+        return headers
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[bytes, bytes] | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        unbuffered: bool = False,
+    ) -> IResponse:
+        response: IResponse = await self._http.request(
+            method,
+            self._url(path, query),
+            headers=self._headers(headers),
+            data=body,
+            allow_redirects=False,
+            unbuffered=unbuffered,
+            timeout=timeout,
+            reactor=self._reactor,
+        )
+        if response.code >= 400:
+            raise await _error_from(response)
+        return response
+
+    async def _json(
+        self, method: str, path: str, query: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Any:
+        kw.setdefault("timeout", self._request_timeout)
+        response = await self._request(method, path, query, **kw)
+        text = await _content(response)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise TranscoderError(
+                response.code, "bad_response", f"not JSON: {text[:200]!r}"
+            ) from None
+
+    # The API.
+
+    def submit(
+        self,
+        inputs: Mapping[str, Path] | Path,
+        profile: str,
+        params: Mapping[str, Any] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Deferred[RemoteJob]:
+        """
+        Upload C{inputs} and create a job of C{profile}.
+
+        A single L{Path} is sent as the raw body (C{PUT /jobs?profile=...}); a
+        mapping of input names to paths (C{{"video": ..., "audio": ...}} for
+        C{mux-avi}) as C{multipart/form-data} with one file part per input.
+        Either way the profile and C{params} travel in the query string, so
+        the server can refuse them before a byte of the body is sent.
+
+        C{on_progress(sent, total)} is called as bytes are sent.  The
+        SHA-256 of each file, computed while sending, is compared with the
+        digest the server stored; on a mismatch the job is cancelled and
+        L{TranscoderError} (C{digest_mismatch}) raised.
+        """
+        return ensureDeferred(self._submit(inputs, profile, params or {}, on_progress))
+
+    async def _submit(
+        self,
+        inputs: Mapping[str, Path] | Path,
+        profile: str,
+        params: Mapping[str, Any],
+        on_progress: ProgressCallback | None,
+    ) -> RemoteJob:
+        query: dict[str, Any] = {"profile": profile}
+        query.update(params)
+        parts: dict[str, FilePart]
+        if isinstance(inputs, (str, os.PathLike)):
+            path = Path(inputs)
+            body, part = StreamingBody.raw(path, self._cooperator, on_progress)
+            query["filename"] = path.name
+            parts = {"": part}
+            method, ctype = "PUT", b"application/octet-stream"
+        else:
+            if not inputs:
+                raise ValueError("no inputs")
+            body, ctype, parts = StreamingBody.multipart(
+                {k: Path(v) for k, v in inputs.items()}, self._cooperator, on_progress
+            )
+            method = "POST"
+        # No timeout: treq's counts until the answer's headers, which come
+        # only after the whole upload.
+        data = await self._json(
+            method, "/jobs", query, headers={b"Content-Type": ctype}, body=body, timeout=None
+        )
+        job = RemoteJob.from_json(data)
+        await self._check_digests(job, parts)
+        return job
+
+    async def _check_digests(self, job: RemoteJob, parts: Mapping[str, FilePart]) -> None:
+        stored = {i.get("name"): i.get("sha256") for i in job.inputs}
+        for name, part in parts.items():
+            theirs = stored.get(name) if name else next(iter(stored.values()), None)
+            if theirs is not None and part.sha256 is not None and theirs != part.sha256:
+                try:
+                    await self.cancel(job.id)
+                except Exception:
+                    pass  # The mismatch is what to report.
+                raise TranscoderError(
+                    0,
+                    "digest_mismatch",
+                    f"the server stored {part.path.name} with SHA-256 {theirs}, "
+                    f"but {part.sha256} was sent; job {job.id} cancelled",
+                )
+
+    def get(self, job_id: str) -> Deferred[RemoteJob]:
+        """The job's current state."""
+        return ensureDeferred(self._get(job_id))
+
+    async def _get(self, job_id: str, wait: float | None = None) -> RemoteJob:
+        query = {"wait": f"{wait:g}"} if wait else None
+        timeout = self._request_timeout + (wait or 0)
+        data = await self._json("GET", f"/jobs/{quote(job_id, safe='')}", query, timeout=timeout)
+        return RemoteJob.from_json(data)
+
+    def wait(
+        self, job_id: str, on_progress: JobCallback | None = None, poll: float = LONG_POLL
+    ) -> Deferred[RemoteJob]:
+        """
+        Follow the job with long-polls (C{?wait=}) until it has finished;
+        fire with it in its final state, whichever that is.  C{on_progress}
+        gets the job each time its state or progress changes.
+        """
+        return ensureDeferred(self._wait(job_id, on_progress, poll))
+
+    async def _wait(self, job_id: str, on_progress: JobCallback | None, poll: float) -> RemoteJob:
+        job = await self._get(job_id)
+        if on_progress is not None:
+            on_progress(job)
+        while not job.finished:
+            asked = self._reactor.seconds()
+            latest = await self._get(job_id, wait=poll)
+            changed = (latest.state, latest.progress) != (job.state, job.progress)
+            if not changed and self._reactor.seconds() - asked < 1.0:
+                # A server (or proxy) that answers a long-poll at once with
+                # nothing new must not make this loop spin.
+                await deferLater(self._reactor, 1.0, lambda: None)
+            job = latest
+            if changed and on_progress is not None:
+                on_progress(job)
+        return job
+
+    def cancel(self, job_id: str) -> Deferred[None]:
+        """Cancel the job (stopping its encoder) and remove it from the server."""
+        return ensureDeferred(self._cancel(job_id))
+
+    async def _cancel(self, job_id: str) -> None:
+        response = await self._request(
+            "DELETE", f"/jobs/{quote(job_id, safe='')}", timeout=self._request_timeout
+        )
+        await _content(response)
+
+    def jobs(self, state: str | None = None) -> Deferred[list[RemoteJob]]:
+        """The server's jobs, optionally only those in C{state}."""
+        return ensureDeferred(self._jobs(state))
+
+    async def _jobs(self, state: str | None) -> list[RemoteJob]:
+        data = await self._json("GET", "/jobs", {"state": state} if state else None)
+        try:
+            return [RemoteJob.from_json(j) for j in data["jobs"]]
+        except (KeyError, TypeError):
+            raise TranscoderError(0, "bad_response", "no job list in the answer") from None
+
+    def download(
+        self,
+        job_id: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        retries: int = 5,
+    ) -> Deferred[Path]:
+        """
+        Save the job's result to C{path}, streaming it to C{path}.part and
+        renaming it into place once complete (and, when the job states its
+        SHA-256, checked).  A dropped or stalled connection is resumed with
+        C{Range} from the bytes already saved, up to C{retries} times in a
+        row; a C{.part} left by an earlier call is resumed too.
+        C{on_progress(received, total)} counts bytes on disk.
+        """
+        return ensureDeferred(self._download(job_id, Path(path), on_progress, retries))
+
+    async def _download(
+        self, job_id: str, path: Path, on_progress: ProgressCallback | None, retries: int
+    ) -> Path:
+        job = await self._get(job_id)
+        expected = (job.output or {}).get("sha256")
+        partial = path.with_name(path.name + ".part")
+        digest = hashlib.sha256()
+        have = 0
+        if partial.exists():
+            with partial.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    have += len(chunk)
+        etag: bytes | None = None
+        failures = 0
+        while True:
+            headers: dict[bytes, bytes] = {}
+            if have:
+                headers[b"Range"] = b"bytes=%d-" % have
+                if etag is not None:
+                    headers[b"If-Range"] = etag
+            try:
+                response = await self._request(
+                    "GET",
+                    f"/jobs/{quote(job_id, safe='')}/result",
+                    headers=headers,
+                    unbuffered=True,
+                    timeout=self._request_timeout,
+                )
+            except TranscoderError as e:
+                if e.status == 416 and have:
+                    # Everything is here already (or the .part is not of this file:
+                    # the digest check below tells).
+                    break
+                raise
+            except ResponseFailed:
+                failures += 1
+                if failures > retries:
+                    raise
+                await deferLater(self._reactor, min(0.2 * 2**failures, 5.0), lambda: None)
+                continue
+            etag = _header(response, b"etag") or etag
+            if response.code == 200:
+                # A full answer: the server ignored the range, or the file changed.
+                digest, have = hashlib.sha256(), 0
+                mode = "wb"
+                total = response.length if isinstance(response.length, int) else None
+            else:
+                mode = "ab"
+                total = _range_total(_header(response, b"content-range"))
+            received = have
+
+            def count(n: int, total: int | None = total) -> None:
+                nonlocal received
+                received += n
+                if on_progress is not None:
+                    on_progress(received, total if total is not None else -1)
+
+            with partial.open(mode) as out:
+                sink = _Sink(self._reactor, out, digest, count, self._idle_timeout)
+                response.deliverBody(sink)
+                try:
+                    await sink.done
+                    ended = True
+                except (ResponseFailed, PotentialDataLoss):
+                    ended = False
+            made_progress = received > have
+            have = received
+            if ended:
+                break
+            failures = 0 if made_progress else failures + 1
+            if failures > retries:
+                raise TranscoderError(
+                    0, "download_failed", f"the download of {job_id} kept failing"
+                )
+        if expected is not None and digest.hexdigest() != expected:
+            partial.unlink(missing_ok=True)
+            raise TranscoderError(
+                0, "digest_mismatch", f"the result's SHA-256 is not {expected}; removed the copy"
+            )
+        os.replace(partial, path)
+        return path
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _header(response: IResponse, name: bytes) -> bytes | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def _range_total(content_range: bytes | None) -> int | None:
+    """C{bytes 100-199/200} -> 200."""
+    if content_range is None or b"/" not in content_range:
+        return None
+    total = content_range.rsplit(b"/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+async def _content(response: Any) -> bytes:
+    content: bytes = await response.content()
+    return content
+
+
+async def _error_from(response: Any) -> TranscoderError:
+    try:
+        text = await _content(response)
+    except Exception:
+        text = b""
+    try:
+        error = json.loads(text)["error"]
+        return TranscoderError(response.code, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        phrase = response.phrase.decode("latin-1", "replace") if response.phrase else ""
+        snippet = text[:200].decode("utf-8", "replace").strip()
+        return TranscoderError(response.code, f"http_{response.code}", snippet or phrase)
