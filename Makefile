@@ -70,7 +70,9 @@ setup: sysdeps venv
 sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
 
+# The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)
+	@test -x $(VENV)/bin/transcoder || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 
 $(VENV_PY):
 	@if ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
@@ -85,7 +87,7 @@ $(VENV_PY):
 # Make compares the stamp with pyproject.toml: a venv made by hand without the project
 # installed has no stamp, so it gets the install too.
 $(STAMP): pyproject.toml | $(VENV_PY)
-	@echo "installing the project into $(VENV) (pyproject.toml is newer than the last install)"
+	@echo "installing the project into $(VENV) (not installed yet, or pyproject.toml changed)"
 	$(VENV_PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
