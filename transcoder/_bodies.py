@@ -21,7 +21,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
-from twisted.internet.task import Cooperator, NotPaused, TaskFinished, TaskStopped
+from twisted.internet.task import (
+    Cooperator,
+    NotPaused,
+    SchedulerStopped,
+    TaskFinished,
+    TaskStopped,
+)
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -123,8 +129,9 @@ class StreamingBody:
             return None
 
         def stopped(f: Failure) -> Deferred[None] | Failure:
-            if f.check(TaskStopped):
-                # stopProducing: the request is over and the caller learns why elsewhere.
+            if f.check(TaskStopped, SchedulerStopped):
+                # stopProducing, or the client closed: the request is over, and
+                # the caller learns why from the request itself.
                 return Deferred()
             return f
 

@@ -295,9 +295,14 @@ class Client:
             method = "POST"
         # No timeout: treq's counts until the answer's headers, which come
         # only after the whole upload.
-        data = await self._json(
-            method, "/jobs", query, headers={b"Content-Type": ctype}, body=body, timeout=None
-        )
+        try:
+            data = await self._json(
+                method, "/jobs", query, headers={b"Content-Type": ctype}, body=body, timeout=None
+            )
+        except BaseException:
+            # An answer that came before the whole body (a refusal) ends the upload.
+            body.stopProducing()
+            raise
         job = RemoteJob.from_json(data)
         await self._check_digests(job, parts)
         return job
