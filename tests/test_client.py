@@ -1,0 +1,418 @@
+"""
+transcoder.client against a real server on loopback (C{transcoder serve} as
+a subprocess, real encoders), plus a small in-process server that drops and
+stalls downloads, and the streaming body on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import multipart
+import pytest
+import pytest_twisted
+from _servers import ServerProcess, random_file, serve
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
+from twisted.internet.task import Clock, Cooperator
+from twisted.web import server as web_server
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
+
+from transcoder._bodies import StreamingBody
+from transcoder.client import Client, RemoteJob, TranscoderError
+
+MiB = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    d = tmp_path_factory.mktemp("client-server")
+    proc = serve(d / "data", d / "serve.log", "--workers", "2")
+    yield proc
+    proc.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def client(server: ServerProcess) -> AsyncIterator[Client]:
+    c = Client(server.url)
+    yield c
+    await c.close()
+
+
+# The streaming body, without a network.
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def _drain(body: StreamingBody) -> tuple[bytes, Deferred[None]]:
+    clock = Clock()
+    body._cooperator = Cooperator(scheduler=lambda f: clock.callLater(0, f))
+    consumer = _Consumer()
+    d = body.startProducing(consumer)  # type: ignore[arg-type]
+    for _ in range(10000):
+        if d.called:
+            break
+        clock.advance(0)
+    return bytes(consumer.data), d
+
+
+def test_multipart_body_streams_files_that_parse_back(tmp_path: Path) -> None:
+    """The multipart body has the announced length, parses back to the files, and hashes each."""
+    video = random_file(tmp_path / 'my "video".flv', 700_000)
+    audio = random_file(tmp_path / "a.mp3", 3)
+    progress: list[tuple[int, int]] = []
+    body, ctype, parts = StreamingBody.multipart(
+        {"video": video, "audio": audio},
+        Cooperator(),
+        lambda sent, total: progress.append((sent, total)),
+    )
+    verifyObject(IBodyProducer, body)
+    data, d = _drain(body)
+    assert d.called
+    assert len(data) == body.length
+    assert progress[-1] == (body.length, body.length)
+    assert [p[0] for p in progress] == sorted(p[0] for p in progress)
+    boundary = ctype.split(b"boundary=")[1].decode()
+    found: dict[str, tuple[str, bytes]] = {}
+    for segment in multipart.MultipartParser(io.BytesIO(data), boundary, content_length=len(data)):
+        found[segment.name] = (segment.filename, segment.raw)
+    assert found["video"] == ('my "video".flv', video.read_bytes())
+    assert found["audio"] == ("a.mp3", audio.read_bytes())
+    assert parts["video"].sha256 == sha256_of(video)
+    assert parts["audio"].sha256 == sha256_of(audio)
+
+
+def test_body_fails_if_the_file_shrinks(tmp_path: Path) -> None:
+    """A file that gets shorter after the length was announced fails the upload."""
+    path = random_file(tmp_path / "f.bin", 600_000)
+    body, _ = StreamingBody.raw(path, Cooperator())
+    path.write_bytes(b"short")
+    _, d = _drain(body)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(OSError)
+
+
+# Against the real server.
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_raw_wait_download(client: Client, clips: Any, tmp_path: Path) -> None:
+    """A raw upload becomes a job; wait follows it to success; download saves the checked result."""
+    sent: list[tuple[int, int]] = []
+    job = await client.submit(
+        clips.av, "mp4-h264", {"preset": "ultrafast", "crf": 30}, lambda s, t: sent.append((s, t))
+    )
+    assert isinstance(job, RemoteJob)
+    size = clips.av.stat().st_size
+    assert sent[-1] == (size, size)
+    assert job.params == {"preset": "ultrafast", "crf": 30, "abitrate": 128}
+    assert job.inputs[0]["sha256"] == sha256_of(clips.av)
+    assert job.inputs[0]["filename"] == clips.av.name
+
+    seen: list[RemoteJob] = []
+    done = await client.wait(job.id, on_progress=seen.append)
+    assert done.state == "succeeded" and done.finished
+    assert seen[-1] == done
+    assert len({(j.state, j.progress) for j in seen}) == len(seen)
+
+    got: list[tuple[int, int]] = []
+    out = await client.download(job.id, tmp_path / "out.mp4", lambda r, t: got.append((r, t)))
+    assert out == tmp_path / "out.mp4"
+    assert out.stat().st_size == done.output["size"]  # type: ignore[index]
+    assert sha256_of(out) == done.output["sha256"]  # type: ignore[index]
+    assert got[-1] == (out.stat().st_size, out.stat().st_size)
+    assert not (tmp_path / "out.mp4.part").exists()
+    assert (await client.get(job.id)) == done
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_multipart_inputs(client: Client, clips: Any) -> None:
+    """A mapping of inputs goes as multipart; the server stores each under its name with its digest."""
+    job = await client.submit({"video": clips.flv_video, "audio": clips.mp3_audio}, "mux-avi")
+    by_name = {i["name"]: i for i in job.inputs}
+    assert by_name["video"]["sha256"] == sha256_of(clips.flv_video)
+    assert by_name["audio"]["sha256"] == sha256_of(clips.mp3_audio)
+    assert by_name["audio"]["size"] == clips.mp3_audio.stat().st_size
+    assert (await client.wait(job.id)).state == "succeeded"
+    listed = await client.jobs(state="succeeded")
+    assert job.id in [j.id for j in listed]
+    assert {j.state for j in listed} == {"succeeded"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_errors_raise_transcoder_error(client: Client, clips: Any) -> None:
+    """Refusals and unknown ids raise TranscoderError with the server's status, code and message."""
+    with pytest.raises(TranscoderError) as e:
+        await client.submit(clips.av, "no-such-profile")
+    assert (e.value.status, e.value.code) == (422, "unknown_profile")
+    assert "no-such-profile" in e.value.message
+    with pytest.raises(TranscoderError) as e:
+        await client.submit(clips.av, "mp4-h264", {"crf": 99})
+    assert e.value.status == 422
+    with pytest.raises(TranscoderError) as e:
+        await client.get("0" * 32)
+    assert (e.value.status, e.value.code) == (404, "not_found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_job_and_download_before_ready(
+    client: Client, clips: Any, tmp_path: Path
+) -> None:
+    """A job on garbage input ends failed with a reason; its result cannot be downloaded."""
+    job = await client.submit(clips.noise, "avi-mpeg4")
+    done = await client.wait(job.id)
+    assert done.state == "failed"
+    assert done.error and done.error["message"]
+    with pytest.raises(TranscoderError) as e:
+        await client.download(job.id, tmp_path / "x.avi")
+    assert e.value.status in (404, 409)
+    assert not (tmp_path / "x.avi").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_removes_the_job(client: Client, clips: Any) -> None:
+    """cancel() stops and removes a job: afterwards the server knows no such job."""
+    job = await client.submit(clips.av_long, "mp4-h264", {"preset": "veryslow"})
+    await client.cancel(job.id)
+    with pytest.raises(TranscoderError) as e:
+        await client.get(job.id)
+    assert e.value.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_refused_is_a_connect_error() -> None:
+    """With nothing listening, requests fail with Twisted's ConnectError, not TranscoderError."""
+    c = Client("http://127.0.0.1:9")
+    try:
+        with pytest.raises(ConnectError):
+            await c.jobs()
+    finally:
+        await c.close()
+
+
+_UPLOADER = """
+import json, sys
+from pathlib import Path
+from twisted.internet.task import react
+from twisted.internet.defer import ensureDeferred
+from transcoder.client import Client
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+async def main(reactor):
+    client = Client(sys.argv[1], reactor=reactor)
+    await client.jobs()  # every import and the connection, before the baseline
+    before = hwm()
+    calls = [0]
+    def progress(sent, total):
+        calls[0] += 1
+    job = await client.submit(Path(sys.argv[2]), "avi-mpeg4", on_progress=progress)
+    print(json.dumps({"before": before, "after": hwm(), "job": job.data, "calls": calls[0]}))
+    await client.close()
+
+react(lambda r: ensureDeferred(main(r)))
+"""
+
+
+def test_200_mib_upload_in_constant_memory(server: ServerProcess, tmp_path: Path) -> None:
+    """
+    A 200 MiB upload: the client process's peak RSS grows by less than 40 MiB,
+    and so does the server's; the server stores exactly the file's bytes.
+    (Random bytes: the job fails later at probing, which is beside the point.)
+    """
+    file = random_file(tmp_path / "big.bin", 200 * MiB)
+    server.reset_peak()
+    server_before = server.status_kib("VmHWM")
+    result = subprocess.run(
+        [sys.executable, "-c", _UPLOADER, server.url, str(file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    server_growth = (server.status_kib("VmHWM") - server_before) / 1024
+    client_growth = (report["after"] - report["before"]) / 1024
+    print(f"\n200 MiB upload: client +{client_growth:.1f} MiB, server +{server_growth:.1f} MiB")
+    assert client_growth < 40
+    assert server_growth < 40
+    assert report["calls"] > 100
+    (stored,) = report["job"]["inputs"]
+    assert stored["size"] == 200 * MiB
+    assert stored["sha256"] == sha256_of(file)
+
+
+# Downloads that break, against a small in-process server.
+
+
+class _FlakyResult(Resource):
+    """
+    Serves C{payload} honouring C{Range}/C{If-Range}; the first C{drops}
+    answers stop after C{cut} bytes, by closing the connection or (C{stall})
+    by going silent.
+    """
+
+    isLeaf = True
+
+    def __init__(self, payload: bytes, cut: int, drops: int = 1, stall: bool = False) -> None:
+        super().__init__()
+        self.payload = payload
+        self.cut = cut
+        self.drops = drops
+        self.stall = stall
+        self.requests: list[tuple[bytes | None, bytes | None]] = []
+        self.stalled: list[Any] = []
+
+    def render_GET(self, request: web_server.Request) -> bytes | int:
+        rng = request.getHeader(b"range")
+        self.requests.append((rng, request.getHeader(b"if-range")))
+        start = int(rng.split(b"=")[1].split(b"-")[0]) if rng else 0
+        body = self.payload[start:]
+        request.setHeader(b"ETag", b'"v1"')
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        if rng:
+            request.setResponseCode(206)
+            request.setHeader(
+                b"Content-Range",
+                b"bytes %d-%d/%d" % (start, len(self.payload) - 1, len(self.payload)),
+            )
+        if self.drops > 0:
+            self.drops -= 1
+            request.write(body[: self.cut])
+            if self.stall:
+                self.stalled.append(request)
+            else:
+                # loseConnection would wait for the channel, a registered
+                # producer; abort once the cut bytes have had time to go.
+                transport = request.channel.transport  # type: ignore[union-attr]
+                reactor.callLater(0.2, transport.abortConnection)  # type: ignore[attr-defined]
+            return web_server.NOT_DONE_YET
+        return body
+
+
+class _FakeJob(Resource):
+    isLeaf = True
+
+    def __init__(self, job: dict[str, Any], result: _FlakyResult) -> None:
+        super().__init__()
+        self.job = job
+        self.result = result
+
+    def render_GET(self, request: web_server.Request) -> bytes | int:
+        if request.postpath and request.postpath[-1] == b"result":
+            return self.result.render_GET(request)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(self.job).encode()
+
+
+async def _fake_server(result: _FlakyResult, sha256: str) -> tuple[Any, str]:
+    job = {
+        "id": "a" * 32,
+        "profile": "mux-avi",
+        "state": "succeeded",
+        "progress": 100.0,
+        "output": {"size": len(result.payload), "sha256": sha256},
+    }
+    root = Resource()
+    jobs = Resource()
+    root.putChild(b"jobs", jobs)
+    jobs.putChild(b"a" * 32, _FakeJob(job, result))
+    port = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")  # type: ignore[attr-defined]
+    return port, f"http://127.0.0.1:{port.getHost().port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_resumes_after_a_dropped_connection(tmp_path: Path) -> None:
+    """A connection closed mid-body is resumed with Range from the saved bytes and If-Range."""
+    payload = os.urandom(3 * MiB + 17)
+    result = _FlakyResult(payload, cut=MiB + 5, drops=2)
+    port, url = await _fake_server(result, hashlib.sha256(payload).hexdigest())
+    c = Client(url)
+    try:
+        out = await c.download("a" * 32, tmp_path / "r.bin")
+    finally:
+        await c.close()
+        await port.stopListening()
+    assert out.read_bytes() == payload
+    assert len(result.requests) == 3
+    assert result.requests[0] == (None, None)
+    starts = []
+    for rng, if_range in result.requests[1:]:
+        assert rng is not None and if_range == b'"v1"'
+        starts.append(int(rng[len(b"bytes=") : -1]))
+    # Each retry starts where the saved bytes end: after at most one more cut.
+    assert 0 < starts[0] <= MiB + 5
+    assert starts[0] < starts[1] <= starts[0] + MiB + 5
+    assert len(result.requests) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_resumes_a_stalled_connection(tmp_path: Path) -> None:
+    """A body that goes silent longer than the idle timeout is dropped and resumed."""
+    payload = os.urandom(MiB)
+    result = _FlakyResult(payload, cut=1000, drops=1, stall=True)
+    port, url = await _fake_server(result, hashlib.sha256(payload).hexdigest())
+    c = Client(url, idle_timeout=0.5)
+    try:
+        out = await c.download("a" * 32, tmp_path / "r.bin")
+    finally:
+        await c.close()
+        for request in result.stalled:
+            if not request.finished and not request._disconnected:
+                request.finish()
+        await port.stopListening()
+    assert out.read_bytes() == payload
+    assert [r[0] for r in result.requests] == [None, b"bytes=1000-"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_continues_a_part_file_and_checks_the_digest(tmp_path: Path) -> None:
+    """A .part left by an earlier run is continued; a result whose digest is wrong is not kept."""
+    payload = os.urandom(MiB)
+    (tmp_path / "r.bin.part").write_bytes(payload[:4000])
+    result = _FlakyResult(payload, cut=0, drops=0)
+    port, url = await _fake_server(result, hashlib.sha256(payload).hexdigest())
+    c = Client(url)
+    try:
+        out = await c.download("a" * 32, tmp_path / "r.bin")
+        assert out.read_bytes() == payload
+        assert result.requests == [(b"bytes=4000-", None)]
+
+        (tmp_path / "bad.bin.part").write_bytes(b"x" * 4000)
+        with pytest.raises(TranscoderError) as e:
+            await c.download("a" * 32, tmp_path / "bad.bin")
+        assert e.value.code == "digest_mismatch"
+        assert not (tmp_path / "bad.bin").exists()
+        assert not (tmp_path / "bad.bin.part").exists()
+    finally:
+        await c.close()
+        await port.stopListening()
