@@ -1,0 +1,238 @@
+"""
+The C{transcoder} command's client subcommands: option parsing, and the real
+command run as a subprocess against a real server with real encoders.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _servers import ServerProcess, serve, transcoder
+from twisted.python import usage
+
+from transcoder.cli import (
+    DEFAULT_SERVER,
+    EXIT_CONNECTION,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_SERVER_ERROR,
+    EXIT_USAGE,
+    DownloadOptions,
+    Options,
+    SubmitOptions,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    d = tmp_path_factory.mktemp("cli-server")
+    proc = serve(d / "data", d / "serve.log")
+    yield proc
+    proc.stop()
+
+
+def _run(server: ServerProcess | None, *args: str, cwd: Path | None = None) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
+    if server is not None:
+        env["TRANSCODER_URL"] = server.url
+    return subprocess.run(
+        [transcoder(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# Parsing.
+
+
+def test_submit_options_in_any_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options may follow FILE; --audio makes video+audio inputs; -o implies --wait; params collect."""
+    monkeypatch.delenv("TRANSCODER_URL", raising=False)
+    monkeypatch.setenv("TRANSCODER_TOKEN", "s3cret")
+    video, audio = tmp_path / "v.flv", tmp_path / "a.mp3"
+    video.write_bytes(b"v")
+    audio.write_bytes(b"a")
+    options = Options()
+    options.parseOptions(
+        [
+            *("submit", str(video), "--audio", str(audio)),
+            *("-p", "mux-avi", "-o", "out.avi", "--param", "x=1", "--param=y=a=b"),
+        ]
+    )
+    sub = options.subOptions
+    assert sub["upload"] == {"video": video, "audio": audio}
+    assert sub["profile"] == "mux-avi"
+    assert sub["wait"]
+    assert sub["params"] == {"x": "1", "y": "a=b"}
+    assert sub["server"] == DEFAULT_SERVER
+    assert sub["token"] == "s3cret"
+
+    single = SubmitOptions()
+    single.parseOptions(["--profile", "avi-mpeg4", str(video), "--server", "http://h:1"])
+    assert single["upload"] == video
+    assert not single["wait"]
+    assert single["server"] == "http://h:1"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--profile", "p"],
+        ["FILE"],
+        ["FILE", "--profile", "p", "--param", "novalue"],
+        ["--audio", "FILE", "--profile", "p"],
+        ["FILE", "--profile", "p", "--input", "video=FILE"],
+        ["/no/such/file", "--profile", "p"],
+    ],
+)
+def test_submit_usage_errors(argv: list[str], tmp_path: Path) -> None:
+    """Missing profile or file, a malformed --param, or conflicting inputs are usage errors."""
+    file = tmp_path / "f.flv"
+    file.write_bytes(b"x")
+    with pytest.raises(usage.UsageError):
+        SubmitOptions().parseOptions([str(file) if a == "FILE" else a for a in argv])
+
+
+def test_download_needs_an_output() -> None:
+    """download without -o is a usage error."""
+    with pytest.raises(usage.UsageError):
+        DownloadOptions().parseOptions(["abc"])
+
+
+# The real command.
+
+
+def test_mux_avi_in_one_line(
+    server: ServerProcess, clips: Any, tmp_path: Path, ffprobe_json: Callable[[Path], Any]
+) -> None:
+    """
+    `transcoder submit v.flv --audio a.mp3 --profile mux-avi --wait -o out.avi`
+    uploads both files, waits, and saves an AVI with the FLV video and the MP3
+    audio; stdout is the job id, stderr has plain progress lines (no terminal).
+    """
+    out = tmp_path / "out.avi"
+    result = _run(
+        server,
+        "submit",
+        str(clips.flv_video),
+        "--audio",
+        str(clips.mp3_audio),
+        "--profile",
+        "mux-avi",
+        "--wait",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    job_id = result.stdout.strip()
+    assert len(job_id) == 32
+    assert "upload: 100%" in result.stderr
+    assert f"job {job_id}: succeeded" in result.stderr
+    assert "download: 100%" in result.stderr
+    assert "\r" not in result.stderr
+    probe = ffprobe_json(out)
+    assert probe["format"]["format_name"] == "avi"
+    codecs = sorted(s["codec_name"] for s in probe["streams"])
+    assert codecs == ["flv1", "mp3"]
+    assert abs(float(probe["format"]["duration"]) - 3.0) < 0.3
+
+    status = _run(server, "status", job_id)
+    assert status.returncode == EXIT_OK
+    assert json.loads(status.stdout)["state"] == "succeeded"
+    listed = _run(server, "jobs", "--state", "succeeded")
+    assert any(line.split("\t")[:2] == [job_id, "succeeded"] for line in listed.stdout.splitlines())
+
+    again = tmp_path / "again.avi"
+    downloaded = _run(server, "download", job_id, "-o", str(again), "-q")
+    assert downloaded.returncode == EXIT_OK, downloaded.stderr
+    assert again.read_bytes() == out.read_bytes()
+    assert downloaded.stderr == ""
+
+
+def test_failed_job_exits_1(server: ServerProcess, clips: Any) -> None:
+    """A job that fails (garbage input) makes submit --wait and wait exit 1, with the reason."""
+    result = _run(server, "submit", str(clips.noise), "--profile", "avi-mpeg4", "--wait")
+    assert result.returncode == EXIT_JOB_FAILED, result.stderr
+    job_id = result.stdout.strip()
+    assert f"job {job_id} failed" in result.stderr
+    waited = _run(server, "wait", job_id)
+    assert waited.returncode == EXIT_JOB_FAILED
+    assert json.loads(waited.stdout)["state"] == "failed"
+
+
+def test_cancel_then_status_is_a_server_error(server: ServerProcess, clips: Any) -> None:
+    """cancel exits 0; the job is then unknown, and status exits 3 with the server's code."""
+    submitted = _run(
+        server, "submit", str(clips.av_long), "-p", "mp4-h264", "--param", "preset=veryslow"
+    )
+    assert submitted.returncode == EXIT_OK, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert _run(server, "cancel", job_id).returncode == EXIT_OK
+    status = _run(server, "status", job_id)
+    assert status.returncode == EXIT_SERVER_ERROR
+    assert "404" in status.stderr and "not_found" in status.stderr
+
+
+def test_exit_codes_for_refusals_and_unreachable_servers(server: ServerProcess, clips: Any) -> None:
+    """An unknown profile exits 3; no server exits 4; bad usage exits 2."""
+    refused = _run(server, "submit", str(clips.av), "--profile", "nope")
+    assert refused.returncode == EXIT_SERVER_ERROR
+    assert "unknown_profile" in refused.stderr
+    assert refused.stdout == ""
+    unreachable = _run(None, "jobs", "--server", "http://127.0.0.1:9")
+    assert unreachable.returncode == EXIT_CONNECTION
+    assert "127.0.0.1:9" in unreachable.stderr
+    assert _run(server, "submit", str(clips.av)).returncode == EXIT_USAGE
+    assert _run(server, "frobnicate").returncode == EXIT_USAGE
+
+
+def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path: Path) -> None:
+    """With stderr on a terminal, upload and transcode progress are drawn as bars."""
+    master, slave = pty.openpty()
+    # A new pty is 0x0; tqdm sizes its bar to the terminal.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
+    proc = subprocess.Popen(
+        [
+            *(transcoder(), "submit", str(clips.av), "-p", "avi-mpeg4", "--wait"),
+            *("-o", str(tmp_path / "o.avi"), "--server", server.url),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    os.close(slave)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.wait(60) == EXIT_OK
+    text = screen.decode("utf-8", "replace")
+    assert "upload" in text and "running" in text and "download" in text
+    assert "\r" in text and "|" in text
+    assert "100%" in text
