@@ -25,32 +25,29 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from transcoder._env import options_from_env
-from transcoder.service import Options, RegistryService, makeService
+from transcoder.service import Options, makeService
 
 
 def build_resource(options: Options, reactor: Any) -> IResource:
     """
-    The root resource of the service described by C{options}, with its job
-    registry started once C{reactor} runs and stopped before it shuts down.
-    The service's own listener is never started.
+    The root resource of the service described by C{options}.  Everything
+    C{makeService} builds but its listener (the job registry and whatever
+    else it runs) starts once C{reactor} runs and stops before it shuts down.
     """
-    services = list(IServiceCollection(makeService(options, reactor)))
-    registries = [s for s in services if isinstance(s, RegistryService)]
-    sites = [
-        s.factory
-        for s in services
-        if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, Site)
-    ]
-    if len(registries) != 1 or len(sites) != 1:
-        raise RuntimeError("makeService no longer has one registry and one site")
-    registry, site = registries[0], sites[0]
+    top = makeService(options, reactor)
+    listeners = [s for s in IServiceCollection(top) if isinstance(s, StreamServerEndpointService)]
+    if len(listeners) != 1 or not isinstance(listeners[0].factory, Site):
+        raise RuntimeError("makeService no longer has exactly one HTTP listener")
+    (listener,) = listeners
+    # twistd web listens itself; the rest of the service runs as under twistd transcoder.
+    listener.disownServiceParent()
 
     def stop() -> Any:
-        return registry.stopService() if registry.running else None
+        return top.stopService() if top.running else None
 
-    reactor.callWhenRunning(registry.startService)
+    reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
-    root: IResource = site.resource
+    root: IResource = listener.factory.resource
     return root
 
 
