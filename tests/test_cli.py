@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -24,6 +25,7 @@ from twisted.python import usage
 from transcoder.cli import (
     DEFAULT_SERVER,
     EXIT_CONNECTION,
+    EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_SERVER_ERROR,
@@ -236,3 +238,28 @@ def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path
     assert "upload" in text and "running" in text and "download" in text
     assert "\r" in text and "|" in text
     assert "100%" in text
+
+
+def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any) -> None:
+    """SIGINT during --wait exits 130 saying so; the job goes on running on the server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
+    proc = subprocess.Popen(
+        [
+            *(transcoder(), "submit", str(clips.av_long), "-p", "mp4-h264"),
+            *("--param", "preset=veryslow", "--wait", "-q", "--server", server.url),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None
+    job_id = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert "interrupted" in stderr
+    status = _run(server, "status", job_id)
+    assert json.loads(status.stdout)["state"] in ("queued", "running", "succeeded")
+    _run(server, "cancel", job_id)

@@ -358,10 +358,12 @@ async def run_command(
     out: TextIO,
     err: TextIO,
     client: Any = None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> int:
     """
     Run client command C{name} with its parsed C{options}; return the exit
-    code.  Errors are reported on C{err}, results on C{out}.
+    code.  Errors are reported on C{err}, results on C{out}.  C{interrupted}
+    tells whether a failure is the consequence of the user's Ctrl-C.
     """
     from transcoder.client import Client, TranscoderError
 
@@ -378,6 +380,9 @@ async def run_command(
         return EXIT_SERVER_ERROR
     except (ConnectError, DNSLookupError, ResponseFailed, TimeoutError) as e:
         progress.close()
+        if interrupted():
+            print("transcoder: interrupted", file=err)
+            return EXIT_INTERRUPTED
         print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)
         return EXIT_CONNECTION
     except OSError as e:
@@ -441,8 +446,12 @@ async def _dispatch(
 
 
 def _react_main(reactor: Any, name: str, options: usage.Options) -> Deferred[None]:
-    d = ensureDeferred(run_command(reactor, name, options, sys.stdout, sys.stderr))
-    interrupted = []
+    interrupted: list[int] = []
+    d = ensureDeferred(
+        run_command(
+            reactor, name, options, sys.stdout, sys.stderr, interrupted=lambda: bool(interrupted)
+        )
+    )
 
     def interrupt(signum: int, frame: Any) -> None:
         interrupted.append(signum)
