@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from transcoder.auth import TokenAuth
 from transcoder.profiles import ProfileError, load_profiles
 from transcoder.registry import JobRegistry
 from transcoder.store import SQLiteJobStore
@@ -148,7 +149,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
     )
-    root = build_root(reactor, registry, profiles, data_dir, options["max-upload-size"])
+    root = build_root(
+        reactor,
+        registry,
+        profiles,
+        data_dir,
+        options["max-upload-size"],
+        auth=TokenAuth.from_file(Path(options["tokens"])) if options["tokens"] else None,
+        min_free_disk=options["min-free-disk"],
+    )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
 
     top = MultiService()

@@ -1,29 +1,51 @@
 """
-The HTTP API's resources: C{/jobs} (upload, list), C{/jobs/<id>} (status,
-cancel), C{/profiles}, C{/health}; and the L{Site} that streams bodies.
+The HTTP API's resources, and the L{Site} that streams bodies.
+
+  - C{/jobs}: upload a video (C{POST}/C{PUT}), list jobs (C{GET});
+  - C{/jobs/<id>}: status, with long-poll (C{GET}); cancel and delete (C{DELETE});
+  - C{/jobs/<id>/result}: the output file; C{/jobs/<id>/log}: the encoder's output;
+  - C{/profiles}, C{/health}, C{/metrics}.
+
+With tokens configured, the root authenticates every request while the tree is
+traversed, so an upload with a bad token is refused before its body is read
+(see L{transcoder.upload.TranscoderRequest}), and a token sees only its own jobs.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from transcoder import __version__
-from transcoder._http import ErrorResource, JSONResource, finish_error, write_json
+from transcoder._download import FileResource
+from transcoder._http import (
+    ErrorResource,
+    JSONResource,
+    finish_error,
+    raw_response,
+    write_error,
+    write_json,
+)
+from transcoder._names import sanitise_filename
 from transcoder._spool import Opener, _open
-from transcoder.errors import APIError, not_found
-from transcoder.jobs import Job, is_job_id, new_job_id
+from transcoder.auth import TokenAuth
+from transcoder.errors import APIError, method_not_allowed, not_found
+from transcoder.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.profiles import Profile
 from transcoder.registry import JobRegistry
 from transcoder.upload import (
@@ -41,6 +63,126 @@ from transcoder.upload import (
 
 log = Logger()
 
+MAX_WAIT = 60.0
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_TAIL = 10_000
+# The most of a log's end read to find its last lines.
+MAX_TAIL_BYTES = 1 << 20
+LOG_TYPE = "text/plain; charset=utf-8"
+# Reachable without a token: load balancers and Prometheus carry none.
+PUBLIC = frozenset({b"health", b"metrics"})
+
+_CURSOR = re.compile(r"^v1:(\d{1,18})$")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+FreeDisk = Callable[[Path], int]
+
+
+def _free_disk(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disconnected(request: server.Request) -> bool:
+    return bool(request.finished or getattr(request, "_disconnected", False))
+
+
+def _finish_json(request: server.Request, status: int, obj: Any) -> None:
+    """Answer an asynchronous request with JSON, unless the client has gone."""
+    if _disconnected(request):
+        return
+    body = write_json(request, status, obj)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _bad_query(name: str, why: str) -> APIError:
+    return APIError(400, "bad_query", f"query parameter {name!r} {why}")
+
+
+def _number_arg(request: server.Request, name: str, low: float, high: float) -> float | None:
+    raw = _arg(request.args or {}, name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad_query(name, "must be a number") from None
+    if not low <= value <= high:
+        raise _bad_query(name, f"must be between {low:g} and {high:g}")
+    return value
+
+
+def _int_arg(request: server.Request, name: str, low: int, high: int) -> int | None:
+    raw = _arg(request.args or {}, name)
+    if raw is None:
+        return None
+    if not re.fullmatch(r"\d{1,9}", raw):
+        raise _bad_query(name, "must be a whole number")
+    value = int(raw)
+    if not low <= value <= high:
+        raise _bad_query(name, f"must be between {low} and {high}")
+    return value
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The sequence number a cursor continues below; L{APIError} 400 if it is not one of ours."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        text = ""
+    m = _CURSOR.match(text)
+    if m is None:
+        raise _bad_query("cursor", "is not a cursor this server gave out")
+    return int(m.group(1))
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = MAX_TAIL_BYTES) -> bytes:
+    """
+    The last C{count} lines of a file, read from its end, at most C{max_bytes}
+    of it.  C{\\r} ends a line too: mencoder ends its progress lines with it.
+    """
+    block = 64 * 1024
+    with path.open("rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        buf = b""
+        while pos > 0 and len(buf) < max_bytes:
+            step = min(block, pos, max_bytes - len(buf))
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            # One break more than lines wanted: the first line read whole.
+            if len(_LINE_BREAK.findall(buf)) > count:
+                break
+    lines = _LINE_BREAK.split(buf)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if pos > 0 and lines:
+        # Began mid-line.
+        lines.pop(0)
+    picked = lines[-count:] if count else []
+    return b"".join(line + b"\n" for line in picked)
+
+
+class _NotReady(APIError):
+    """409 for a result asked of an unfinished or failed job; says the state."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(
+            409, "not_ready", f"the job is {job.state.value}; it has no result to download"
+        )
+        self.state = job.state.value
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        out = super().to_json()
+        out["error"]["state"] = self.state
+        return out
+
 
 @implementer(IBodyReceiver)
 class JobsResource(JSONResource):
@@ -53,22 +195,43 @@ class JobsResource(JSONResource):
         profiles: Mapping[str, Profile],
         max_upload_size: int,
         opener: Opener = _open,
+        *,
+        clock: IReactorTime | None = None,
+        private: bool = False,
+        min_free_disk: int = 0,
+        free_disk: FreeDisk = _free_disk,
     ) -> None:
+        """
+        @param clock: times long-polls; the reactor when not given.
+        @param private: each token sees only its own jobs (tokens are configured).
+        @param min_free_disk: uploads are refused (507) while the data
+            directory has less free space than this.
+        """
         super().__init__()
         self._reactor = reactor
+        self._clock = clock if clock is not None else IReactorTime(reactor)
         self._registry = registry
         self._profiles = profiles
         self._max = max_upload_size
         self._opener = opener
+        self._private = private
+        self._min_free = min_free_disk
+        self._free_disk = free_disk
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         if path == b"":
             return self
-        job_id = path.decode("ascii", "replace")
-        job = self._registry.get(job_id) if is_job_id(job_id) else None
+        job = self._visible_job(path.decode("ascii", "replace"), request)
         if job is None:
             return ErrorResource(not_found("job"))
-        return JobResource(self._registry, job)
+        return JobResource(self._clock, self._registry, job)
+
+    def _visible_job(self, job_id: str, request: server.Request) -> Job | None:
+        job = self._registry.get(job_id) if is_job_id(job_id) else None
+        if job is None or (self._private and job.owner != getattr(request, "owner", None)):
+            # Another token's job is indistinguishable from no job.
+            return None
+        return job
 
     # Uploads.
 
@@ -76,6 +239,7 @@ class JobsResource(JSONResource):
         if request.method not in (b"POST", b"PUT"):
             raise APIError(400, "unexpected_body", f"{request.method.decode()} takes no body")
         self._registry.check_capacity()
+        self._check_disk(length)
         if length is not None and length > self._max:
             raise APIError(
                 413, "too_large", f"the upload ({length} bytes) exceeds the maximum of {self._max}"
@@ -105,6 +269,18 @@ class JobsResource(JSONResource):
             )
         return body
 
+    def _check_disk(self, length: int | None) -> None:
+        if not self._min_free:
+            return
+        self._registry.uploads_dir.mkdir(parents=True, exist_ok=True)
+        free = self._free_disk(self._registry.uploads_dir)
+        if free - (length or 0) < self._min_free:
+            raise APIError(
+                507,
+                "insufficient_storage",
+                "the server is short of disk space; try again later",
+            )
+
     def render_POST(self, request: server.Request) -> bytes | int:
         body: IRequestBody | None = getattr(request, "body", None)
         if body is None:
@@ -118,7 +294,7 @@ class JobsResource(JSONResource):
             except APIError as e:
                 if body is not None:
                     body.abort()
-                return write_json(request, e.status, e.to_json())
+                return write_error(request, e)
         d: Deferred[Any] = body.finish()
         d.addCallback(self._create, request, body)
         d.addErrback(self._failed, request, body)
@@ -145,13 +321,10 @@ class JobsResource(JSONResource):
         )
 
         def created(job: Job) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if _disconnected(request):
                 return
-            payload = write_json(request, 201, job.to_json())
             request.setHeader(b"Location", f"/jobs/{job.id}".encode())
-            request.setHeader(b"Content-Length", b"%d" % len(payload))
-            request.write(payload)
-            request.finish()
+            _finish_json(request, 201, job.to_json())
 
         def not_added(f: Failure) -> Failure:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -172,29 +345,91 @@ class JobsResource(JSONResource):
     # Listing.
 
     def render_GET(self, request: server.Request) -> bytes:
-        state = _arg(request.args or {}, "state")
-        jobs = self._registry.jobs()
-        if state:
-            jobs = [j for j in jobs if j.state.value == state]
-        return write_json(request, 200, {"jobs": [j.to_json() for j in jobs[:50]]})
+        try:
+            state = self._state_arg(request)
+            limit = _int_arg(request, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
+            cursor = _arg(request.args or {}, "cursor")
+            below = decode_cursor(cursor) if cursor else None
+        except APIError as e:
+            return write_error(request, e)
+        owner = getattr(request, "owner", None) if self._private else None
+        jobs = self._registry.jobs(state)
+        if self._private:
+            # registry.jobs(owner=None) means every owner; here it must mean none.
+            jobs = [j for j in jobs if j.owner == owner]
+        if below is not None:
+            jobs = [j for j in jobs if j.seq < below]
+        page = jobs[:limit]
+        more = len(jobs) > limit
+        return write_json(
+            request,
+            200,
+            {
+                "jobs": [j.to_json() for j in page],
+                "next": encode_cursor(page[-1].seq) if more else None,
+            },
+        )
+
+    @staticmethod
+    def _state_arg(request: server.Request) -> JobState | None:
+        raw = _arg(request.args or {}, "state")
+        if raw is None or raw == "":
+            return None
+        try:
+            return JobState(raw)
+        except ValueError:
+            raise _bad_query(
+                "state", f"must be one of {', '.join(s.value for s in JobState)}"
+            ) from None
 
 
 class JobResource(JSONResource):
-    """C{/jobs/<id>}: the job's status; C{DELETE} cancels and removes it."""
+    """C{/jobs/<id>}: the job's status, with long-poll; C{DELETE} cancels and removes it."""
 
-    def __init__(self, registry: JobRegistry, job: Job) -> None:
+    def __init__(self, clock: IReactorTime, registry: JobRegistry, job: Job) -> None:
         super().__init__()
+        self._clock = clock
         self._registry = registry
         self._job = job
 
-    def render_GET(self, request: server.Request) -> bytes:
-        return write_json(request, 200, self._job.to_json())
+    def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
+        job = self._job
+        if path == b"":
+            return self
+        if path == b"log":
+            return LogResource(self._registry.job_dir(job.id) / job.log_path)
+        if path == b"result":
+            if job.state is not JobState.SUCCEEDED or job.output is None:
+                return ErrorResource(_NotReady(job))
+            return FileResource(
+                self._registry.job_dir(job.id) / job.output.path,
+                job.output.media_type,
+                etag=job.output.sha256,
+                filename=result_filename(job),
+            )
+        return super().getChild(path, request)
+
+    def render_GET(self, request: server.Request) -> bytes | int:
+        try:
+            wait = _number_arg(request, "wait", 0, MAX_WAIT)
+        except APIError as e:
+            return write_error(request, e)
+        job = self._job
+        if not wait or job.state.finished:
+            return write_json(request, 200, job.to_json())
+        _LongPoll(self._clock, self._registry, job, request, wait)
+        return server.NOT_DONE_YET
 
     def render_DELETE(self, request: server.Request) -> int:
-        def done(_: object) -> None:
-            if not request.finished and not getattr(request, "_disconnected", False):
-                request.setResponseCode(204)
-                request.finish()
+        def done(deleted: bool) -> None:
+            if _disconnected(request):
+                return
+            if not deleted:
+                # Another DELETE removed it while this one waited for the encoder.
+                finish_error(request, not_found("job"))
+                return
+            request.setResponseCode(204)
+            request.finish()
 
         def failed(f: Failure) -> None:
             log.failure("delete failed", failure=f)
@@ -202,6 +437,92 @@ class JobResource(JSONResource):
 
         self._registry.delete(self._job.id).addCallbacks(done, failed)
         return server.NOT_DONE_YET
+
+
+class _LongPoll:
+    """
+    One C{GET /jobs/<id>?wait=N}: answers at the job's next change, or after
+    C{N} seconds; a client that goes away takes its timer and waiter with it.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: JobRegistry,
+        job: Job,
+        request: server.Request,
+        wait: float,
+    ) -> None:
+        self._registry = registry
+        self._job = job
+        self._request = request
+        self._gone = False
+        self._changed = registry.changed(job.id)
+        self._timer = clock.callLater(wait, self._changed.cancel)
+        self._changed.addCallbacks(self._answer, self._timedOut)
+        request.notifyFinish().addErrback(self._lost)
+
+    def _answer(self, _: object) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self._gone:
+            return
+        if self._registry.get(self._job.id) is not self._job:
+            finish_error(self._request, not_found("job"))
+        else:
+            _finish_json(self._request, 200, self._job.to_json())
+
+    def _timedOut(self, f: Failure) -> None:
+        f.trap(CancelledError)
+        self._answer(None)
+
+    def _lost(self, f: Failure) -> None:
+        self._gone = True
+        if self._timer.active():
+            self._timer.cancel()
+        # Removes the registry's waiter.
+        self._changed.cancel()
+
+
+def result_filename(job: Job) -> str:
+    """C{<first input's name without its extension>.<output extension>}: what C{curl -OJ} saves."""
+    assert job.output is not None
+    ext = Path(job.output.path).suffix
+    stem = job.inputs[0].filename if job.inputs else "result"
+    base, dot, _ = stem.rpartition(".")
+    if dot and base:
+        stem = base
+    return sanitise_filename(stem + ext, default="result" + ext)
+
+
+class LogResource(JSONResource):
+    """C{/jobs/<id>/log}: the encoder's output; C{?tail=N} for its last lines."""
+
+    isLeaf = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+
+    def render_GET(self, request: server.Request) -> bytes | int:
+        try:
+            tail = _int_arg(request, "tail", 0, MAX_TAIL)
+        except APIError as e:
+            return write_error(request, e)
+        if tail is None:
+            if self._path.is_file():
+                return FileResource(self._path, LOG_TYPE).render(request)
+            body = b""
+        else:
+            try:
+                body = tail_lines(self._path, tail)
+            except FileNotFoundError:
+                body = b""
+        # No encoder has run yet: an empty log.
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", LOG_TYPE.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
 
 
 class ProfilesResource(JSONResource):
@@ -220,26 +541,80 @@ class ProfilesResource(JSONResource):
 class HealthResource(JSONResource):
     isLeaf = True
 
-    def __init__(self, registry: JobRegistry, data_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: JobRegistry,
+        data_dir: Path,
+        min_free_disk: int = 0,
+        free_disk: FreeDisk = _free_disk,
+    ) -> None:
         super().__init__()
         self._registry = registry
         self._data_dir = data_dir
+        self._min_free = min_free_disk
+        self._free_disk = free_disk
 
     def render_GET(self, request: server.Request) -> bytes:
+        free = self._free_disk(self._data_dir)
         return write_json(
             request,
             200,
             {
-                "status": "ok",
+                # Still up with too little disk: downloads and status work, uploads get 507.
+                "status": "ok" if free >= self._min_free else "low_disk",
                 "version": __version__,
                 "queued": self._registry.queued_count,
                 "running": self._registry.running_count,
-                "free_disk": shutil.disk_usage(self._data_dir).free,
+                "free_disk": free,
+                "min_free_disk": self._min_free,
             },
         )
 
 
+class GuardedResource(JSONResource):
+    """
+    Another library's leaf resource (C{/metrics}) behind JSON errors: methods
+    other than C{GET}/C{HEAD} get a JSON 405 and sub-paths a JSON 404, rather
+    than whatever the wrapped resource would do.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
+        if request.postpath and request.postpath != [b""]:
+            return write_error(request, not_found())
+        method = request.method.decode("ascii", "replace")
+        if method not in ("GET", "HEAD"):
+            return write_error(request, method_not_allowed(method, ["GET", "HEAD"]))
+        result: bytes | int = self._inner.render(request)
+        return result
+
+
 class RootResource(JSONResource):
+    """
+    C{/}: a pointer to the rest.  With tokens, every child but L{PUBLIC} ones
+    is reached only with a valid token, whose name goes on C{request.owner}.
+    """
+
+    def __init__(self, auth: TokenAuth | None = None) -> None:
+        super().__init__()
+        self._auth = auth
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:  # type: ignore[override]
+        if self._auth is not None and path not in PUBLIC:
+            try:
+                request.owner = self._auth.authenticate(request)  # type: ignore[attr-defined]
+            except APIError as e:
+                return ErrorResource(e)
+        if path == b"":
+            return self
+        child: IResource = super().getChildWithDefault(path, request)
+        return child
+
     def render_GET(self, request: server.Request) -> bytes:
         return write_json(
             request,
@@ -247,9 +622,24 @@ class RootResource(JSONResource):
             {
                 "service": "transcoder",
                 "version": __version__,
-                "links": {"jobs": "/jobs", "profiles": "/profiles", "health": "/health"},
+                "links": {
+                    "jobs": "/jobs",
+                    "profiles": "/profiles",
+                    "health": "/health",
+                    "metrics": "/metrics",
+                },
             },
         )
+
+
+def _metrics_resource(registry: JobRegistry, data_dir: Path) -> IResource | None:
+    try:
+        from transcoder.metrics import Metrics  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        log.warn("transcoder.metrics is not available: /metrics answers 404")
+        return None
+    resource: IResource = Metrics(registry, data_dir).resource()
+    return resource
 
 
 def build_root(
@@ -259,16 +649,71 @@ def build_root(
     data_dir: Path,
     max_upload_size: int,
     opener: Opener = _open,
+    *,
+    clock: IReactorTime | None = None,
+    auth: TokenAuth | None = None,
+    min_free_disk: int = 0,
+    free_disk: FreeDisk = _free_disk,
+    metrics: IResource | None = None,
 ) -> Resource:
-    root = RootResource()
-    root.putChild(b"jobs", JobsResource(reactor, registry, profiles, max_upload_size, opener))
+    """
+    The whole resource tree.
+
+    @param reactor: runs the upload spool's threads; also times long-polls
+        unless C{clock} is given.
+    @param auth: the tokens; without them the API is open to anyone who can reach it.
+    @param min_free_disk: uploads are refused (507) below this much free space.
+    @param metrics: the C{/metrics} resource; by default L{transcoder.metrics}'s.
+    """
+    if auth is None:
+        log.warn("no --tokens: the API is open to anyone who can reach it")
+    else:
+        log.info("API tokens: {count} names", count=len(auth.names))
+    root = RootResource(auth)
+    root.putChild(
+        b"jobs",
+        JobsResource(
+            reactor,
+            registry,
+            profiles,
+            max_upload_size,
+            opener,
+            clock=clock,
+            private=auth is not None,
+            min_free_disk=min_free_disk,
+            free_disk=free_disk,
+        ),
+    )
     root.putChild(b"profiles", ProfilesResource(profiles))
-    root.putChild(b"health", HealthResource(registry, data_dir))
+    root.putChild(b"health", HealthResource(registry, data_dir, min_free_disk, free_disk))
+    if metrics is None:
+        metrics = _metrics_resource(registry, data_dir)
+    if metrics is not None:
+        root.putChild(b"metrics", GuardedResource(metrics))
     return root
 
 
+class _Channel(HTTPChannel):
+    """An HTTP channel whose malformed-request answer is JSON too."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        transport: Any = self.transport
+        transport.write(raw_response(APIError(400, "bad_request", "malformed HTTP request")))
+        self.loseConnection()
+
+
+def _channel_factory(factory: Any) -> _GenericHTTPChannelProtocol:
+    # As http._genericHTTPChannelProtocolFactory, with the channel above.
+    return _GenericHTTPChannelProtocol(_Channel())
+
+
 class TranscoderSite(server.Site):
-    """A Site whose requests stream their bodies (L{TranscoderRequest})."""
+    """
+    A Site whose requests stream their bodies (L{TranscoderRequest}) and whose
+    every answer, down to a malformed request's, is JSON.
+    """
+
+    protocol = _channel_factory  # type: ignore[assignment]
 
     def __init__(
         self, resource: Resource, reactor: IReactorTime, idle_timeout: float | None
