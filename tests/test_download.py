@@ -92,7 +92,7 @@ async def fetch(
     stub: StubTreq, method: str = "GET", headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
     response = await flushed(
-        stub, stub.request(method, "http://example.test/file", headers=headers or {})
+        stub, stub.request(method, "http://example.test/", headers=headers or {})
     )
     body: bytes = await flushed(stub, stub.content(response))
     flat = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
@@ -140,7 +140,7 @@ async def test_head_has_headers_only(served_file: Path) -> None:
     """HEAD answers GET's headers, the full length among them, and no body; it ignores Range."""
     code, headers, body = await raw_exchange(
         FileResource(served_file, "video/mp4", etag=ETAG),
-        b"HEAD /file HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
     )
     assert code == 200
     assert body == b""
@@ -189,7 +189,7 @@ async def test_if_none_match_hits(served_file: Path, inm: str) -> None:
     """If-None-Match naming the ETag (weakly, in a list, or *) is a 304 with no body."""
     code, headers, body = await raw_exchange(
         FileResource(served_file, "video/mp4", etag=ETAG),
-        b"GET /file HTTP/1.1\r\nHost: x\r\nIf-None-Match: "
+        b"GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: "
         + inm.encode()
         + b"\r\nConnection: close\r\n\r\n",
     )
@@ -402,7 +402,7 @@ class Reader(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)

@@ -17,6 +17,7 @@ from typing import BinaryIO
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.web import http, server
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from transcoder._http import JSONResource, write_error
@@ -146,8 +147,6 @@ class FileResource(JSONResource):
     (honouring C{If-Range}), and 416 for an unsatisfiable one.
     """
 
-    isLeaf = True
-
     def __init__(
         self,
         path: Path,
@@ -167,6 +166,11 @@ class FileResource(JSONResource):
         self._etag = f'"{etag}"'.encode("ascii") if etag is not None else None
         self._filename = filename
         self._chunk = chunk_size
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
+        if path == b"" and not request.postpath:
+            return self
+        return super().getChild(path, request)
 
     def render_GET(self, request: server.Request) -> bytes | int:
         try:

@@ -495,10 +495,17 @@ def result_filename(job: Job) -> str:
     return sanitise_filename(stem + ext, default="result" + ext)
 
 
-class LogResource(JSONResource):
-    """C{/jobs/<id>/log}: the encoder's output; C{?tail=N} for its last lines."""
+class EndResource(JSONResource):
+    """A resource with no children: C{/x/} is C{/x}, and C{/x/y} a JSON 404."""
 
-    isLeaf = True
+    def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
+        if path == b"" and not request.postpath:
+            return self
+        return super().getChild(path, request)
+
+
+class LogResource(EndResource):
+    """C{/jobs/<id>/log}: the encoder's output; C{?tail=N} for its last lines."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -525,9 +532,7 @@ class LogResource(JSONResource):
         return body
 
 
-class ProfilesResource(JSONResource):
-    isLeaf = True
-
+class ProfilesResource(EndResource):
     def __init__(self, profiles: Mapping[str, Profile]) -> None:
         super().__init__()
         self._profiles = profiles
@@ -538,9 +543,7 @@ class ProfilesResource(JSONResource):
         )
 
 
-class HealthResource(JSONResource):
-    isLeaf = True
-
+class HealthResource(EndResource):
     def __init__(
         self,
         registry: JobRegistry,

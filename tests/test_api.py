@@ -1,0 +1,809 @@
+"""
+The HTTP API end to end: every endpoint through the real resource tree, each
+answer checked against docs/openapi.yaml with openapi-core.
+
+Most requests go through treq's StubTreq (in memory; a stock Site, so uploads
+take the spooled-body path of L{JobsResource.render_POST}); the streaming,
+early-refusal and disconnect paths use a real loopback server with
+L{TranscoderSite}.  Jobs run on a fake executor, so each test puts them in the
+states it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import pytest
+import pytest_twisted
+import yaml
+from openapi_core import OpenAPI
+from openapi_core.testing import MockRequest, MockResponse
+from openapi_core.validation.response.exceptions import MissingData
+from openapi_schema_validator import OAS31Validator
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.twisted import MetricsResource
+from test_registry import FakeExecution, FakeExecutor, MemoryStore
+from treq.testing import StubTreq
+from twisted.internet import reactor, utils
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from transcoder import __version__
+from transcoder.auth import TokenAuth
+from transcoder.jobs import JobState, OutputFile
+from transcoder.profiles import load_profiles
+from transcoder.registry import JobRegistry
+from transcoder.web import MAX_TAIL, TranscoderSite, build_root, decode_cursor, tail_lines
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+SPEC = OpenAPI.from_file_path(str(SPEC_PATH))
+ERROR_SCHEMA = OAS31Validator(
+    {
+        "$ref": "#/components/schemas/Error",
+        "components": yaml.safe_load(SPEC_PATH.read_text())["components"],
+    }
+)
+HOST = "http://127.0.0.1:8080"
+TOKENS = "alice:alice-token\nbob:bob-token\n"
+PROFILES = load_profiles()
+LOG = b"ffmpeg version 5.1\nInput #0\nframe=  10\rframe=  20\rframe=  30\nencoded 75 frames\n"
+
+
+@dataclass
+class Reply:
+    code: int
+    # Lower-case names, first value of each.
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def conform(method: str, target: str, reply: Reply) -> None:
+    """Fail unless C{reply} is what docs/openapi.yaml allows for this request."""
+    path, _, query = target.partition("?")
+    request = MockRequest(HOST, method.lower(), path, args=dict(parse_qsl(query)))
+    response = MockResponse(
+        reply.body,
+        reply.code,
+        headers=reply.headers,
+        content_type=reply.headers.get("content-type", ""),
+    )
+    try:
+        SPEC.validate_response(request, response)
+    except MissingData:
+        # openapi-core takes an empty body for a missing one; an empty log is
+        # a valid text/plain string.  Anything else must have its body.
+        if not (reply.body == b"" and reply.headers.get("content-type", "").startswith("text/")):
+            raise
+
+
+def conform_error(reply: Reply) -> None:
+    """For answers outside the spec's operations (405, unknown paths): the common error shape."""
+    assert reply.headers["content-type"] == "application/json"
+    ERROR_SCHEMA.validate(reply.json())
+
+
+async def sleep(seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
+@dataclass
+class Api:
+    clock: Clock
+    poll_clock: Clock
+    registry: JobRegistry
+    executor: FakeExecutor
+    data_dir: Path
+    root: Resource
+    free_disk: list[int]
+    stub: StubTreq = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stub = StubTreq(self.root)
+
+    async def settle(self, d: Deferred[Any], timeout: float = 10.0) -> Any:
+        """Pump the in-memory connections (and let spool threads report) until C{d} fires."""
+        done: list[object] = []
+        d.addBoth(lambda r: done.append(r) or r)
+        end = time.monotonic() + timeout
+        while not done:
+            if time.monotonic() > end:
+                raise AssertionError("no answer")
+            self.stub.flush()
+            if not done:
+                await sleep(0.001)
+        return await d
+
+    async def call(
+        self,
+        method: str,
+        target: str,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        spec: bool = True,
+    ) -> Reply:
+        """
+        One request through the whole tree; its answer must conform to the
+        spec (C{spec=False}: must be the common JSON error).
+        """
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        response = await self.settle(
+            self.stub.request(method, HOST + target, headers=sent, data=data)
+        )
+        body = await self.settle(self.stub.content(response))
+        flat = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+        reply = Reply(response.code, flat, body)
+        if spec:
+            conform(method, target, reply)
+        else:
+            conform_error(reply)
+        return reply
+
+    async def upload(
+        self, *, token: str | None = None, filename: str = "My Clip.mov", data: bytes = b"video"
+    ) -> dict[str, Any]:
+        reply = await self.call(
+            "PUT", f"/jobs?profile=mp4-h264&filename={quote(filename)}", token=token, data=data
+        )
+        assert reply.code == 201, reply.body
+        assert reply.headers["location"] == f"/jobs/{reply.json()['id']}"
+        job: dict[str, Any] = reply.json()
+        return job
+
+    def execution(self, job_id: str) -> FakeExecution:
+        (found,) = [e for e in self.executor.executions if e.job_id == job_id]
+        return found
+
+    def succeed(self, job_id: str, content: bytes) -> None:
+        """End the job's (fake) encoder run with a result file and a log."""
+        job_dir = self.registry.job_dir(job_id)
+        (job_dir / "result.mp4").write_bytes(content)
+        (job_dir / "encoder.log").write_bytes(LOG)
+        self.execution(job_id).finish(
+            JobState.SUCCEEDED,
+            output=OutputFile(
+                len(content), hashlib.sha256(content).hexdigest(), "video/mp4", "result.mp4", 3.0
+            ),
+            exit_code=0,
+        )
+
+
+@pytest.fixture
+def make_api(tmp_path: Path) -> Callable[..., Api]:
+    def make(
+        *,
+        tokens: str | None = None,
+        workers: int = 1,
+        max_upload_size: int = 1 << 20,
+        max_queued: int | None = None,
+        min_free_disk: int = 0,
+        metrics: Resource | None = None,
+    ) -> Api:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        executor = FakeExecutor()
+        registry = JobRegistry(
+            clock,
+            MemoryStore(),
+            tmp_path,
+            PROFILES,
+            workers=workers,
+            max_queued=max_queued,
+            executor=executor,
+        )
+        registry.start()
+        free = [100 << 30]
+        poll_clock = Clock()
+        root = build_root(
+            reactor,
+            registry,
+            PROFILES,
+            tmp_path,
+            max_upload_size,
+            clock=poll_clock,
+            auth=TokenAuth.parse(tokens) if tokens else None,
+            min_free_disk=min_free_disk,
+            free_disk=lambda path: free[0],
+            metrics=metrics if metrics is not None else Resource(),
+        )
+        return Api(clock, poll_clock, registry, executor, tmp_path, root, free)
+
+    return make
+
+
+@asynccontextmanager
+async def served(api: Api) -> AsyncIterator[int]:
+    """The API's tree behind the real L{TranscoderSite} on a loopback port."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        TranscoderSite(api.root, reactor=reactor, idle_timeout=10)
+    )
+    try:
+        yield port.getHost().port
+    finally:
+        await port.stopListening()
+
+
+class Raw(Protocol):
+    """Sends bytes as given and keeps what comes back, for what clients' libraries hide."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed.callback(self.data)
+
+
+async def connect_raw(port: int, request: bytes) -> Raw:
+    proto = Raw(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    return proto
+
+
+def split_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status.split()[1]), headers, body
+
+
+# -- index, profiles, health, metrics ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_index_and_profiles(make_api: Callable[..., Api]) -> None:
+    """/ links to the rest; /profiles lists every loaded profile with its parameters."""
+    api = make_api()
+    reply = await api.call("GET", "/")
+    assert reply.json()["links"]["jobs"] == "/jobs"
+    reply = await api.call("GET", "/profiles")
+    assert reply.code == 200
+    profiles = {p["name"]: p for p in reply.json()["profiles"]}
+    assert set(profiles) == set(PROFILES)
+    assert profiles["mp4-h264"]["media_type"] == "video/mp4"
+    assert set(profiles["mp4-h264"]["parameters"]) == set(PROFILES["mp4-h264"].parameters)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_version_queue_running_and_disk(
+    make_api: Callable[..., Api],
+) -> None:
+    """/health counts queued and running jobs, reports free disk, and says low_disk below the minimum."""
+    api = make_api(min_free_disk=5 << 30)
+    await api.upload()
+    await api.upload()
+    await api.upload()
+    reply = await api.call("GET", "/health")
+    assert reply.json() == {
+        "status": "ok",
+        "version": __version__,
+        "queued": 2,
+        "running": 1,
+        "free_disk": 100 << 30,
+        "min_free_disk": 5 << 30,
+    }
+    api.free_disk[0] = 1 << 30
+    reply = await api.call("GET", "/health")
+    assert reply.json()["status"] == "low_disk"
+    assert reply.json()["free_disk"] == 1 << 30
+
+
+def prometheus_resource() -> Resource:
+    registry = CollectorRegistry()
+    Counter("transcoder_test_events", "A counter for the test.", registry=registry).inc(3)
+    resource: Resource = MetricsResource(registry=registry)
+    return resource
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_mounted_and_guarded(make_api: Callable[..., Api]) -> None:
+    """/metrics serves the metrics resource given, without a token; other methods and sub-paths get JSON errors."""
+    api = make_api(tokens=TOKENS, metrics=prometheus_resource())
+    reply = await api.call("GET", "/metrics")
+    assert reply.code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    assert b"transcoder_test_events_total 3.0" in reply.body
+    reply = await api.call("POST", "/metrics", data=b"x", spec=False)
+    assert reply.code == 405
+    assert reply.headers["allow"] == "GET, HEAD"
+    reply = await api.call("GET", "/metrics/extra", spec=False)
+    assert reply.code == 404
+
+
+# -- creating, reading, listing --------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_and_read_a_job(make_api: Callable[..., Api]) -> None:
+    """A PUT creates a queued-then-running job; GET /jobs/<id> shows it with its input."""
+    api = make_api()
+    job = await api.upload(data=b"0123456789")
+    reply = await api.call("GET", f"/jobs/{job['id']}")
+    shown = reply.json()
+    assert shown["id"] == job["id"]
+    assert shown["state"] == "running"
+    assert shown["inputs"][0]["filename"] == "My Clip.mov"
+    assert shown["inputs"][0]["size"] == 10
+    assert shown["inputs"][0]["sha256"] == hashlib.sha256(b"0123456789").hexdigest()
+    assert shown["output"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_errors(make_api: Callable[..., Api]) -> None:
+    """Unknown profile 422, too large 413, bad parameter 422, full queue 503 with Retry-After."""
+    api = make_api(max_upload_size=100, max_queued=1)
+    reply = await api.call("PUT", "/jobs?profile=nope", data=b"x")
+    assert (reply.code, reply.json()["error"]["code"]) == (422, "unknown_profile")
+    reply = await api.call("PUT", "/jobs?profile=mp4-h264", data=b"x" * 101)
+    assert (reply.code, reply.json()["error"]["code"]) == (413, "too_large")
+    reply = await api.call("PUT", "/jobs?profile=mp4-h264&crf=99", data=b"x")
+    assert (reply.code, reply.json()["error"]["code"]) == (422, "invalid_parameter")
+    await api.upload()  # runs
+    await api.upload()  # waits
+    reply = await api.call("PUT", "/jobs?profile=mp4-h264", data=b"x")
+    assert (reply.code, reply.json()["error"]["code"]) == (503, "queue_full")
+    assert int(reply.headers["retry-after"]) >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_newest_first_filtered_and_paged(make_api: Callable[..., Api]) -> None:
+    """GET /jobs lists newest first, filters by state, and pages with a cursor that new jobs do not disturb."""
+    api = make_api()
+    ids = [(await api.upload())["id"] for _ in range(5)]
+    reply = await api.call("GET", "/jobs")
+    assert [j["id"] for j in reply.json()["jobs"]] == ids[::-1]
+    assert reply.json()["next"] is None
+
+    reply = await api.call("GET", "/jobs?state=running")
+    assert [j["id"] for j in reply.json()["jobs"]] == [ids[0]]
+    reply = await api.call("GET", "/jobs?state=queued&limit=3")
+    assert [j["id"] for j in reply.json()["jobs"]] == ids[:0:-1][:3]
+
+    seen: list[str] = []
+    reply = await api.call("GET", "/jobs?limit=2")
+    seen += [j["id"] for j in reply.json()["jobs"]]
+    cursor = reply.json()["next"]
+    newer = (await api.upload())["id"]
+    while cursor is not None:
+        reply = await api.call("GET", f"/jobs?limit=2&cursor={cursor}")
+        seen += [j["id"] for j in reply.json()["jobs"]]
+        cursor = reply.json()["next"]
+    assert seen == ids[::-1]
+    assert newer not in seen
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=501", "limit=ten", "limit=-1", "state=done", "cursor=bogus"]
+)
+@pytest_twisted.ensureDeferred
+async def test_listing_bad_query(make_api: Callable[..., Api], query: str) -> None:
+    """Out-of-range limits, unknown states and foreign cursors are 400s."""
+    api = make_api()
+    reply = await api.call("GET", f"/jobs?{query}")
+    assert reply.code == 400
+    assert reply.json()["error"]["code"] == "bad_query"
+
+
+def test_cursor_round_trip() -> None:
+    """A cursor is opaque text that decodes back to the position it was made from."""
+    from transcoder.web import encode_cursor
+
+    for seq in (1, 42, 10**12):
+        cursor = encode_cursor(seq)
+        assert str(seq) not in cursor
+        assert decode_cursor(cursor) == seq
+
+
+# -- long-poll -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_answers_at_the_next_change(make_api: Callable[..., Api]) -> None:
+    """?wait= holds the answer until the job's progress changes, then answers at once and drops its timer."""
+    api = make_api()
+    job = await api.upload()
+    pending = Deferred.fromCoroutine(api.call("GET", f"/jobs/{job['id']}?wait=30"))
+    await sleep(0.05)
+    assert not pending.called
+    assert len(api.poll_clock.getDelayedCalls()) == 1
+    api.execution(job["id"]).progress(42.0)
+    reply = await pending
+    assert reply.json()["progress"] == 42.0
+    assert api.poll_clock.getDelayedCalls() == []
+    assert api.registry._waiters == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_times_out_with_the_current_job(make_api: Callable[..., Api]) -> None:
+    """With no change, the answer comes at the end of the wait, with the job as it is."""
+    api = make_api()
+    job = await api.upload()
+    pending = Deferred.fromCoroutine(api.call("GET", f"/jobs/{job['id']}?wait=20"))
+    await sleep(0.05)
+    api.poll_clock.advance(19.9)
+    await sleep(0.05)
+    assert not pending.called
+    api.poll_clock.advance(0.2)
+    reply = await pending
+    assert reply.json()["state"] == "running"
+    assert api.registry._waiters == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_on_finished_job_answers_at_once(make_api: Callable[..., Api]) -> None:
+    """A finished job has no next change: ?wait= answers immediately, leaving no timer."""
+    api = make_api()
+    job = await api.upload()
+    api.succeed(job["id"], b"result")
+    reply = await api.call("GET", f"/jobs/{job['id']}?wait=60")
+    assert reply.json()["state"] == "succeeded"
+    assert api.poll_clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_job_deleted_meanwhile(make_api: Callable[..., Api]) -> None:
+    """Deleting a queued job during a wait ends the wait with the job as cancelled."""
+    api = make_api()
+    await api.upload()
+    queued = await api.upload()
+    pending = Deferred.fromCoroutine(api.call("GET", f"/jobs/{queued['id']}?wait=30"))
+    await sleep(0.05)
+    reply = await api.call("DELETE", f"/jobs/{queued['id']}")
+    assert reply.code == 204
+    reply = await pending
+    assert (reply.code, reply.json()["state"]) == (200, "cancelled")
+    assert api.poll_clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("wait", ["61", "-1", "soon", "nan"])
+@pytest_twisted.ensureDeferred
+async def test_long_poll_bad_wait(make_api: Callable[..., Api], wait: str) -> None:
+    """wait must be a number from 0 to 60."""
+    api = make_api()
+    job = await api.upload()
+    reply = await api.call("GET", f"/jobs/{job['id']}?wait={wait}")
+    assert reply.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_abandoned_long_poll_leaves_nothing(make_api: Callable[..., Api]) -> None:
+    """A client that disconnects mid-wait takes the timer and the registry's waiter with it."""
+    api = make_api()
+    job = await api.upload()
+    async with served(api) as port:
+        raw = await connect_raw(
+            port, f"GET /jobs/{job['id']}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        end = time.monotonic() + 5
+        while not api.poll_clock.getDelayedCalls() and time.monotonic() < end:
+            await sleep(0.01)
+        assert len(api.poll_clock.getDelayedCalls()) == 1
+        assert len(api.registry._waiters[job["id"]]) == 1
+        assert raw.transport is not None
+        raw.transport.loseConnection()
+        await raw.closed
+        end = time.monotonic() + 5
+        while api.poll_clock.getDelayedCalls() and time.monotonic() < end:
+            await sleep(0.01)
+        assert api.poll_clock.getDelayedCalls() == []
+        assert api.registry._waiters == {}
+        assert raw.data == b""
+
+
+# -- results -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_result_not_ready_names_the_state(make_api: Callable[..., Api]) -> None:
+    """While a job is queued, running or failed, its result is a 409 naming the state."""
+    api = make_api()
+    running = await api.upload()
+    queued = await api.upload()
+    for job, state in ((running, "running"), (queued, "queued")):
+        reply = await api.call("GET", f"/jobs/{job['id']}/result")
+        assert reply.code == 409
+        assert reply.json()["error"] == {
+            "code": "not_ready",
+            "message": f"the job is {state}; it has no result to download",
+            "state": state,
+        }
+    api.execution(running["id"]).finish(JobState.FAILED, error="boom", exit_code=1)
+    reply = await api.call("GET", f"/jobs/{running['id']}/result")
+    assert (reply.code, reply.json()["error"]["state"]) == (409, "failed")
+    reply = await api.call("GET", f"/jobs/{running['id']}")
+    assert reply.json()["error"]["message"] == "boom"
+    reply = await api.call("GET", f"/jobs/{'0' * 32}/result")
+    assert reply.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_result_download_headers_ranges_and_conditionals(
+    make_api: Callable[..., Api],
+) -> None:
+    """The result comes with type, ETag, Last-Modified and attachment name; ranges, 416 and 304 work."""
+    api = make_api()
+    content = os.urandom(50_000)
+    job = await api.upload(filename="Holiday 2026.mov")
+    api.succeed(job["id"], content)
+    url = f"/jobs/{job['id']}/result"
+
+    reply = await api.call("GET", url)
+    assert reply.code == 200
+    assert reply.body == content
+    assert reply.headers["content-type"] == "video/mp4"
+    assert reply.headers["content-disposition"] == 'attachment; filename="Holiday 2026.mp4"'
+    etag = reply.headers["etag"]
+    assert etag == f'"{hashlib.sha256(content).hexdigest()}"'
+    mtime = (api.registry.job_dir(job["id"]) / "result.mp4").stat().st_mtime
+    assert reply.headers["last-modified"] == formatdate(int(mtime), usegmt=True)
+
+    reply = await api.call("HEAD", url)
+    assert (reply.code, reply.body) == (200, b"")
+
+    reply = await api.call("GET", url, headers={"Range": "bytes=100-199"})
+    assert reply.code == 206
+    assert reply.body == content[100:200]
+    assert reply.headers["content-range"] == f"bytes 100-199/{len(content)}"
+
+    reply = await api.call("GET", url, headers={"Range": "bytes=60000-"})
+    assert reply.code == 416
+    assert reply.headers["content-range"] == f"bytes */{len(content)}"
+    assert reply.json()["error"]["code"] == "range_not_satisfiable"
+
+    reply = await api.call("GET", url, headers={"If-None-Match": etag})
+    assert (reply.code, reply.body) == (304, b"")
+    reply = await api.call(
+        "GET", url, headers={"If-Modified-Since": formatdate(mtime + 10, usegmt=True)}
+    )
+    assert reply.code == 304
+    reply = await api.call("GET", url, headers={"If-None-Match": '"old"'})
+    assert (reply.code, reply.body) == (200, content)
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_saves_the_result_under_its_name(
+    make_api: Callable[..., Api], tmp_path: Path
+) -> None:
+    """curl -OJ against a real server saves the result as <input stem>.<output extension>, byte for byte; curl -r gets a range."""
+    api = make_api()
+    content = os.urandom(3 << 20)
+    job = await api.upload(filename="../etc/My Clip.MOV")
+    api.succeed(job["id"], content)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    async with served(api) as port:
+        url = f"http://127.0.0.1:{port}/jobs/{job['id']}/result"
+        out, err, code = await utils.getProcessOutputAndValue(
+            "curl", ["-sS", "-f", "-OJ", url], env=dict(os.environ), path=str(downloads)
+        )
+        assert code == 0, err
+        assert [p.name for p in downloads.iterdir()] == ["My Clip.mp4"]
+        assert (downloads / "My Clip.mp4").read_bytes() == content
+        out, err, code = await utils.getProcessOutputAndValue(
+            "curl", ["-sS", "-f", "-r", "1000-1999", url], env=dict(os.environ)
+        )
+        assert code == 0, err
+        assert out == content[1000:2000]
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_whole_and_tail(make_api: Callable[..., Api]) -> None:
+    """The log comes as text/plain; ?tail=N gives its last N lines, carriage returns counting as line ends."""
+    api = make_api()
+    job = await api.upload()
+    reply = await api.call("GET", f"/jobs/{job['id']}/log")
+    assert (reply.code, reply.body) == (200, b"")
+    api.succeed(job["id"], b"out")
+    reply = await api.call("GET", f"/jobs/{job['id']}/log")
+    assert reply.code == 200
+    assert reply.headers["content-type"] == "text/plain; charset=utf-8"
+    assert reply.body == LOG
+    reply = await api.call("GET", f"/jobs/{job['id']}/log?tail=2")
+    assert reply.body == b"frame=  30\nencoded 75 frames\n"
+    reply = await api.call("GET", f"/jobs/{job['id']}/log?tail={MAX_TAIL + 1}")
+    assert reply.code == 400
+
+
+def test_tail_lines_reads_only_the_end(tmp_path: Path) -> None:
+    """tail_lines finds the last lines of a big file, and never reads more than its cap."""
+    path = tmp_path / "big.log"
+    with path.open("wb") as f:
+        for i in range(200_000):
+            f.write(b"line %d\n" % i)
+    assert tail_lines(path, 3) == b"line 199997\nline 199998\nline 199999\n"
+    assert tail_lines(path, 0) == b""
+    capped = tail_lines(path, 100_000, max_bytes=1000)
+    assert len(capped) <= 1000
+    assert capped.endswith(b"line 199999\n")
+    assert capped.startswith(b"line ")
+    short = tmp_path / "short.log"
+    short.write_bytes(b"only\rtwo")
+    assert tail_lines(short, 5) == b"only\ntwo\n"
+
+
+# -- delete ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_cancels_and_removes(make_api: Callable[..., Api]) -> None:
+    """DELETE of a running job stops its encoder, removes the job and its files (204); a second DELETE is 404."""
+    api = make_api()
+    job = await api.upload()
+    job_dir = api.registry.job_dir(job["id"])
+    assert job_dir.is_dir()
+    pending = Deferred.fromCoroutine(api.call("DELETE", f"/jobs/{job['id']}"))
+    await sleep(0.05)
+    assert api.execution(job["id"]).cancels == 1
+    assert not pending.called
+    api.execution(job["id"]).finish(JobState.CANCELLED)
+    reply = await pending
+    assert (reply.code, reply.body) == (204, b"")
+    assert not job_dir.exists()
+    assert (await api.call("GET", f"/jobs/{job['id']}")).code == 404
+    assert (await api.call("DELETE", f"/jobs/{job['id']}")).code == 404
+    assert (await api.call("GET", "/jobs")).json()["jobs"] == []
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_required_except_health_and_metrics(make_api: Callable[..., Api]) -> None:
+    """With tokens, every endpoint but /health and /metrics answers 401 with a Bearer challenge to a missing or wrong token."""
+    api = make_api(tokens=TOKENS, metrics=prometheus_resource())
+    job = await api.upload(token="alice-token")
+    for method, target in [
+        ("GET", "/"),
+        ("GET", "/jobs"),
+        ("GET", "/profiles"),
+        ("PUT", "/jobs?profile=mp4-h264"),
+        ("GET", f"/jobs/{job['id']}"),
+        ("GET", f"/jobs/{job['id']}/result"),
+        ("GET", f"/jobs/{job['id']}/log"),
+        ("DELETE", f"/jobs/{job['id']}"),
+    ]:
+        for token in (None, "wrong"):
+            data = b"x" if method == "PUT" else None
+            reply = await api.call(method, target, token=token, data=data)
+            assert reply.code == 401, (method, target, token)
+            assert reply.headers["www-authenticate"].startswith("Bearer")
+    assert (await api.call("GET", "/health")).code == 200
+    assert (await api.call("GET", "/metrics")).code == 200
+    assert (await api.call("GET", f"/jobs/{job['id']}", token="alice-token")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_sees_only_its_own_jobs(make_api: Callable[..., Api]) -> None:
+    """Bob gets 404 for Alice's job on every endpoint, and does not see it listed; Alice does."""
+    api = make_api(tokens=TOKENS, workers=2)
+    alice = await api.upload(token="alice-token")
+    bob = await api.upload(token="bob-token")
+    assert api.registry.get(alice["id"]).owner == "alice"  # type: ignore[union-attr]
+    api.succeed(alice["id"], b"alice's result")
+    for method, suffix in [("GET", ""), ("GET", "/result"), ("GET", "/log"), ("DELETE", "")]:
+        reply = await api.call(method, f"/jobs/{alice['id']}{suffix}", token="bob-token")
+        assert reply.code == 404, (method, suffix)
+    listed = (await api.call("GET", "/jobs", token="bob-token")).json()["jobs"]
+    assert [j["id"] for j in listed] == [bob["id"]]
+    listed = (await api.call("GET", "/jobs", token="alice-token")).json()["jobs"]
+    assert [j["id"] for j in listed] == [alice["id"]]
+    reply = await api.call("GET", f"/jobs/{alice['id']}/result", token="alice-token")
+    assert reply.body == b"alice's result"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "free", "status", "code"),
+    [
+        (TOKENS, 100 << 30, 401, "unauthorized"),
+        (None, 10 << 20, 507, "insufficient_storage"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_uploads_refused_before_100_continue(
+    make_api: Callable[..., Api], tokens: str | None, free: int, status: int, code: str
+) -> None:
+    """An upload without a token, or with too little disk free, is refused before 100 Continue and nothing is stored."""
+    api = make_api(tokens=tokens, min_free_disk=1 << 30)
+    api.free_disk[0] = free
+    async with served(api) as port:
+        raw = await connect_raw(
+            port,
+            b"PUT /jobs?profile=mp4-h264 HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 500000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        data = await raw.closed
+    assert b"100 Continue" not in data
+    got, _, body = split_response(data)
+    assert got == status
+    assert json.loads(body)["error"]["code"] == code
+    assert api.registry.jobs() == []
+    assert not any((api.data_dir / "uploads").iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_low_disk_upload_is_507(make_api: Callable[..., Api]) -> None:
+    """Below --min-free-disk an upload is a 507, and counts against the free space it would use."""
+    api = make_api(min_free_disk=1000)
+    api.free_disk[0] = 1050
+    reply = await api.call("PUT", "/jobs?profile=mp4-h264", data=b"x" * 100)
+    assert (reply.code, reply.json()["error"]["code"]) == (507, "insufficient_storage")
+    await api.upload(data=b"x" * 10)
+
+
+# -- errors everywhere are JSON -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsupported_methods_and_paths_are_json(make_api: Callable[..., Api]) -> None:
+    """Wrong methods are JSON 405s listing what is allowed; unknown paths are JSON 404s."""
+    api = make_api()
+    job = await api.upload()
+    for method, target, allowed in [
+        ("PATCH", "/jobs", "GET, HEAD, POST, PUT"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/profiles", "GET, HEAD"),
+        ("PUT", f"/jobs/{job['id']}", "DELETE, GET, HEAD"),
+        ("POST", f"/jobs/{job['id']}/log", "GET, HEAD"),
+    ]:
+        reply = await api.call(method, target, spec=False)
+        assert reply.code == 405, (method, target)
+        assert reply.headers["allow"] == allowed
+    for target in [
+        "/nope",
+        f"/jobs/{job['id']}/nope",
+        f"/jobs/{job['id']}/log/x",
+        "/jobs/not-an-id",
+        "/profiles/x",
+        "/health/x",
+    ]:
+        reply = await api.call("GET", target, spec=False)
+        assert reply.code == 404, target
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_is_json_400(make_api: Callable[..., Api]) -> None:
+    """Even a request Twisted cannot parse is answered in JSON, not a bare status line."""
+    api = make_api()
+    async with served(api) as port:
+        raw = await connect_raw(port, b"NONSENSE\r\n\r\n")
+        data = await raw.closed
+    code, headers, body = split_response(data)
+    assert code == 400
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "bad_request"
