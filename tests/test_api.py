@@ -807,3 +807,30 @@ async def test_malformed_request_is_json_400(make_api: Callable[..., Api]) -> No
     assert code == 400
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+@pytest_twisted.ensureDeferred
+async def test_multipart_post_creates_a_job(make_api: Callable[..., Api]) -> None:
+    """A multipart/form-data POST with the profile and a parameter as fields creates the job."""
+    api = make_api()
+    video = b"\x00not really a video\xff" * 10
+    body = (
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="profile"\r\n\r\nmp4-h264\r\n'
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="crf"\r\n\r\n30\r\n'
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="beach.mov"\r\n'
+        b"Content-Type: video/quicktime\r\n\r\n" + video + b"\r\n--XyZ--\r\n"
+    )
+    reply = await api.call(
+        "POST",
+        "/jobs",
+        data=body,
+        headers={"Content-Type": "multipart/form-data; boundary=XyZ"},
+    )
+    assert reply.code == 201, reply.body
+    job = reply.json()
+    assert job["params"]["crf"] == 30
+    assert job["inputs"][0]["filename"] == "beach.mov"
+    assert job["inputs"][0]["sha256"] == hashlib.sha256(video).hexdigest()

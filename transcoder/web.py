@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
@@ -287,6 +287,9 @@ class JobsResource(JSONResource):
             # A stock Request (twistd web, StubTreq) has spooled the body already.
             try:
                 assert request.content is not None
+                # The stock Request merged a parsed form into args: only the query counts here.
+                query = request.uri.partition(b"?")[2]
+                request.args = parse_qs(query, 1) if query else {}
                 request.content.seek(0, os.SEEK_END)
                 length = request.content.tell()
                 body = self.receiveBody(request, length)
