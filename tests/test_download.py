@@ -446,3 +446,26 @@ async def test_client_hanging_up_mid_download_closes_the_file(tmp_path: Path) ->
         assert open_fds_to(big) == 0
     finally:
         await port.stopListening()
+
+
+class FakeTransport:
+    SEND_LIMIT = 128 * 1024
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+
+
+def test_producer_raises_the_send_limit_for_its_response_only(served_file: Path) -> None:
+    """While a file streams, the TCP transport sends a chunk per turn; afterwards its own limit is back."""
+    request = FakeRequest()
+    request.channel = FakeChannel()  # type: ignore[attr-defined]
+    transport = request.channel.transport  # type: ignore[attr-defined]
+    producer = FileProducer(request, served_file.open("rb"), 0, len(CONTENT), chunk_size=1 << 20)  # type: ignore[arg-type]
+    producer.start()
+    assert transport.SEND_LIMIT == 1 << 20
+    drive(request)
+    assert request.finished
+    assert transport.SEND_LIMIT == 128 * 1024
+    assert "SEND_LIMIT" not in vars(transport)

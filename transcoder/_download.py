@@ -12,7 +12,7 @@ import os
 import re
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
@@ -49,10 +49,19 @@ class FileProducer:
         self._file = file
         self._left = length
         self._chunk = chunk_size
+        self._transport: Any = None
         file.seek(offset)
 
     def start(self) -> None:
         assert self._request is not None
+        channel = getattr(self._request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is not None and getattr(transport, "SEND_LIMIT", self._chunk) < self._chunk:
+            # A TCP transport sends at most SEND_LIMIT (128 KiB) per event-loop
+            # turn; a chunk per turn took a 1 GiB download from about 0.65 to
+            # about 0.9 of nginx's speed on loopback.
+            transport.SEND_LIMIT = self._chunk
+            self._transport = transport
         self._request.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
@@ -79,6 +88,10 @@ class FileProducer:
     def stopProducing(self) -> None:
         self._request = None
         self._file.close()
+        transport, self._transport = self._transport, None
+        if transport is not None and "SEND_LIMIT" in vars(transport):
+            # Back to the class's limit for whatever else the connection carries.
+            del transport.SEND_LIMIT
 
 
 def _http_date(value: bytes) -> float | None:
