@@ -226,7 +226,7 @@ def make_api(tmp_path: Path) -> Callable[..., Api]:
             auth=TokenAuth.parse(tokens) if tokens else None,
             min_free_disk=min_free_disk,
             free_disk=lambda path: free[0],
-            metrics=metrics if metrics is not None else Resource(),
+            metrics=metrics,
         )
         return Api(clock, poll_clock, registry, executor, tmp_path, root, free)
 
@@ -326,6 +326,57 @@ def prometheus_resource() -> Resource:
     Counter("transcoder_test_events", "A counter for the test.", registry=registry).inc(3)
     resource: Resource = MetricsResource(registry=registry)
     return resource
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_uploads_by_outcome(make_api: Callable[..., Api]) -> None:
+    """By default /metrics is transcoder.metrics', and the upload path reports each upload's outcome and bytes."""
+    api = make_api(max_upload_size=1000)
+    await api.upload(data=b"x" * 300)
+    await api.call("PUT", "/jobs?profile=nope", data=b"x")
+    await api.call("PUT", "/jobs?profile=mp4-h264", data=b"x" * 1001)
+    await api.call("PUT", "/jobs?profile=mp4-h264&sha256=" + "0" * 64, data=b"y" * 10)
+    reply = await api.call("GET", "/metrics")
+    assert reply.code == 200
+    samples = samples_of(reply)
+    assert samples['transcoder_uploads_total{outcome="created"}'] == 1
+    assert samples['transcoder_uploads_total{outcome="rejected"}'] == 3
+    assert samples['transcoder_uploads_total{outcome="aborted"}'] == 0
+    # The created upload's 300 bytes and the digest mismatch's 10 (read, then refused).
+    assert samples["transcoder_upload_bytes_total"] == 310
+
+
+def samples_of(reply: Reply) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in reply.body.decode().splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_an_abandoned_upload(make_api: Callable[..., Api]) -> None:
+    """A client that hangs up mid-body is counted as an aborted upload, and no job is made."""
+    api = make_api()
+    async with served(api) as port:
+        raw = await connect_raw(
+            port,
+            b"PUT /jobs?profile=mp4-h264 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+            + b"z" * 5000,
+        )
+        await sleep(0.05)
+        assert raw.transport is not None
+        raw.transport.loseConnection()
+        await raw.closed
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            samples = samples_of(await api.call("GET", "/metrics"))
+            if samples['transcoder_uploads_total{outcome="aborted"}']:
+                break
+            await sleep(0.02)
+    assert samples['transcoder_uploads_total{outcome="aborted"}'] == 1
+    assert samples['transcoder_uploads_total{outcome="created"}'] == 0
+    assert api.registry.jobs() == []
 
 
 @pytest_twisted.ensureDeferred

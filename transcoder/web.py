@@ -184,6 +184,41 @@ class _NotReady(APIError):
         return out
 
 
+UploadReport = Callable[[str, int], None]
+
+
+class _UploadOutcome:
+    """
+    Reports how one upload ended, once: C{created}, C{rejected} (a 4xx),
+    C{failed} (a 5xx) or C{aborted} (the client went away first).
+    """
+
+    def __init__(self, report: UploadReport, request: server.Request, length: int | None) -> None:
+        self._report = report
+        self._length = length or 0
+        self._done = False
+        request.notifyFinish().addErrback(self._lost, request)
+
+    def __call__(self, outcome: str, nbytes: int | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._report(outcome, self._length if nbytes is None else nbytes)
+        except Exception:
+            log.failure("could not report an upload's outcome")
+
+    def error(self, error: APIError, read: bool = True) -> None:
+        """An error answer, after the body was read (C{read}) or before any of it."""
+        self("rejected" if error.status < 500 else "failed", None if read else 0)
+
+    def _lost(self, f: Failure, request: server.Request) -> None:
+        # A request refused mid-body (TranscoderRequest._refuse) also ends in a
+        # lost connection; that one was no client's doing, and is not counted.
+        if not getattr(request, "_refused", False):
+            self("aborted", 0)
+
+
 @implementer(IBodyReceiver)
 class JobsResource(JSONResource):
     """C{/jobs}: C{POST}/C{PUT} a video to create a job; C{GET} lists jobs."""
@@ -200,8 +235,10 @@ class JobsResource(JSONResource):
         private: bool = False,
         min_free_disk: int = 0,
         free_disk: FreeDisk = _free_disk,
+        upload_finished: UploadReport | None = None,
     ) -> None:
         """
+        @param upload_finished: called with each upload's outcome and size in bytes.
         @param clock: times long-polls; the reactor when not given.
         @param private: each token sees only its own jobs (tokens are configured).
         @param min_free_disk: uploads are refused (507) while the data
@@ -217,6 +254,7 @@ class JobsResource(JSONResource):
         self._private = private
         self._min_free = min_free_disk
         self._free_disk = free_disk
+        self._upload_finished = upload_finished
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         if path == b"":
@@ -236,6 +274,18 @@ class JobsResource(JSONResource):
     # Uploads.
 
     def receiveBody(self, request: server.Request, length: int | None) -> IRequestBody:
+        outcome = None
+        if self._upload_finished is not None:
+            outcome = _UploadOutcome(self._upload_finished, request, length)
+            request.upload_outcome = outcome  # type: ignore[attr-defined]
+        try:
+            return self._receiveBody(request, length)
+        except APIError as e:
+            if outcome is not None:
+                outcome.error(e, read=False)
+            raise
+
+    def _receiveBody(self, request: server.Request, length: int | None) -> IRequestBody:
         if request.method not in (b"POST", b"PUT"):
             raise APIError(400, "unexpected_body", f"{request.method.decode()} takes no body")
         self._registry.check_capacity()
@@ -324,6 +374,9 @@ class JobsResource(JSONResource):
         )
 
         def created(job: Job) -> None:
+            outcome = getattr(request, "upload_outcome", None)
+            if outcome is not None:
+                outcome("created", sum(i.size for i in job.inputs))
             if _disconnected(request):
                 return
             request.setHeader(b"Location", f"/jobs/{job.id}".encode())
@@ -343,6 +396,9 @@ class JobsResource(JSONResource):
         else:
             log.failure("upload failed", failure=f)
             error = APIError(500, "internal", "internal server error")
+        outcome = getattr(request, "upload_outcome", None)
+        if outcome is not None:
+            outcome.error(error)
         finish_error(request, error)
 
     # Listing.
@@ -638,14 +694,16 @@ class RootResource(JSONResource):
         )
 
 
-def _metrics_resource(registry: JobRegistry, data_dir: Path) -> IResource | None:
+def _metrics(registry: JobRegistry, data_dir: Path) -> tuple[IResource, UploadReport] | None:
     try:
-        from transcoder.metrics import Metrics  # type: ignore[import-not-found, unused-ignore]
+        from transcoder.metrics import Metrics
     except ImportError:
         log.warn("transcoder.metrics is not available: /metrics answers 404")
         return None
-    resource: IResource = Metrics(registry, data_dir).resource()
-    return resource
+    metrics = Metrics(registry, data_dir)
+    # Follows the registry from now on, to time the jobs that end.
+    metrics.start()
+    return metrics.resource(), metrics.upload_finished
 
 
 def build_root(
@@ -669,8 +727,14 @@ def build_root(
         unless C{clock} is given.
     @param auth: the tokens; without them the API is open to anyone who can reach it.
     @param min_free_disk: uploads are refused (507) below this much free space.
-    @param metrics: the C{/metrics} resource; by default L{transcoder.metrics}'s.
+    @param metrics: the C{/metrics} resource; by default that of a new
+        L{transcoder.metrics.Metrics}, which then also counts uploads.
     """
+    upload_finished: UploadReport | None = None
+    if metrics is None:
+        made = _metrics(registry, data_dir)
+        if made is not None:
+            metrics, upload_finished = made
     if auth is None:
         log.warn("no --tokens: the API is open to anyone who can reach it")
     else:
@@ -688,12 +752,11 @@ def build_root(
             private=auth is not None,
             min_free_disk=min_free_disk,
             free_disk=free_disk,
+            upload_finished=upload_finished,
         ),
     )
     root.putChild(b"profiles", ProfilesResource(profiles))
     root.putChild(b"health", HealthResource(registry, data_dir, min_free_disk, free_disk))
-    if metrics is None:
-        metrics = _metrics_resource(registry, data_dir)
     if metrics is not None:
         root.putChild(b"metrics", GuardedResource(metrics))
     return root
