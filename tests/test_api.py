@@ -39,14 +39,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
+from zope.interface.verify import verifyObject
 
 from transcoder import __version__
 from transcoder.auth import TokenAuth
 from transcoder.jobs import JobState, OutputFile
 from transcoder.profiles import load_profiles
 from transcoder.registry import JobRegistry
+from transcoder.upload import IBodyReceiver
 from transcoder.web import MAX_TAIL, TranscoderSite, build_root, decode_cursor, tail_lines
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
@@ -885,3 +888,26 @@ async def test_multipart_post_creates_a_job(make_api: Callable[..., Api]) -> Non
     assert job["params"]["crf"] == 30
     assert job["inputs"][0]["filename"] == "beach.mov"
     assert job["inputs"][0]["sha256"] == hashlib.sha256(video).hexdigest()
+
+
+def test_tree_provides_its_interfaces(make_api: Callable[..., Api]) -> None:
+    """/jobs takes streamed bodies (IBodyReceiver); the root is an IResource."""
+    api = make_api()
+    jobs = api.root.children[b"jobs"]
+    assert verifyObject(IBodyReceiver, jobs)
+    assert verifyObject(IResource, api.root)
+
+
+@pytest.mark.parametrize(("tokens", "expected"), [(None, "open"), (TOKENS, "2 names")])
+def test_start_up_log_says_whether_the_api_is_open(
+    make_api: Callable[..., Api], tokens: str | None, expected: str
+) -> None:
+    """Building the tree without tokens warns that the API is open; with them, says how many names."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        make_api(tokens=tokens)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events if e.get("log_namespace") == "transcoder.web"]
+    assert any(expected in t for t in texts), texts
