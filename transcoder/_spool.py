@@ -84,14 +84,14 @@ class Spool:
         self._done: Deferred[list[SpooledFile]] | None = None
         self._ended = False
         self._cleanup: Callable[[], None] | None = None
-        self.paths: list[Path] = []
+        # Files this spool created (only those are removed on abort).
+        self._created: list[Path] = []
         self._thread = threading.Thread(target=self._run, name="transcoder-spool", daemon=True)
         self._thread.start()
 
     # Reactor-thread side.
 
     def open(self, path: Path, md5: bool = False) -> None:
-        self.paths.append(path)
         self._queue.put(_Open(path, md5))
 
     def write(self, data: bytes) -> None:
@@ -168,6 +168,7 @@ class Spool:
                 md5 = hashlib.md5() if item.md5 else None
                 try:
                     f = self._opener(item.path)
+                    self._created.append(item.path)
                 except OSError as e:
                     failed = True
                     self._reactor.callFromThread(self._failed, e)
@@ -197,7 +198,7 @@ class Spool:
                 f.close()
             except OSError:
                 pass
-        for p in self.paths:
+        for p in self._created:
             try:
                 os.unlink(p)
             except OSError:
@@ -222,6 +223,6 @@ class Spool:
             self._done.callback(files)
 
     def _failed(self, error: OSError) -> None:
+        self._onError(error)
         if self._done is not None and not self._done.called:
             self._done.errback(error)
-        self._onError(error)

@@ -1,0 +1,153 @@
+"""The spool writes bodies on its own thread, hashing as it goes, with bounded backlog and clean failure."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from transcoder._spool import Spool
+
+
+class FailingFile:
+    """A file that fails with ENOSPC once C{limit} bytes were written."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.f = open(path, "xb")
+        self.limit = limit
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class SlowFile:
+    """A file whose writes wait until the test lets them go."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        self.f = open(path, "xb")
+        self.gate = gate
+
+    def write(self, data: bytes) -> int:
+        self.gate.wait(10)
+        return self.f.write(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def make_spool(**kw) -> tuple[Spool, list[bool], list[OSError]]:  # type: ignore[no-untyped-def]
+    pressure: list[bool] = []
+    errors: list[OSError] = []
+    spool = Spool(reactor, onPressure=pressure.append, onError=errors.append, **kw)
+    return spool, pressure, errors
+
+
+async def settle(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    """Let the reactor run callFromThread calls until predicate() holds."""
+    end = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < end:
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_are_written_in_order_with_their_digests(tmp_path: Path) -> None:
+    """Several files written one after another keep their bytes, sizes, SHA-256 and (on request) MD5."""
+    spool, _, errors = make_spool()
+    chunks = {"a": [b"x" * 70000, b"y" * 3], "b": [b"z" * 100]}
+    for name, parts in chunks.items():
+        spool.open(tmp_path / name, md5=(name == "a"))
+        for part in parts:
+            spool.write(part)
+        spool.closeFile()
+    files = await spool.finish()
+    assert [f.path.name for f in files] == ["a", "b"]
+    for f in files:
+        data = b"".join(chunks[f.path.name])
+        assert f.path.read_bytes() == data
+        assert f.size == len(data)
+        assert f.sha256 == hashlib.sha256(data).hexdigest()
+    assert files[0].md5 == hashlib.md5(b"".join(chunks["a"])).hexdigest()
+    assert files[1].md5 is None
+    assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_backlog_above_high_water_pauses_then_resumes(tmp_path: Path) -> None:
+    """More than highWater bytes waiting for a slow disk asks the reactor to pause reading, then to resume once drained."""
+    gate = threading.Event()
+    spool, pressure, _ = make_spool(opener=lambda p: SlowFile(p, gate), highWater=100_000)
+    spool.open(tmp_path / "f")
+    for _ in range(5):
+        spool.write(b"x" * 30_000)
+    assert pressure == [True]
+    gate.set()
+    spool.closeFile()
+    files = await spool.finish()
+    await settle(lambda: pressure == [True, False])
+    assert pressure == [True, False]
+    assert files[0].size == 150_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_is_reported_once_and_abort_removes_the_files(tmp_path: Path) -> None:
+    """ENOSPC while writing is reported once on the reactor thread; finish fails; abort removes every file and runs cleanup."""
+    spool, _, errors = make_spool(opener=lambda p: FailingFile(p, 50_000))  # type: ignore[arg-type, return-value]
+    spool.open(tmp_path / "f")
+    for _ in range(10):
+        spool.write(b"x" * 20_000)
+    spool.closeFile()
+    d = spool.finish()
+    with pytest.raises(OSError) as e:
+        await d
+    assert e.value.errno == errno.ENOSPC
+    assert len(errors) == 1 and errors[0].errno == errno.ENOSPC
+    cleaned = threading.Event()
+    spool.abort(cleanup=cleaned.set)
+    assert cleaned.wait(5)
+    assert not (tmp_path / "f").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_mid_write_removes_partial_files(tmp_path: Path) -> None:
+    """Aborting while writing stops the thread and removes what it wrote; a second abort is harmless."""
+    spool, _, errors = make_spool()
+    spool.open(tmp_path / "one")
+    spool.write(b"a" * 1000)
+    spool.closeFile()
+    spool.open(tmp_path / "two")
+    spool.write(b"b" * 1000)
+    cleaned = threading.Event()
+    spool.abort(cleanup=cleaned.set)
+    spool.abort()
+    assert cleaned.wait(5)
+    assert list(tmp_path.iterdir()) == []
+    assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_existing_file_is_never_overwritten(tmp_path: Path) -> None:
+    """The default opener refuses to replace an existing file: that is an error, not a silent overwrite."""
+    (tmp_path / "f").write_bytes(b"keep")
+    spool, _, errors = make_spool()
+    spool.open(tmp_path / "f")
+    spool.write(b"new")
+    spool.closeFile()
+    with pytest.raises(FileExistsError):
+        await spool.finish()
+    assert len(errors) == 1

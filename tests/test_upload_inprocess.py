@@ -1,0 +1,93 @@
+"""
+Uploads to a server running in the test's own reactor, for failures that have
+to be injected: the disk filling up while a body streams in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from test_registry import FakeExecutor, FakeOutcome
+from test_spool import FailingFile, settle
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from transcoder.jobs import JobState
+from transcoder.profiles import load_profiles
+from transcoder.registry import JobRegistry
+from transcoder.store import SQLiteJobStore
+from transcoder.web import TranscoderSite, build_root
+
+
+class FailingExecutor(FakeExecutor):
+    """Every job fails at once: these tests are about uploads, and nothing must keep running."""
+
+    def __call__(self, reactor, /, **kwargs):  # type: ignore[no-untyped-def]
+        execution = super().__call__(reactor, **kwargs)
+        execution.deferred.callback(FakeOutcome(JobState.FAILED, error="not encoded in this test"))
+        return execution
+
+
+class DiskFills:
+    """An opener whose files fail with ENOSPC after C{limit} bytes, while C{on} is set."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.on = True
+
+    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
+        if self.on:
+            return FailingFile(path, self.limit)
+        return open(path, "xb", buffering=0)
+
+
+@pytest_twisted.async_yield_fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[str, Path, DiskFills]]:
+    opener = DiskFills(limit=1 << 20)
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
+    registry = JobRegistry(
+        reactor, store, tmp_path, load_profiles(), workers=1, executor=FailingExecutor()
+    )
+    registry.start()
+    root = build_root(reactor, registry, load_profiles(), tmp_path, 1 << 30, opener=opener)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        TranscoderSite(root, reactor=reactor, idle_timeout=10)
+    )
+    yield f"http://127.0.0.1:{port.getHost().port}", tmp_path, opener
+    await port.stopListening()
+    await registry.stop()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_mid_upload_answers_507_and_keeps_serving(served) -> None:  # type: ignore[no-untyped-def]
+    """ENOSPC while a body streams in: 507 JSON, the partial file removed, and the next upload still works."""
+    url, data_dir, opener = served
+    fds = fd_count()
+    response = await treq.put(
+        f"{url}/jobs?profile=avi-mpeg4", data=b"x" * (4 << 20), timeout=30, persistent=False
+    )
+    body = await response.json()
+    assert response.code == 507
+    assert body["error"]["code"] == "insufficient_storage"
+    uploads = data_dir / "uploads"
+    await settle(lambda: not any(uploads.iterdir()))
+    assert not any(uploads.iterdir())
+    assert not (data_dir / "jobs").exists() or not any((data_dir / "jobs").iterdir())
+
+    opener.on = False
+    response = await treq.put(
+        f"{url}/jobs?profile=avi-mpeg4", data=b"y" * 5000, timeout=30, persistent=False
+    )
+    assert response.code == 201
+    job = await response.json()
+    assert job["inputs"][0]["size"] == 5000
+    await settle(lambda: fd_count() <= fds + 2)
+    assert fd_count() <= fds + 2
