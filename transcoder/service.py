@@ -12,16 +12,19 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from transcoder.auth import TokenAuth
+from transcoder.auth import TokenAuth, TokenFileError
+from transcoder.metrics import Metrics
 from transcoder.profiles import ProfileError, load_profiles
 from transcoder.registry import JobRegistry
+from transcoder.retention import RetentionSweeper
 from transcoder.store import SQLiteJobStore
 from transcoder.web import TranscoderSite, build_root
+from transcoder.webhooks import WebhookNotifier
 
 log = Logger()
 
@@ -107,11 +110,63 @@ class Options(usage.Options):
         if self["workers"] is None:
             self["workers"] = os.cpu_count() or 1
         try:
+            self["tokens-loaded"] = (
+                TokenAuth.from_file(Path(self["tokens"])) if self["tokens"] else None
+            )
+        except (OSError, TokenFileError) as e:
+            raise usage.UsageError(f"--tokens: {e}") from None
+        try:
             self["profiles-loaded"] = load_profiles(
                 Path(self["profiles"]) if self["profiles"] else None
             )
         except (OSError, ProfileError) as e:
             raise usage.UsageError(f"--profiles: {e}") from None
+
+
+class _Hooked(Service):
+    """Runs start/stop callables with the service (metrics, webhooks, retention)."""
+
+    def __init__(self, start: Any, stop: Any) -> None:
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        result: Deferred[None] | None = self._stop()
+        return result
+
+
+class TranscoderService(MultiService):
+    """
+    The whole service.  Children start in order (metrics and webhooks, the
+    registry, retention, the listener); stopping is sequential and in reverse:
+    stop accepting connections, let uploads under way finish within the
+    grace, then stop retention, the encoders (their jobs go back to the
+    queue), and last the hooks.
+    """
+
+    def __init__(self, site: Any, grace: float) -> None:
+        super().__init__()
+        self.site = site
+        self.grace = grace
+
+    async def _stop(self) -> None:
+        children = list(self)
+        children.reverse()
+        for child in children:
+            await maybeDeferred(child.stopService)
+            if isinstance(child, StreamServerEndpointService):
+                drain = getattr(self.site, "drain", None)
+                if drain is not None:
+                    await drain(self.grace)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
 
 
 class RegistryService(Service):
@@ -130,7 +185,7 @@ class RegistryService(Service):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The whole service: the job registry, then the HTTP listener."""
+    """The whole service: metrics and webhooks, the job registry, retention, the HTTP listener."""
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -149,20 +204,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
     )
+    metrics = Metrics(registry, data_dir)
+    secret = options["webhook-secret"]
+    notifier = WebhookNotifier(reactor, registry, secret=secret.encode("utf-8") if secret else None)
+    sweeper = RetentionSweeper(reactor, registry, keep=options["keep-results"])
     root = build_root(
         reactor,
         registry,
         profiles,
         data_dir,
         options["max-upload-size"],
-        auth=TokenAuth.from_file(Path(options["tokens"])) if options["tokens"] else None,
+        auth=options["tokens-loaded"],
         min_free_disk=options["min-free-disk"],
+        metrics=metrics,
     )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
 
-    top = MultiService()
-    # Children stop in reverse order: the listener first, then the registry.
+    def start_hooks() -> None:
+        # Before the registry starts, so that jobs its recovery ends are seen too.
+        metrics.start()
+        notifier.start()
+
+    def stop_hooks() -> None:
+        notifier.stop()
+        metrics.stop()
+
+    top = TranscoderService(site, options["shutdown-grace"])
+    _Hooked(start_hooks, stop_hooks).setServiceParent(top)
     RegistryService(registry).setServiceParent(top)
+    _Hooked(sweeper.start, sweeper.stop).setServiceParent(top)
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)

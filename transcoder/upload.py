@@ -512,12 +512,17 @@ class TranscoderRequest(server.Request):
     _lingerLeft = 0
 
     def gotLength(self, length: int | None) -> None:
-        channel = self.channel
+        channel: Any = self.channel
         method: bytes = channel._command
         if length == 0 and method not in (b"POST", b"PUT"):
             super().gotLength(length)
             return
+        site: Any = channel.site
         try:
+            if getattr(site, "stopping", False) and method in (b"POST", b"PUT"):
+                raise APIError(
+                    503, "shutting_down", "the server is shutting down", {"Retry-After": "30"}
+                )
             resource = self._route(method, channel._path, channel._version)
             if isinstance(resource, ErrorResource):
                 raise resource.error
@@ -543,6 +548,11 @@ class TranscoderRequest(server.Request):
             return
         self.content = io.BytesIO()
         self.body = body
+        uploads = getattr(site, "uploads", None)
+        if uploads is not None:
+            # The site waits for these on shutdown.
+            uploads.add(self)
+            self.notifyFinish().addBoth(lambda _: uploads.discard(self))
         body_any: Any = body
         body_any.onFatal = self._failMidBody
         body_any.onPressure = self._pressure
@@ -602,6 +612,9 @@ class TranscoderRequest(server.Request):
         body, self.body = self.body, None
         if body is not None:
             body.abort()
+        outcome = getattr(self, "upload_outcome", None)
+        if outcome is not None:
+            outcome.error(error)
         if not self._refused and self.channel is not None:
             self._pressure(False)
             self._refuse(error, bodyStarted=True)

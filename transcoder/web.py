@@ -718,7 +718,7 @@ def build_root(
     auth: TokenAuth | None = None,
     min_free_disk: int = 0,
     free_disk: FreeDisk = _free_disk,
-    metrics: IResource | None = None,
+    metrics: Any = None,
 ) -> Resource:
     """
     The whole resource tree.
@@ -727,14 +727,17 @@ def build_root(
         unless C{clock} is given.
     @param auth: the tokens; without them the API is open to anyone who can reach it.
     @param min_free_disk: uploads are refused (507) below this much free space.
-    @param metrics: the C{/metrics} resource; by default that of a new
-        L{transcoder.metrics.Metrics}, which then also counts uploads.
+    @param metrics: a L{transcoder.metrics.Metrics} (started and stopped by
+        the caller), or just a C{/metrics} resource; by default a new Metrics,
+        started here, which then also counts uploads.
     """
     upload_finished: UploadReport | None = None
     if metrics is None:
         made = _metrics(registry, data_dir)
         if made is not None:
             metrics, upload_finished = made
+    elif hasattr(metrics, "upload_finished"):
+        metrics, upload_finished = metrics.resource(), metrics.upload_finished
     if auth is None:
         log.warn("no --tokens: the API is open to anyone who can reach it")
     else:
@@ -795,3 +798,41 @@ class TranscoderSite(server.Site):
             parsePOSTFormSubmission=False,
         )
         self.displayTracebacks = False
+        # Requests whose upload body was accepted and that have not answered yet.
+        self.uploads: set[server.Request] = set()
+        # Set on shutdown: new uploads get 503 while the accepted ones finish.
+        self.stopping = False
+
+    def drain(self, grace: float) -> Deferred[int]:
+        """
+        Stop taking uploads, wait up to C{grace} seconds for those under way to
+        finish, then cut off the rest (their partial files are removed as for
+        any client that goes away).  Fires with the number cut off.
+        """
+        self.stopping = True
+        clock: Any = self.reactor
+        done: Deferred[int] = Deferred()
+        deadline = clock.seconds() + grace
+
+        def check() -> None:
+            if not self.uploads:
+                done.callback(0)
+            elif clock.seconds() >= deadline:
+                left = list(self.uploads)
+                log.warn("shutting down: cutting off {n} unfinished uploads", n=len(left))
+                for request in left:
+                    transport: Any = request.channel.transport if request.channel else None
+                    if transport is not None:
+                        transport.abortConnection()
+                done.callback(len(left))
+            else:
+                clock.callLater(min(0.1, max(0.0, deadline - clock.seconds())), check)
+
+        if self.uploads:
+            log.info(
+                "shutting down: waiting up to {grace}s for {n} uploads",
+                grace=grace,
+                n=len(self.uploads),
+            )
+        check()
+        return done
