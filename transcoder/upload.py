@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import multipart
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -676,18 +676,36 @@ class TranscoderRequest(server.Request):
         self.finish()
 
 
-def read_stock_body(request: server.Request, body: IRequestBody, chunk: int = 1 << 20) -> None:
+def read_stock_body(
+    request: server.Request, body: IRequestBody, chunk: int = 1 << 20
+) -> Deferred[None]:
     """
     Feed a body that stock twisted.web already spooled (under C{twistd web},
     or with treq's StubTreq) to an L{IRequestBody}: one extra copy, but the
-    same checks and the same files.
+    same checks and the same files.  Reading waits while the spool is behind,
+    so memory stays bounded as on the streaming path.
     """
     content = request.content
-    if content is None:
-        return
-    content.seek(0)
-    while True:
-        data = content.read(chunk)
-        if not data:
-            break
-        body.dataReceived(data)
+    waiting: list[Deferred[None]] = []
+    paused = [False]
+
+    def pressure(on: bool) -> None:
+        paused[0] = on
+        if not on and waiting:
+            waiting.pop().callback(None)
+
+    body_any: Any = body
+    body_any.onPressure = pressure
+
+    async def pump() -> None:
+        if content is None:
+            return
+        content.seek(0)
+        while data := content.read(chunk):
+            body.dataReceived(data)
+            if paused[0]:
+                resumed: Deferred[None] = Deferred()
+                waiting.append(resumed)
+                await resumed
+
+    return ensureDeferred(pump())

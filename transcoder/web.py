@@ -333,6 +333,7 @@ class JobsResource(JSONResource):
 
     def render_POST(self, request: server.Request) -> bytes | int:
         body: IRequestBody | None = getattr(request, "body", None)
+        read: Deferred[None] | None = None
         if body is None:
             # A stock Request (twistd web, StubTreq) has spooled the body already.
             try:
@@ -343,12 +344,21 @@ class JobsResource(JSONResource):
                 request.content.seek(0, os.SEEK_END)
                 length = request.content.tell()
                 body = self.receiveBody(request, length)
-                read_stock_body(request, body)
+                read = read_stock_body(request, body)
             except APIError as e:
                 if body is not None:
                     body.abort()
                 return write_error(request, e)
-        d: Deferred[Any] = body.finish()
+            spooled = body
+
+            def lost(_: Failure) -> None:
+                spooled.abort()
+
+            request.notifyFinish().addErrback(lost)
+        finishing = body
+        d: Deferred[Any] = (
+            read.addCallback(lambda _: finishing.finish()) if read is not None else body.finish()
+        )
         d.addCallback(self._create, request, body)
         d.addErrback(self._failed, request, body)
         return server.NOT_DONE_YET
