@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import multipart
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -297,9 +297,7 @@ class RawBody(_BaseBody):
     def finish(self) -> Deferred[Submission]:
         self._finishing = True
         if self._received == 0:
-            d: Deferred[Submission] = Deferred()
-            d.errback(APIError(400, "empty_body", "the upload is empty"))
-            return d
+            return fail(APIError(400, "empty_body", "the upload is empty"))
         self.spool.closeFile()
         return self._finished_files(self.spool.finish()).addCallback(self._checked)
 
@@ -458,9 +456,7 @@ class MultipartBody(_BaseBody):
                         raise APIError(400, "bad_digest", "sha256 must be 64 hexadecimal digits")
                     expected[role] = value.lower()
         except APIError as e:
-            d: Deferred[Submission] = Deferred()
-            d.errback(e)
-            return d
+            return fail(e)
 
         def checked(files: list[SpooledFile]) -> Submission:
             by_path = {f.path: f for f in files}
