@@ -237,6 +237,13 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], dict[str, object]]
         ("PUT", "/jobs?profile=avi-mpeg4&vbitrate=999999", 422, "invalid_parameter"),
         ("PUT", "/jobs?profile=avi-mpeg4&shell=%3Brm%20-rf", 422, "unknown_parameter"),
         ("PUT", "/jobs?profile=mux-avi", 422, "needs_multipart"),
+        ("PUT", "/jobs?profile=avi-mpeg4&callback_url=ftp://h/x", 422, "invalid_callback_url"),
+        (
+            "PUT",
+            "/jobs?profile=avi-mpeg4&callback_url=http://h:99999/",
+            422,
+            "invalid_callback_url",
+        ),
     ],
 )
 def test_refused_before_the_body_without_100_continue(

@@ -46,6 +46,7 @@ from transcoder._spool import Opener, Spool, SpooledFile, _open
 from transcoder.errors import APIError, method_not_allowed
 from transcoder.jobs import InputFile
 from transcoder.profiles import RESERVED_FIELDS, ParamValue, Profile
+from transcoder.webhooks import is_callback_url
 
 log = Logger()
 
@@ -149,7 +150,7 @@ def _split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, 
 def _check_callback(url: str | None) -> str | None:
     if url is None or url == "":
         return None
-    if not re.match(r"^https?://[^\s/?#]+[^\s]*$", url) or len(url) > 2048:
+    if not is_callback_url(url):
         raise APIError(422, "invalid_callback_url", "callback_url must be an http(s) URL")
     return url
 
