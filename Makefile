@@ -117,5 +117,33 @@ $(BENCH_STAMP): bench/requirements.txt | $(BENCH_PY)
 	$(BENCH_PY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
 	touch $@
 
-bench: bench-deps
+# The whole bench, in this order: uploads, the job engine, downloads, the load test (when
+# bench/load_test.py exists).  Each step can run alone and installs what it needs.  The engine
+# and download steps take the upload bench's lock, so no two benches measure each other.
+ENGINE_SECONDS ?= 60
+ENGINE_ROUNDS ?= 3
+DOWNLOAD_MIB ?= 1024
+LOAD_TEST_ARGS ?=
+BENCH_LOCK = flock "$${TMPDIR:-/tmp}/transcoder-upload-bench.lock"
+
+.PHONY: bench-upload bench-engine bench-download bench-load
+
+bench: bench-upload bench-engine bench-download bench-load
+
+bench-upload: bench-deps
 	SIZE_MIB=$(SIZE_MIB) ROUNDS=$(ROUNDS) bench/run_upload_bench.sh
+
+bench-engine: setup
+	$(BENCH_LOCK) $(VENV_PY) bench/engine_bench.py --seconds $(ENGINE_SECONDS) --rounds $(ENGINE_ROUNDS)
+
+bench-download: setup
+	@$(call ensure_cmds,nginx:nginx curl:curl)
+	$(BENCH_LOCK) $(VENV_PY) bench/download_bench.py --size-mib $(DOWNLOAD_MIB) --rounds $(ROUNDS)
+
+bench-load: setup
+	@if [ -f bench/load_test.py ]; then \
+	  echo "$(VENV_PY) bench/load_test.py $(LOAD_TEST_ARGS)"; \
+	  $(BENCH_LOCK) $(VENV_PY) bench/load_test.py $(LOAD_TEST_ARGS); \
+	else \
+	  echo "bench/load_test.py does not exist yet: load test skipped"; \
+	fi

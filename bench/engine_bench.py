@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""
+What the job engine adds to an encoder's own time (issue 4, "Speed").
+
+For each built-in profile, on a generated clip (default 60 s at 640x360):
+
+  direct  the profile's command line as the runner builds it (the same argv,
+          through setsid, in a working directory, with the runner's
+          environment), run with subprocess and timed from start to exit;
+  server  the same job through a running `transcoder serve`: the time from
+          the 201 answer to the upload until the job ended with `succeeded`.
+          The end is the job's own `finished_at` (the server's clock is this
+          machine's), so how the bench follows the job adds nothing to it.
+          The bench follows it with `GET /jobs/<id>?wait=60` long-polls, with
+          a pause (--poll-pause, 0.2 s) after each answer: a long-poll answers
+          at every 0.1 % of progress, and without the pause a mencoder job
+          drew a hundred requests whose CPU competed with the encoder.  The
+          time includes what the service does around the encoder: probing
+          the inputs, checking the output with ffprobe and hashing it.
+
+Direct and server runs alternate within every round, so a change in the
+machine's load hits both alike.  Round 0 is a warm-up and is not counted.
+It prints, per profile, the medians (min-max), the ratio server/direct
+(target: at most 1.05) and the difference, as a Markdown table.  The last
+two columns are what the ffprobe runs the service makes around each encode
+(each input before, the output after) take when run alone, and the CPU time the
+server process itself used during the job (reading the encoder's output,
+progress, log, hashing), which competes with the encoder for the cores.
+
+usage: engine_bench.py [--seconds 60] [--size 640x360] [--rounds 3]
+                       [--profiles mp4-h264,avi-mpeg4,mux-avi] [--poll-pause 0.2]
+needs: ffmpeg, mencoder, curl on PATH; run with the project's virtualenv
+(.venv/bin/python), whose `transcoder` it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+from transcoder.probe import tool_env
+from transcoder.profiles import Profile, builtin_profiles
+
+BIN = Path(sys.executable).parent
+TICK = os.sysconf("SC_CLK_TCK")
+_PORT = re.compile(r"[Ss]ite starting on (\d+)")
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], check=True)
+
+
+def make_inputs(work: Path, seconds: int, size: str) -> dict[str, Path]:
+    """The clip every single-input profile gets, and the FLV + MP3 pair for mux-avi."""
+    video = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate=25:duration={seconds}"]
+    audio = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}"]
+    clip, flv, mp3 = work / "clip.mp4", work / "video.flv", work / "audio.mp3"
+    ffmpeg(
+        *video,
+        *audio,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        "-shortest",
+        str(clip),
+    )
+    ffmpeg(*video, "-c:v", "flv1", "-b:v", "1500k", "-an", str(flv))
+    ffmpeg(*audio, "-c:a", "libmp3lame", "-b:a", "128k", str(mp3))
+    return {"file": clip, "video": flv, "audio": mp3}
+
+
+def inputs_for(profile: Profile, files: dict[str, Path]) -> dict[str, Path]:
+    return {role: files[role] for role in profile.inputs}
+
+
+class Server:
+    """`transcoder serve` on a port the kernel picks."""
+
+    def __init__(self, work: Path) -> None:
+        self.log = work / "server.log"
+        argv = [
+            str(BIN / "transcoder"),
+            "serve",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--data-dir",
+            str(work / "data"),
+            "--workers",
+            "1",
+        ]
+        self.argv = argv
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = _PORT.search(self.log.read_text(errors="replace"))
+            if m:
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise SystemExit("the server did not start:\n" + self.log.read_text(errors="replace"))
+
+    def cpu(self) -> float:
+        """user+sys CPU seconds of the server process itself (its encoders are not counted)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def run_direct(profile: Profile, inputs: dict[str, Path], work: Path) -> float:
+    """Seconds the profile's own command line takes, set up as the runner sets it up."""
+    job_dir = work / "direct"
+    shutil.rmtree(job_dir, ignore_errors=True)
+    job_dir.mkdir()
+    output = job_dir / f"result.partial.{profile.output_extension}"
+    argv = profile.build_argv(
+        {r: str(p) for r, p in inputs.items()},
+        str(output),
+        {n: p.default for n, p in profile.parameters.items()},
+    )
+    t = time.perf_counter()
+    subprocess.run(
+        ["setsid", *argv],
+        env=tool_env(home=job_dir),
+        cwd=job_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    took = time.perf_counter() - t
+    if not output.stat().st_size:
+        raise SystemExit(f"{profile.name}: the direct run wrote nothing")
+    return took
+
+
+def probe_time(paths: list[Path]) -> float:
+    """Seconds the ffprobe runs that the service does around an encode take, one after another."""
+    t = time.perf_counter()
+    for path in paths:
+        subprocess.run(
+            [
+                "ffprobe",
+                "-v",
+                "error",
+                "-show_format",
+                "-show_streams",
+                "-of",
+                "json",
+                f"file:{path}",
+            ],
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
+    return time.perf_counter() - t
+
+
+def direct_command(profile: Profile, inputs: dict[str, Path]) -> str:
+    argv = profile.build_argv(
+        {r: p.name for r, p in inputs.items()},
+        f"result.partial.{profile.output_extension}",
+        {n: p.default for n, p in profile.parameters.items()},
+    )
+    return " ".join(argv)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=120) as answer:
+        return json.load(answer)
+
+
+def epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339).timestamp()
+
+
+def run_server(
+    server: Server, profile: Profile, inputs: dict[str, Path], work: Path, pause: float
+) -> tuple[float, float, int]:
+    """
+    Seconds from the upload's 201 answer to the job's end as the server
+    recorded it (its C{finished_at}, on this same clock), the server's CPU
+    seconds meanwhile, and how many status requests the wait took.
+    """
+    answer = work / "answer.json"
+    if len(inputs) == 1:
+        (path,) = inputs.values()
+        body = ["-T", str(path)]
+    else:
+        body = [a for role, path in inputs.items() for a in ("-F", f"{role}=@{path}")]
+    code = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            str(answer),
+            "-w",
+            "%{http_code}",
+            *body,
+            f"{server.url}/jobs?profile={profile.name}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    t = time.time()
+    c = server.cpu()
+    if code != "201":
+        raise SystemExit(f"{profile.name}: upload answered {code}: {answer.read_text()}")
+    job = json.loads(answer.read_text())
+    polls = 0
+    while job["state"] in ("queued", "running"):
+        if polls and pause:
+            time.sleep(pause)
+        job = get_json(f"{server.url}/jobs/{job['id']}?wait=60")
+        polls += 1
+    used = server.cpu() - c
+    if job["state"] != "succeeded":
+        raise SystemExit(f"{profile.name}: job {job['state']}: {job.get('error')}")
+    took = epoch(job["finished_at"]) - t
+    # Keep the data dir small: delete the job outside the timed window.
+    req = urllib.request.Request(f"{server.url}/jobs/{job['id']}", method="DELETE")
+    urllib.request.urlopen(req, timeout=60).close()
+    return took, used, polls
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--size", default="640x360")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profiles", default="mp4-h264,avi-mpeg4,mux-avi")
+    ap.add_argument(
+        "--poll-pause",
+        type=float,
+        default=0.2,
+        help="seconds between a long-poll's answer and the next (0: none)",
+    )
+    args = ap.parse_args()
+
+    profiles = builtin_profiles()
+    names = args.profiles.split(",")
+    work = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    server = None
+    try:
+        files = make_inputs(work, args.seconds, args.size)
+        server = Server(work)
+        times: dict[str, dict[str, list[float]]] = {
+            n: {"direct": [], "server": [], "probe": [], "cpu": []} for n in names
+        }
+        for rnd in range(args.rounds + 1):
+            for name in names:
+                profile = profiles[name]
+                inputs = inputs_for(profile, files)
+                d = run_direct(profile, inputs, work)
+                output = work / "direct" / f"result.partial.{profile.output_extension}"
+                p = probe_time([*inputs.values(), output])
+                s, c, polls = run_server(server, profile, inputs, work, args.poll_pause)
+                if rnd:
+                    times[name]["cpu"].append(c)
+                    times[name]["direct"].append(d)
+                    times[name]["server"].append(s)
+                    times[name]["probe"].append(p)
+                print(
+                    f"round {rnd}{' (warm-up)' if not rnd else ''} {name}: "
+                    f"direct {d:.2f} s, server {s:.2f} s, probes {p:.2f} s, "
+                    f"server cpu {c:.2f} s, {polls} polls",
+                    file=sys.stderr,
+                )
+
+        print(
+            f"\nengine: {args.seconds} s {args.size} clip, {args.rounds} rounds (+1 warm-up); "
+            f"seconds, median (min-max)\n"
+        )
+        print(
+            "| profile | direct s | server s (201 -> succeeded) | ratio | overhead s "
+            "| ffprobe s | server cpu s |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name in names:
+            d, s = times[name]["direct"], times[name]["server"]
+            ratio = statistics.median(s) / statistics.median(d)
+            print(
+                f"| {name} | {fmt(d)} | {fmt(s)} | {ratio:.3f} | "
+                f"{statistics.median(s) - statistics.median(d):+.2f} | "
+                f"{statistics.median(times[name]['probe']):.2f} | "
+                f"{statistics.median(times[name]['cpu']):.2f} |"
+            )
+        print("\nserver: " + " ".join(server.argv).replace(str(work), "$WORK"))
+        print("direct commands (run in $WORK/direct through setsid, env PATH, LANG=C.UTF-8, HOME):")
+        for name in names:
+            print(f"  {name}: {direct_command(profiles[name], inputs_for(profiles[name], files))}")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
