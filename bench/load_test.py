@@ -2,7 +2,7 @@
 """
 Load test of the transcoder service on loopback, in two phases.
 
-1. Uploads under polling: UPLOADS concurrent uploads of SIZE MiB each, mixed
+1. Uploads under polling: ROUNDS times, UPLOADS concurrent uploads of SIZE MiB, mixed
    (curl -T with a length, curl -T - sent chunked, curl -F multipart), while
    POLLERS clients poll GET /jobs/<id> in a loop.  Checks: every upload 201,
    its sha256 as the server reported it and as stored on disk equal to the
@@ -18,7 +18,7 @@ Everything runs on 127.0.0.1 with kernel-chosen ports and a temporary data
 dir; every wait is bounded, and the script stops its servers itself.  Exit
 status 0 when every check passed and every target was met, 1 otherwise.
 
-usage: load_test.py [--quick] [--uploads N] [--size-mib M] [--pollers P]
+usage: load_test.py [--quick] [--uploads N] [--size-mib M] [--rounds R] [--pollers P]
                     [--poll-interval S] [--jobs J] [--workers W] [--json FILE]
                     [--workdir DIR] [--keep] [--python PY]
 """
@@ -263,7 +263,13 @@ def phase_uploads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "--workers", "1", "--max-upload-size", "4G", "--min-free-disk", "0",
         "--idle-timeout", "60s",
     )  # fmt: skip
-    result: dict[str, Any] = {"uploads": n, "size_mib": args.size_mib, "pollers": args.pollers}
+    result: dict[str, Any] = {
+        "uploads": n,
+        "size_mib": args.size_mib,
+        "pollers": args.pollers,
+        "poll_interval_s": args.poll_interval,
+        "rounds": args.rounds,
+    }
     failures: list[str] = []
     try:
         clip = (work / "clip.mp4").read_bytes()
@@ -297,54 +303,63 @@ def phase_uploads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         poller.start()
         time.sleep(1.0)
 
-        log(f"phase 1: {n} uploads (raw, chunked, multipart) beside {args.pollers} pollers")
         kinds = ["raw", "chunked", "multipart"]
-        procs = []
-        started = time.monotonic()
-        for i, (path, _) in enumerate(payloads):
-            kind = kinds[i % 3]
-            stdin = path.open("rb") if kind == "chunked" else subprocess.DEVNULL
-            procs.append(
-                (kind, subprocess.Popen(
-                    curl_upload(kind, path, server.url, f"load-{i}.bin"),
-                    stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                ))
-            )  # fmt: skip
-        outcomes = []
-        for kind, proc in procs:
-            try:
-                out, err = proc.communicate(timeout=max(60, args.uploads * args.size_mib / 10))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-            outcomes.append((kind, out, err))
-        wall = time.monotonic() - started
-        time.sleep(1.0)
+        windows: list[tuple[float, float]] = []
+        stored_ok = 0
+        for round_ in range(args.rounds):
+            log(
+                f"phase 1, round {round_ + 1}/{args.rounds}: {n} uploads (raw, chunked, "
+                f"multipart) beside {args.pollers} pollers"
+            )
+            procs = []
+            started = time.monotonic()
+            for i, (path, _) in enumerate(payloads):
+                kind = kinds[i % 3]
+                stdin = path.open("rb") if kind == "chunked" else subprocess.DEVNULL
+                procs.append(
+                    (kind, subprocess.Popen(
+                        curl_upload(kind, path, server.url, f"load-{i}.bin"),
+                        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    ))
+                )  # fmt: skip
+            outcomes = []
+            for kind, proc in procs:
+                try:
+                    out, err = proc.communicate(timeout=max(60, n * args.size_mib / 10))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                outcomes.append((kind, out, err))
+            windows.append((started, time.monotonic()))
+            # Checked (and the stored copies removed) between rounds, not during them.
+            for (kind, out, err), (path, digest) in zip(outcomes, payloads, strict=True):
+                body, _, code = out.decode(errors="replace").rpartition("\n")
+                if code != "201":
+                    failures.append(
+                        f"{kind} upload of {path.name}: HTTP {code} {body[:200]} {err!r}"
+                    )
+                    continue
+                job = json.loads(body)
+                reported = job["inputs"][0]["sha256"]
+                stored = list((server.data / "jobs" / job["id"]).glob("input-file*"))
+                if reported != digest:
+                    failures.append(f"{kind} upload of {path.name}: server reported {reported}")
+                elif len(stored) != 1 or sha256_file(stored[0]) != digest:
+                    failures.append(f"{kind} upload of {path.name}: stored file differs")
+                else:
+                    stored_ok += 1
+                request(server, "DELETE", f"/jobs/{job['id']}")
+        time.sleep(0.5)
         stop.set()
         polled = recv.recv() if recv.poll(60) else {"latencies": [], "errors": ["no report"]}
         poller.join(30)
         sampling.set()
         peak = server.status_bytes("VmHWM") if exact_peak else peak_sampled[0]
         peak = max(peak, peak_sampled[0])
+        wall = sum(end - start for start, end in windows)
 
-        stored_ok = 0
-        for (kind, out, err), (path, digest) in zip(outcomes, payloads, strict=True):
-            body, _, code = out.decode(errors="replace").rpartition("\n")
-            if code != "201":
-                failures.append(f"{kind} upload of {path.name}: HTTP {code} {body[:200]} {err!r}")
-                continue
-            job = json.loads(body)
-            reported = job["inputs"][0]["sha256"]
-            stored = list((server.data / "jobs" / job["id"]).glob("input-file*"))
-            if reported != digest:
-                failures.append(f"{kind} upload of {path.name}: server reported {reported}")
-            elif len(stored) != 1 or sha256_file(stored[0]) != digest:
-                failures.append(f"{kind} upload of {path.name}: stored file differs")
-            else:
-                stored_ok += 1
-        # Only the polls sent while the uploads ran count.
-        end = started + wall
-        lat = sorted(d for t, d in polled["latencies"] if started <= t <= end)
+        # Only the polls sent while uploads ran count.
+        lat = sorted(d for t, d in polled["latencies"] if any(a <= t <= b for a, b in windows))
         if not lat:
             failures.append("no poll completed")
         if polled["errors"]:
@@ -352,7 +367,7 @@ def phase_uploads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result.update(
             stored_ok=stored_ok,
             upload_wall_s=round(wall, 2),
-            upload_mb_s=round(n * size / 1e6 / wall, 1),
+            upload_mb_s=round(args.rounds * n * size / 1e6 / wall, 1),
             polls=len(lat),
             poll_errors=len(polled["errors"]),
             polls_per_s=round(len(lat) / wall, 1),
@@ -489,6 +504,7 @@ def main() -> int:
     ap.add_argument("--pollers", type=int, default=50)
     ap.add_argument("--poll-interval", type=float, default=0.1,
                     help="seconds each poller waits between polls (0: back to back)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=3, help="times the uploads are repeated")
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the figures here too")
@@ -498,7 +514,7 @@ def main() -> int:
     ap.add_argument("--phase", choices=["all", "uploads", "queue"], default="all")
     args = ap.parse_args()
     if args.quick:
-        args.uploads, args.size_mib, args.pollers, args.jobs = 4, 16, 10, 20
+        args.uploads, args.size_mib, args.pollers, args.jobs, args.rounds = 4, 16, 10, 20, 1
 
     for tool in ("curl", "ffmpeg", "ffprobe"):
         if shutil.which(tool) is None:
@@ -528,9 +544,10 @@ def main() -> int:
     print()
     if "uploads" in results:
         u = results["uploads"]
-        print(f"uploads: {u['uploads']} x {u['size_mib']} MiB (raw, chunked, multipart) "
-              f"beside {u['pollers']} pollers")  # fmt: skip
-        print(f"  stored with the right sha256: {u.get('stored_ok')}/{u['uploads']}, "
+        print(f"uploads: {u['rounds']} rounds of {u['uploads']} x {u['size_mib']} MiB (raw, "
+              f"chunked, multipart) beside {u['pollers']} pollers, "
+              f"each polling every {u['poll_interval_s']} s")  # fmt: skip
+        print(f"  stored with the right sha256: {u.get('stored_ok')}/{u['uploads'] * u['rounds']}, "
               f"{u.get('upload_mb_s')} MB/s in all ({u.get('upload_wall_s')} s)")  # fmt: skip
         print(f"  polls during the uploads: {u.get('polls')} ({u.get('polls_per_s')}/s), "
               f"errors {u.get('poll_errors')}, p50 {u.get('poll_p50_ms')} ms, "
