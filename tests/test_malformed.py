@@ -546,11 +546,6 @@ def test_malformed_request_gets_a_json_4xx_and_leaves_nothing(
     assert server.output.count("Traceback") == tracebacks, server.output[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="twisted's LineReceiver drops a line over 16 KiB by closing the connection "
-    "without an answer; transcoder.web._Channel does not override lineLengthExceeded",
-)
 @pytest.mark.parametrize(
     ("data", "status"),
     [
@@ -571,11 +566,6 @@ def test_overlong_line_is_answered_not_dropped(
     assert reply.json()["error"]["code"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobsResource._receiveBody checks free disk (507) before the maximum upload "
-    "size (413): a too-large upload is told to retry later",
-)
 def test_declared_length_over_the_maximum_is_413_even_when_it_would_not_fit(
     server: ServerProcess,
 ) -> None:

@@ -233,11 +233,6 @@ def test_multipart_damaged_bodies_only_ever_raise_api_errors(
         shutil.rmtree(staging.parent)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MultipartBody.dataReceived passes b'' to PushMultipartParser.parse, which "
-    "takes it for the end of the stream: later chunks then fail with 'parser closed'",
-)
 def test_multipart_empty_chunk_is_not_the_end() -> None:
     """An empty chunk in the middle of a body is no data, not the end of the body: the upload is stored as sent."""
     body = (

@@ -308,11 +308,6 @@ def test_kill_9_during_upload_leaves_nothing_after_restart(
         second.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry._recover finds a leftover encoder only by its stored pid, "
-    "which is written after the spawn; see the test's docstring",
-)
 def test_leftover_encoder_found_without_its_stored_pid(
     tmp_path: Path, paced_profiles: Path, recovery_clip: Path, subreaper: None
 ) -> None:

@@ -113,11 +113,6 @@ class SlowClient:
         self._thread.join(self.limit + 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no deadline for the request head: twisted's HTTPChannel resets its idle "
-    "timer on every byte, so a client sending headers a byte at a time is never cut off",
-)
 def test_headers_a_byte_at_a_time_are_cut_off(server: ServerProcess) -> None:
     """A client that sends its request head a byte every half second (never idle for the idle timeout) is still disconnected within three idle timeouts."""
     fds = server.open_fds()

@@ -339,9 +339,15 @@ class JobRegistry:
             if job.state.finished:
                 continue
             job_dir = self.job_dir(job.id)
+            # The pid reaches the store just after the spawn (and RUNNING just
+            # before it), so a server killed in between left an encoder that
+            # only its working directory tells of, even for a job stored QUEUED.
+            groups = set(_groups_working_in(job_dir))
+            if job.pid is not None:
+                groups.add(job.pid)
+            for pgid in sorted(groups):
+                _stop_leftover_encoder(pgid, job_dir, job.id)
             if job.state is JobState.RUNNING:
-                if job.pid is not None:
-                    _stop_leftover_encoder(job.pid, job_dir, job.id)
                 _remove_partials(job_dir)
                 _reset(job)
                 _log.info(
@@ -695,6 +701,29 @@ def _stop_leftover_encoder(pid: int, job_dir: Path, job_id: str) -> None:
                 return
             time.sleep(0.02)
     _log.error("leftover encoder {pid} of job {job_id} survived SIGKILL", pid=pid, job_id=job_id)
+
+
+def _groups_working_in(job_dir: Path) -> list[int]:
+    """Process groups (other than ours) with a process whose working directory is C{job_dir}."""
+    target = os.path.realpath(job_dir)
+    ours = os.getpgrp()
+    found: set[int] = set()
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "cwd") != target:
+                continue
+            pgid = os.getpgid(int(entry.name))
+        except OSError:
+            continue
+        if pgid != ours:
+            found.add(pgid)
+    return sorted(found)
 
 
 def _is_encoder_of(pid: int, job_dir: Path) -> bool:

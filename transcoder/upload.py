@@ -427,6 +427,9 @@ class MultipartBody(_BaseBody):
             raise APIError(400, "bad_multipart", f"malformed multipart body: {e}") from None
 
     def dataReceived(self, data: bytes) -> None:
+        if not data:
+            # No data, not the end: to the parser an empty chunk means end of input.
+            return
         self._count(data)
         self._feed(data)
 

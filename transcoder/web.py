@@ -288,12 +288,13 @@ class JobsResource(JSONResource):
     def _receiveBody(self, request: server.Request, length: int | None) -> IRequestBody:
         if request.method not in (b"POST", b"PUT"):
             raise APIError(400, "unexpected_body", f"{request.method.decode()} takes no body")
-        self._registry.check_capacity()
-        self._check_disk(length)
+        # The client's own errors first: a body over the maximum will never fit.
         if length is not None and length > self._max:
             raise APIError(
                 413, "too_large", f"the upload ({length} bytes) exceeds the maximum of {self._max}"
             )
+        self._registry.check_capacity()
+        self._check_disk(length)
         if length == 0:
             raise APIError(400, "empty_body", "the upload is empty")
         boundary = multipart_boundary(request)
@@ -776,12 +777,52 @@ def build_root(
 
 
 class _Channel(HTTPChannel):
-    """An HTTP channel whose malformed-request answer is JSON too."""
+    """
+    An HTTP channel whose every answer is JSON, down to a malformed request's,
+    and that gives a request's head one idle timeout to arrive in full:
+    HTTPChannel resets its idle timer on every byte, so without that a client
+    sending its headers a byte at a time would hold the connection forever.
+    """
+
+    _headDeadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._headDeadline is None and self.line_mode and self.timeOut:
+            self._headDeadline = self.callLater(self.timeOut, self._headTooSlow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeadDeadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancelHeadDeadline()
+        super().connectionLost(reason)
+
+    def _cancelHeadDeadline(self) -> None:
+        if self._headDeadline is not None and self._headDeadline.active():
+            self._headDeadline.cancel()
+        self._headDeadline = None
+
+    def _headTooSlow(self) -> None:
+        self._headDeadline = None
+        self._answerAndClose(APIError(408, "request_timeout", "the request head came too slowly"))
+
+    def _answerAndClose(self, error: APIError) -> None:
+        transport: Any = self.transport
+        transport.write(raw_response(error))
+        self.loseConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        transport: Any = self.transport
-        transport.write(raw_response(APIError(400, "bad_request", "malformed HTTP request")))
-        self.loseConnection()
+        self._answerAndClose(APIError(400, "bad_request", "malformed HTTP request"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Past the request line (its parts are kept until the body is in), a header is too long.
+        if hasattr(self, "_command"):
+            error = APIError(431, "header_too_large", "a request header line is too long")
+        else:
+            error = APIError(414, "uri_too_long", "the request line is too long")
+        self._answerAndClose(error)
 
 
 def _channel_factory(factory: Any) -> _GenericHTTPChannelProtocol:
