@@ -799,7 +799,7 @@ async def test_uploads_refused_before_100_continue(
         raw = await connect_raw(
             port,
             b"PUT /jobs?profile=mp4-h264 HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 500000000\r\nExpect: 100-continue\r\n\r\n",
+            b"Content-Length: 500000\r\nExpect: 100-continue\r\n\r\n",
         )
         data = await raw.closed
     assert b"100 Continue" not in data
