@@ -318,6 +318,7 @@ def test_client_values_never_reach_an_encoders_argv(setup: Setup) -> None:
             assert reply.json()["error"]["code"], what
             refused += 1
     assert refused > 0 and accepted, (refused, len(accepted))
+    print(f"{refused + len(accepted)} hostile uploads: {refused} refused, {len(accepted)} accepted")
 
     for what, job in accepted:
         done = wait_finished(setup, "alice", str(job["id"]), timeout=60)

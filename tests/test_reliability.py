@@ -9,6 +9,7 @@ takes about as long as it does alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -67,6 +68,7 @@ class SlowClient:
         self.limit = limit
         self.cut_after: float | None = None
         self.sent = 0
+        self.received = b""
         self._sock = socket.create_connection(("127.0.0.1", port))
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -79,6 +81,7 @@ class SlowClient:
             return False
         except OSError:
             return True
+        self.received += data
         # An answer (an error) followed by the close counts as being cut off too.
         return data == b"" or self._closed_within(seconds)
 
@@ -114,13 +117,30 @@ class SlowClient:
 
 
 def test_headers_a_byte_at_a_time_are_cut_off(server: ServerProcess) -> None:
-    """A client that sends its request head a byte every half second (never idle for the idle timeout) is still disconnected within three idle timeouts."""
+    """A client that sends its request head a byte every half second (never idle for the idle timeout) gets a JSON 408 and is disconnected once the head has taken an idle timeout."""
     fds = server.open_fds()
     client = SlowClient(server.port, "headers", pause=0.5, limit=3 * IDLE + 1)
     client.join()
     assert client.cut_after is not None, f"still connected after {client.sent} bytes"
-    assert client.cut_after <= 3 * IDLE + 0.5
+    assert IDLE - 0.5 <= client.cut_after <= IDLE + 1, client.cut_after
+    head, _, body = client.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), client.received[:200]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
     assert wait_for(lambda: server.open_fds() <= fds)
+
+
+def test_keep_alive_client_pausing_between_requests_is_served(server: ServerProcess) -> None:
+    """The head deadline runs per request: a keep-alive client that pauses less than the idle timeout between requests, longer than one in all, gets every answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for _ in range(3):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}\n"):
+                chunk = s.recv(65536)
+                assert chunk, "closed between requests"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            time.sleep(IDLE * 0.75)
 
 
 @pytest.mark.parametrize(
@@ -152,8 +172,6 @@ def test_slow_body_is_cut_off_and_its_partial_file_removed(
 
 
 def _upload(server: ServerProcess, path: Path) -> tuple[float, dict[str, object]]:
-    import json
-
     start = time.monotonic()
     r = subprocess.run(
         ["curl", "-sS", "-f", "-T", str(path), f"{server.url}/jobs?profile=avi-mpeg4"],
