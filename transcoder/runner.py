@@ -274,23 +274,31 @@ class _Execution:
 
     async def _run(self) -> Outcome:
         self._partial.unlink(missing_ok=True)
-        infos: list[MediaInfo] = []
         for role in self._profile.inputs:
             if role not in self._inputs:
                 return self._failed(f"missing input: {role}")
-            try:
-                infos.append(
-                    await self._interruptible(
-                        maybeDeferred(self._probe, self._reactor, self._inputs[role])
-                    )
-                )
-            except CancelledError:
-                return self._stopped(None)
-            except NotMediaError:
-                return self._failed(f"not a recognised media file: {role}")
-            except Exception as e:
-                _log.failure("probing input {role}", Failure(), role=role)
-                return self._failed(f"could not probe input {role}: {e}")
+        # All inputs are probed at once: each ffprobe costs tens of milliseconds.
+        probes = [
+            (role, maybeDeferred(self._probe, self._reactor, self._inputs[role]))
+            for role in self._profile.inputs
+        ]
+        infos: list[MediaInfo] = []
+        try:
+            for role, probing in probes:
+                try:
+                    infos.append(await self._interruptible(probing))
+                except CancelledError:
+                    return self._stopped(None)
+                except NotMediaError:
+                    return self._failed(f"not a recognised media file: {role}")
+                except Exception as e:
+                    _log.failure("probing input {role}", Failure(), role=role)
+                    return self._failed(f"could not probe input {role}: {e}")
+        finally:
+            for _, probing in probes:
+                if not probing.called:
+                    probing.cancel()
+                probing.addErrback(lambda _: None)
         if self._stop is not None:
             return self._stopped(None)
 
@@ -365,6 +373,19 @@ class _Execution:
 
     async def _accept(self, duration: float | None, last: str | None) -> Outcome:
         """Check the encoder's output and, if it passes, make it the result."""
+        # Hashing (on a thread) runs while ffprobe checks the output: if the
+        # output fails the check, the digest is simply not used.
+        hashing = self._hash(self._partial)
+        try:
+            return await self._check_and_keep(duration, last, hashing)
+        finally:
+            if not hashing.called:
+                hashing.cancel()
+            hashing.addErrback(lambda _: None)
+
+    async def _check_and_keep(
+        self, duration: float | None, last: str | None, hashing: Deferred[str]
+    ) -> Outcome:
         try:
             info = await self._interruptible(
                 maybeDeferred(self._probe, self._reactor, self._partial)
@@ -389,7 +410,7 @@ class _Execution:
                     0,
                 )
         try:
-            digest = await self._interruptible(self._hash(self._partial))
+            digest = await self._interruptible(hashing)
         except CancelledError:
             return self._stopped(0)
         final = self._job_dir / f"result.{self._profile.output_extension}"
