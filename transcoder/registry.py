@@ -452,8 +452,12 @@ class JobRegistry:
         percent = min(100.0, max(0.0, float(percent)))
         if percent == job.progress:
             return
+        whole_percent_changed = int(percent) != int(job.progress)
         job.progress = percent
-        self._notify(job)
+        # Long-polls wake on whole percents: encoders report many times a
+        # second, and each wake-up is an HTTP answer.
+        if whole_percent_changed:
+            self._notify(job)
         if run.flush_call is not None:
             return
         wait = run.last_saved + PROGRESS_SAVE_INTERVAL - self._reactor.seconds()
