@@ -130,6 +130,7 @@ def test_kill_9_with_uploads_of_every_kind_in_flight(tmp_path: Path) -> None:
     """SIGKILL while a raw, a chunked and a multipart upload stream in: after a restart the job finished before is intact, and nothing of the three remains, neither a file nor a job."""
     data = tmp_path / "data"
     server = ServerProcess(data, "--workers", "1", "--min-free-disk", "0")
+    sockets: list[socket.socket] = []
     try:
         done_bytes = os.urandom(3 * MiB)
         status, done = put(f"{server.url}/jobs?profile=avi-mpeg4&filename=kept.flv", done_bytes)
@@ -137,7 +138,7 @@ def test_kill_9_with_uploads_of_every_kind_in_flight(tmp_path: Path) -> None:
         # Random bytes fail their probe: the job is finished before the crash.
         done = wait_job(server, str(done["id"]))
         part = os.urandom(2 * MiB)
-        sockets = [
+        sockets += [
             _start(
                 server,
                 "PUT /jobs?profile=avi-mpeg4 HTTP/1.1\nHost: x\nContent-Length: 50000000",
@@ -165,7 +166,7 @@ def test_kill_9_with_uploads_of_every_kind_in_flight(tmp_path: Path) -> None:
         assert wait_for(lambda: len(staged()) == 3 and min(staged()) >= MiB), staged()
         server.kill()
     finally:
-        for s in locals().get("sockets", []):
+        for s in sockets:
             s.close()
         server.stop()
 
