@@ -22,6 +22,8 @@ ParamValue = int | float | str
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_INT = re.compile(r"^-?[0-9]{1,18}\Z")
+_FLOAT = re.compile(r"^-?[0-9]{1,18}(\.[0-9]{1,18})?\Z")
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 # Choices are substituted into argv, so they must never look like options or paths.
 _SAFE_CHOICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+]*$")
@@ -51,6 +53,13 @@ class Parameter:
             if raw not in self.choices:
                 raise _bad_param(self.name, f"must be one of {', '.join(self.choices)}")
             return raw
+        # Plain ASCII numbers only: int() and float() also take " 1_000 " and
+        # other scripts' digits, which no client means to send.
+        pattern = _INT if self.type == "int" else _FLOAT
+        if not pattern.match(raw):
+            raise _bad_param(
+                self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}"
+            )
         try:
             value = int(raw, 10) if self.type == "int" else float(raw)
         except ValueError:
