@@ -11,6 +11,8 @@ caught up, so a slow disk slows the client instead of growing memory.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import queue
@@ -37,6 +39,42 @@ class SpooledFile:
     size: int
     sha256: str
     md5: str | None
+
+
+# Start writing a file's dirty pages out every this many bytes, instead of
+# letting a big upload pile up gigabytes of them for the kernel to throttle
+# (an upload that followed others ran 3x slower, in system time, without it).
+WRITEBACK_EVERY = 16 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range: Any = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):
+    _sync_file_range = None
+
+
+def _write_all(f: IO[bytes], data: bytes | bytearray | memoryview) -> None:
+    # A raw file's write() may write less than asked (a full disk, a signal).
+    view = memoryview(data)
+    while view:
+        written = f.write(view)
+        if written is None or written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+
+
+def _start_writeback(f: IO[bytes], flushed: int, size: int) -> int:
+    """Ask the kernel to start writing out what was written since C{flushed}; the new mark."""
+    if _sync_file_range is None or size - flushed < WRITEBACK_EVERY:
+        return flushed
+    try:
+        fd = f.fileno()
+    except (OSError, AttributeError, ValueError):
+        return size
+    # Non-blocking: it only starts the writeback of that range.
+    _sync_file_range(fd, flushed, size - flushed, _SYNC_FILE_RANGE_WRITE)
+    return size
 
 
 class _Open:
@@ -141,6 +179,7 @@ class Spool:
         sha: Any = None
         md5: Any = None
         size = 0
+        flushed = 0
         current: Path | None = None
         files: list[SpooledFile] = []
         failed = False
@@ -152,7 +191,8 @@ class Spool:
                 n = len(item)
                 if not failed and f is not None:
                     try:
-                        f.write(item)
+                        _write_all(f, item)
+                        flushed = _start_writeback(f, flushed, size + n)
                         size += n
                         sha.update(item)
                         if md5 is not None:
@@ -164,6 +204,7 @@ class Spool:
             elif isinstance(item, _Open):
                 current = item.path
                 size = 0
+                flushed = 0
                 sha = hashlib.sha256()
                 md5 = hashlib.md5() if item.md5 else None
                 try:
