@@ -59,10 +59,10 @@ endef
 
 help:
 	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data"
-	@echo "make test    set up, then run pytest (extra arguments: PYTEST_ARGS='...')"
+	@echo "make test    set up, then lint and run pytest (extra arguments: PYTEST_ARGS='...')"
 	@echo "make lint    ruff check, ruff format --check, mypy"
-	@echo "make bench   upload benchmark against nginx, aiohttp, stock twisted.web and the"
-	@echo "             project (SIZE_MIB=$(SIZE_MIB) ROUNDS=$(ROUNDS)); see docs/performance.md"
+	@echo "make bench   uploads against nginx, aiohttp and stock twisted.web, the job engine's"
+	@echo "             overhead, downloads against nginx, and the load test; see docs/performance.md"
 	@echo "make setup   only the set-up that run and test do"
 
 setup: sysdeps venv
@@ -94,7 +94,8 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 run: setup
 	$(VENV)/bin/transcoder serve --listen tcp:8080:interface=127.0.0.1 --data-dir ./data
 
-test: setup
+# Lint first: it takes seconds, and type or format slips fail here as in review.
+test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The upload bench's copied scripts are kept byte for byte as they were handed over.
