@@ -26,13 +26,13 @@ from urllib.parse import parse_qsl, quote
 import pytest
 import pytest_twisted
 import yaml
+from fakes import FakeExecution, FakeExecutor, MemoryStore
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.response.exceptions import MissingData
 from openapi_schema_validator import OAS31Validator
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.twisted import MetricsResource
-from test_registry import FakeExecution, FakeExecutor, MemoryStore
 from treq.testing import StubTreq
 from twisted.internet import reactor, utils
 from twisted.internet.defer import Deferred

@@ -5,23 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import prometheus_client
 import pytest
 import pytest_twisted
+from fakes import EndingExecutor, MemoryStore
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.resource import IResource, Resource
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from transcoder.jobs import IJobStore, InputFile, Job, JobState, new_job_id
+from transcoder.jobs import InputFile, Job, JobState, new_job_id
 from transcoder.metrics import UPLOAD_OUTCOMES, Metrics
 from transcoder.profiles import Profile
 from transcoder.registry import JobRegistry
@@ -34,58 +32,9 @@ PROFILES = {
 
 
 @dataclass
-class Outcome:
-    state: JobState
-    output: None = None
-    exit_code: int | None = None
-    error: str | None = None
-    log_tail: str | None = None
-
-
-@dataclass(eq=False)
-class Execution:
-    deferred: Deferred[Outcome] = field(default_factory=Deferred)
-
-    def cancel(self) -> None:
-        self.deferred.callback(Outcome(JobState.CANCELLED))
-
-
-class Executor:
-    """Pretend encoders: each run ends when the test says."""
-
-    def __init__(self) -> None:
-        self.runs: dict[str, Execution] = {}
-
-    def __call__(self, reactor: Any, /, **kwargs: Any) -> Execution:
-        execution = Execution()
-        self.runs[Path(kwargs["job_dir"]).name] = execution
-        return execution
-
-    def finish(self, job: Job, state: JobState = JobState.SUCCEEDED) -> None:
-        self.runs[job.id].deferred.callback(Outcome(state))
-
-
-@implementer(IJobStore)
-class MemoryStore:
-    path = Path(":memory:")
-
-    def load(self) -> list[Job]:
-        return []
-
-    def save(self, job: Job) -> Deferred[None]:
-        return succeed(None)
-
-    def delete(self, job_id: str) -> Deferred[None]:
-        return succeed(None)
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)
-
-
-@dataclass
 class Env:
     clock: Clock
-    executor: Executor
+    executor: EndingExecutor
     registry: JobRegistry
     metrics: Metrics
     data_dir: Path
@@ -133,7 +82,7 @@ class Scrape:
 def env(tmp_path: Path) -> Env:
     clock = Clock()
     clock.advance(T0)
-    executor = Executor()
+    executor = EndingExecutor()
     registry = JobRegistry(clock, MemoryStore(), tmp_path, PROFILES, workers=2, executor=executor)
     registry.start()
     metrics = Metrics(registry, tmp_path)

@@ -8,19 +8,19 @@ import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from fakes import FakeExecutor, MemoryStore
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
-from zope.interface import implementer
 
 from transcoder.errors import APIError
-from transcoder.jobs import IJobStore, InputFile, Job, JobState, OutputFile, new_job_id
+from transcoder.jobs import InputFile, Job, JobState, OutputFile, new_job_id
 from transcoder.profiles import Profile, builtin_profiles
 from transcoder.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
 from transcoder.store import SQLiteJobStore
@@ -41,110 +41,6 @@ TIMED = Profile(
     timeout=42.0,
 )
 PROFILES = {p.name: p for p in (PROFILE, TIMED)}
-
-
-@dataclass
-class FakeOutcome:
-    state: JobState
-    output: OutputFile | None = None
-    exit_code: int | None = None
-    error: str | None = None
-    log_tail: str | None = None
-
-
-@dataclass(eq=False)
-class FakeExecution:
-    """One pretend encoder run; the test decides when and how it ends."""
-
-    kwargs: dict[str, Any]
-    deferred: Deferred[FakeOutcome] = field(default_factory=Deferred)
-    pid: int | None = None
-    cancels: int = 0
-
-    @property
-    def job_id(self) -> str:
-        return Path(self.kwargs["job_dir"]).name
-
-    def progress(self, percent: float) -> None:
-        self.kwargs["on_progress"](percent)
-
-    def spawn(self, pid: int) -> None:
-        self.pid = pid
-        self.kwargs["on_spawn"](pid)
-
-    def finish(self, state: JobState = JobState.SUCCEEDED, **kw: Any) -> None:
-        self.deferred.callback(FakeOutcome(state, **kw))
-
-    def cancel(self) -> None:
-        self.cancels += 1
-
-
-class FakeExecutor:
-    """Records every execution and how many ran at once."""
-
-    def __init__(self) -> None:
-        self.executions: list[FakeExecution] = []
-        self.active = 0
-        self.most_active = 0
-        self.fail_next = False
-
-    def __call__(self, reactor: Any, /, **kwargs: Any) -> FakeExecution:
-        if self.fail_next:
-            self.fail_next = False
-            raise OSError("no such encoder")
-        execution = FakeExecution(kwargs)
-        self.executions.append(execution)
-        self.active += 1
-        self.most_active = max(self.most_active, self.active)
-
-        def ended(result: object) -> object:
-            self.active -= 1
-            return result
-
-        # Added before the registry's own callback, so a successor started by
-        # the registry is counted only after this one stopped counting.
-        execution.deferred.addBoth(ended)
-        return execution
-
-    @property
-    def started_ids(self) -> list[str]:
-        return [e.job_id for e in self.executions]
-
-    def running(self) -> list[FakeExecution]:
-        return [e for e in self.executions if not e.deferred.called]
-
-
-@implementer(IJobStore)
-class MemoryStore:
-    """An L{IJobStore} that keeps a copy of every record it was given."""
-
-    path = Path(":memory:")
-
-    def __init__(self, jobs: list[Job] | None = None) -> None:
-        self.rows: dict[str, dict[str, Any]] = {j.id: j.to_record() for j in jobs or []}
-        self.saves: list[dict[str, Any]] = []
-        self.closed = False
-
-    def load(self) -> list[Job]:
-        return sorted((Job.from_record(r) for r in self.rows.values()), key=lambda j: j.seq)
-
-    def save(self, job: Job) -> Deferred[None]:
-        assert not self.closed, "save after close"
-        record = job.to_record()
-        self.saves.append(record)
-        self.rows[job.id] = record
-        return succeed(None)
-
-    def delete(self, job_id: str) -> Deferred[None]:
-        self.rows.pop(job_id, None)
-        return succeed(None)
-
-    def close(self) -> Deferred[None]:
-        self.closed = True
-        return succeed(None)
-
-    def saves_of(self, job_id: str) -> list[dict[str, Any]]:
-        return [r for r in self.saves if r["id"] == job_id]
 
 
 @dataclass

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from fakes import EndingExecutor, MemoryStore
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
-from zope.interface import implementer
 
-from transcoder.jobs import IJobStore, InputFile, Job, JobState, new_job_id
+from transcoder.jobs import InputFile, Job, JobState, new_job_id
 from transcoder.profiles import Profile
 from transcoder.registry import JobRegistry
 from transcoder.retention import RetentionSweeper
@@ -29,64 +28,10 @@ PROFILE = Profile(
 
 
 @dataclass
-class Outcome:
-    state: JobState
-    output: None = None
-    exit_code: int | None = None
-    error: str | None = None
-    log_tail: str | None = None
-
-
-@dataclass(eq=False)
-class Execution:
-    deferred: Deferred[Outcome] = field(default_factory=Deferred)
-
-    def cancel(self) -> None:
-        self.deferred.callback(Outcome(JobState.CANCELLED))
-
-
-class Executor:
-    """Pretend encoders: each run ends when the test says."""
-
-    def __init__(self) -> None:
-        self.runs: dict[str, Execution] = {}
-
-    def __call__(self, reactor: Any, /, **kwargs: Any) -> Execution:
-        execution = Execution()
-        self.runs[Path(kwargs["job_dir"]).name] = execution
-        return execution
-
-    def finish(self, job: Job, state: JobState = JobState.SUCCEEDED) -> None:
-        self.runs[job.id].deferred.callback(Outcome(state))
-
-
-@implementer(IJobStore)
-class MemoryStore:
-    path = Path(":memory:")
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[str, Any]] = {}
-
-    def load(self) -> list[Job]:
-        return []
-
-    def save(self, job: Job) -> Deferred[None]:
-        self.rows[job.id] = job.to_record()
-        return succeed(None)
-
-    def delete(self, job_id: str) -> Deferred[None]:
-        self.rows.pop(job_id, None)
-        return succeed(None)
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)
-
-
-@dataclass
 class Env:
     clock: Clock
     store: MemoryStore
-    executor: Executor
+    executor: EndingExecutor
     registry: JobRegistry
 
     def add(self) -> Job:
@@ -109,7 +54,7 @@ def env(tmp_path: Path) -> Env:
     clock = Clock()
     clock.advance(T0)
     store = MemoryStore()
-    executor = Executor()
+    executor = EndingExecutor()
     registry = JobRegistry(clock, store, tmp_path, {"copy": PROFILE}, workers=1, executor=executor)
     registry.start()
     return Env(clock, store, executor, registry)

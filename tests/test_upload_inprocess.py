@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest_twisted
 import treq
-from test_registry import FakeExecutor, FakeOutcome
+from fakes import FakeExecutor, FakeOutcome
 from test_spool import FailingFile, settle
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
