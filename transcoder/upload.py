@@ -59,6 +59,9 @@ LINGER_BYTES = 16 << 20
 # Reading 1 MiB per recv instead of 64 KiB cut the upload path's CPU by a
 # quarter (measured; see docs/performance.md).
 UPLOAD_READ_SIZE = 1 << 20
+# A body must bring at least this much per idle-timeout window (64 KiB a
+# minute with the default timeout: about 1 KiB/s).
+MIN_BYTES_PER_WINDOW = 64 * 1024
 
 _MAX_FIELD = 8 * 1024
 _MAX_FIELDS = 64
@@ -508,6 +511,11 @@ class TranscoderRequest(server.Request):
 
     body: IRequestBody | None = None
     _refused = False
+    _received = 0
+    _receivedAtCheck = 0
+    _paused = False
+    _pausedInWindow = False
+    _rateCall: Any = None
     _linger: Any = None
     _lingerLeft = 0
 
@@ -559,6 +567,44 @@ class TranscoderRequest(server.Request):
         transport: Any = self.transport
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = UPLOAD_READ_SIZE
+        self._watchRate(channel)
+
+    def _watchRate(self, channel: Any) -> None:
+        """
+        Cut off a body that trickles: the idle timeout only catches a client
+        that sends nothing, so one byte a second would hold a connection and
+        a staging file for days.  Each idle-timeout window must bring at
+        least L{MIN_BYTES_PER_WINDOW}, unless the server itself paused reading.
+        """
+        window = channel.timeOut
+        if not window:
+            return
+
+        def check() -> None:
+            self._rateCall = None
+            if self.body is None:
+                return
+            if self._received - self._receivedAtCheck < MIN_BYTES_PER_WINDOW and not (
+                self._pausedInWindow
+            ):
+                self._failMidBody(
+                    APIError(
+                        408,
+                        "too_slow",
+                        f"the body came slower than {MIN_BYTES_PER_WINDOW} bytes in {window:g} s",
+                    )
+                )
+                return
+            self._receivedAtCheck = self._received
+            self._pausedInWindow = self._paused
+            self._rateCall = channel.callLater(window, check)
+
+        self._rateCall = channel.callLater(window, check)
+
+    def _stopWatchingRate(self) -> None:
+        if self._rateCall is not None and self._rateCall.active():
+            self._rateCall.cancel()
+        self._rateCall = None
 
     def _route(self, method: bytes, uri: bytes, version: bytes) -> IResource:
         """Find the resource early; L{process} finds it again the usual way later."""
@@ -575,6 +621,7 @@ class TranscoderRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         body = self.body
         if body is not None:
+            self._received += len(data)
             try:
                 body.dataReceived(data)
             except APIError as e:
@@ -588,6 +635,7 @@ class TranscoderRequest(server.Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._stopWatchingRate()
         if self._refused:
             self._close()
             return
@@ -600,6 +648,9 @@ class TranscoderRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def _pressure(self, paused: bool) -> None:
+        self._paused = paused
+        if paused:
+            self._pausedInWindow = True
         if self.channel is None or self._disconnected:
             return
         transport: Any = self.transport
@@ -609,6 +660,7 @@ class TranscoderRequest(server.Request):
             transport.resumeProducing()
 
     def _failMidBody(self, error: APIError) -> None:
+        self._stopWatchingRate()
         body, self.body = self.body, None
         if body is not None:
             body.abort()
@@ -655,6 +707,7 @@ class TranscoderRequest(server.Request):
             self.channel.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._stopWatchingRate()
         body, self.body = self.body, None
         if body is not None:
             body.abort()
