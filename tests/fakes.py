@@ -1,5 +1,6 @@
 """
-Fakes shared by the unit tests: an in-memory job store and pretend encoders.
+Fakes shared by the unit tests: an in-memory job store, pretend encoders, and
+a reactor whose spawnProcess spawns nothing.
 (Real encoders and real SQLite are exercised elsewhere.)
 """
 
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from transcoder.jobs import IJobStore, Job, JobState, OutputFile
@@ -143,3 +147,33 @@ class EndingExecutor:
 
     def finish(self, job: Job, state: JobState = JobState.SUCCEEDED) -> None:
         self.runs[job.id].deferred.callback(FakeOutcome(state))
+
+
+@dataclass
+class FakeTransport:
+    pid: int
+    signals: list[str | int] = field(default_factory=list)
+    stdin_closed: bool = False
+
+    def signalProcess(self, sig: str | int) -> None:
+        self.signals.append(sig)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+
+@implementer(IReactorProcess)
+class FakeReactor(Clock):
+    """A Clock whose spawnProcess records what it was asked and spawns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[dict[str, Any]] = []
+
+    def spawnProcess(
+        self, proto: ProcessProtocol, executable: str, args: list[str], **kw: Any
+    ) -> FakeTransport:
+        transport = FakeTransport(pid=90000 + len(self.spawned))
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        self.spawned.append({"proto": proto, "executable": executable, "args": args, **kw})
+        return transport

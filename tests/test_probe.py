@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_twisted
+from fakes import FakeReactor
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from transcoder.probe import (
     MediaInfo,
@@ -31,34 +27,6 @@ from transcoder.probe import (
 
 if TYPE_CHECKING:
     from conftest import Clips
-
-
-@dataclass
-class FakeTransport:
-    pid: int = 4242
-    signals: list[str | int] = field(default_factory=list)
-    stdin_closed: bool = False
-
-    def signalProcess(self, sig: str | int) -> None:
-        self.signals.append(sig)
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-
-@implementer(IReactorProcess)
-class FakeReactor(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[dict[str, Any]] = []
-
-    def spawnProcess(
-        self, proto: ProcessProtocol, executable: str, args: list[str], **kw: Any
-    ) -> FakeTransport:
-        transport = FakeTransport()
-        proto.makeConnection(transport)  # type: ignore[arg-type]
-        self.spawned.append({"proto": proto, "executable": executable, "args": args, **kw})
-        return transport
 
 
 def _doc(**overrides: Any) -> bytes:

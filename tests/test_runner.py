@@ -14,50 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeReactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo
 from transcoder.profiles import Profile
 from transcoder.runner import IJobExecution, Outcome, execute_job
-
-
-@dataclass
-class FakeTransport:
-    pid: int
-    signals: list[str | int] = field(default_factory=list)
-    stdin_closed: bool = False
-
-    def signalProcess(self, sig: str | int) -> None:
-        self.signals.append(sig)
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-
-@implementer(IReactorProcess)
-class FakeReactor(Clock):
-    """A Clock whose spawnProcess records what it was asked and spawns nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[dict[str, Any]] = []
-
-    def spawnProcess(
-        self, proto: ProcessProtocol, executable: str, args: list[str], **kw: Any
-    ) -> FakeTransport:
-        transport = FakeTransport(pid=90000 + len(self.spawned))
-        proto.makeConnection(transport)  # type: ignore[arg-type]
-        self.spawned.append({"proto": proto, "executable": executable, "args": args, **kw})
-        return transport
 
 
 def _info(duration: float | None, *types: str) -> MediaInfo:
