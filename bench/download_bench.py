@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -45,9 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-TICK = os.sysconf("SC_CLK_TCK")
-_PORT = re.compile(r"[Ss]ite starting on (\d+)")
+from _project_server import TICK, ProjectServer
+
 _FRAME = (1280, 720)
 _PROFILE = "copy-nut"
 _PROFILES_TOML = f"""
@@ -167,42 +165,11 @@ def make_input(path: Path, size_mib: int) -> None:
     )
 
 
-class Project:
+class Project(ProjectServer):
     def __init__(self, work: Path) -> None:
         profiles = work / "profiles.toml"
         profiles.write_text(_PROFILES_TOML)
-        self.log = work / "server.log"
-        self.data_dir = work / "data"
-        self.argv = [
-            str(BIN / "transcoder"),
-            "serve",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--data-dir",
-            str(self.data_dir),
-            "--profiles",
-            str(profiles),
-            "--max-upload-size",
-            "16G",
-        ]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = _PORT.search(self.log.read_text(errors="replace"))
-            if m:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise SystemExit("the server did not start:\n" + self.log.read_text(errors="replace"))
+        super().__init__(work, "--profiles", str(profiles), "--max-upload-size", "16G")
 
     def make_result(self, source: Path) -> tuple[str, Path]:
         """Upload C{source} to the copy profile; the result's URL and file once it succeeded."""
@@ -222,11 +189,6 @@ class Project:
             raise SystemExit(f"the job {job['state']}: {job.get('error')}")
         (result,) = (self.data_dir / "jobs" / job["id"]).glob("result.*")
         return self.url + job["output"]["result_url"], result
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(60)
 
 
 class Nginx:

@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,12 +47,10 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+from _project_server import ProjectServer
+
 from transcoder.probe import tool_env
 from transcoder.profiles import Profile, builtin_profiles
-
-BIN = Path(sys.executable).parent
-TICK = os.sysconf("SC_CLK_TCK")
-_PORT = re.compile(r"[Ss]ite starting on (\d+)")
 
 
 def ffmpeg(*args: str) -> None:
@@ -90,52 +85,6 @@ def make_inputs(work: Path, seconds: int, size: str) -> dict[str, Path]:
 
 def inputs_for(profile: Profile, files: dict[str, Path]) -> dict[str, Path]:
     return {role: files[role] for role in profile.inputs}
-
-
-class Server:
-    """`transcoder serve` on a port the kernel picks."""
-
-    def __init__(self, work: Path) -> None:
-        self.log = work / "server.log"
-        argv = [
-            str(BIN / "transcoder"),
-            "serve",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--data-dir",
-            str(work / "data"),
-            "--workers",
-            "1",
-        ]
-        self.argv = argv
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = _PORT.search(self.log.read_text(errors="replace"))
-            if m:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise SystemExit("the server did not start:\n" + self.log.read_text(errors="replace"))
-
-    def cpu(self) -> float:
-        """user+sys CPU seconds of the server process itself (its encoders are not counted)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(60)
 
 
 def run_direct(profile: Profile, inputs: dict[str, Path], work: Path) -> float:
@@ -205,7 +154,7 @@ def epoch(rfc3339: str) -> float:
 
 
 def run_server(
-    server: Server, profile: Profile, inputs: dict[str, Path], work: Path, pause: float
+    server: ProjectServer, profile: Profile, inputs: dict[str, Path], work: Path, pause: float
 ) -> tuple[float, float, int]:
     """
     Seconds from the upload's 201 answer to the job's end as the server
@@ -278,7 +227,7 @@ def main() -> None:
     server = None
     try:
         files = make_inputs(work, args.seconds, args.size)
-        server = Server(work)
+        server = ProjectServer(work, "--workers", "1")
         times: dict[str, dict[str, list[float]]] = {
             n: {"direct": [], "server": [], "probe": [], "cpu": []} for n in names
         }
