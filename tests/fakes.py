@@ -6,6 +6,7 @@ a reactor whose spawnProcess spawns nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,29 @@ class FakeReactor(Clock):
         proto.makeConnection(transport)  # type: ignore[arg-type]
         self.spawned.append({"proto": proto, "executable": executable, "args": args, **kw})
         return transport
+
+
+class AnnouncingRegistry:
+    """The registry's read and subscription surface, with changes announced by the test (L{change})."""
+
+    def __init__(self) -> None:
+        self.subscribers: list[Callable[[Job], None]] = []
+        self.live: dict[str, Job] = {}
+
+    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        return lambda: self.subscribers.remove(callback)
+
+    def jobs(self) -> list[Job]:
+        return list(self.live.values())
+
+    def get(self, job_id: str) -> Job | None:
+        return self.live.get(job_id)
+
+    queued_count = 0
+    running_count = 0
+
+    def change(self, job: Job) -> None:
+        self.live[job.id] = job
+        for callback in list(self.subscribers):
+            callback(job)

@@ -33,14 +33,13 @@ from openapi_core.validation.response.exceptions import MissingData
 from openapi_schema_validator import OAS31Validator
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.twisted import MetricsResource
+from rawhttp import connect_raw, split_response
 from treq.testing import StubTreq
 from twisted.internet import reactor, utils
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from zope.interface.verify import verifyObject
 
@@ -246,41 +245,6 @@ async def served(api: Api) -> AsyncIterator[int]:
         yield port.getHost().port
     finally:
         await port.stopListening()
-
-
-class Raw(Protocol):
-    """Sends bytes as given and keeps what comes back, for what clients' libraries hide."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.closed: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.closed.callback(self.data)
-
-
-async def connect_raw(port: int, request: bytes) -> Raw:
-    proto = Raw(request)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    return proto
-
-
-def split_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status.split()[1]), headers, body
 
 
 # -- index, profiles, health, metrics ------------------------------------------

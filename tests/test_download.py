@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from rawhttp import connect_raw, split_response
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -355,41 +356,15 @@ def test_stop_producing_closes_the_file(served_file: Path) -> None:
     assert len(request.writes) == writes
 
 
-class Collect(Protocol):
-    """Sends one request and keeps everything that comes back until the server closes."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.done.callback(self.data)
-
-
 async def raw_exchange(resource: Any, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """One request over a real socket, read byte for byte: what a client like curl sees."""
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
     try:
-        proto = Collect(request)
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), proto)
-        data = await proto.done
+        proto = await connect_raw(port.getHost().port, request)
+        data = await proto.closed
     finally:
         await port.stopListening()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status.split()[1]), headers, body
+    return split_response(data)
 
 
 class Reader(Protocol):

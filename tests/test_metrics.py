@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import prometheus_client
 import pytest
 import pytest_twisted
-from fakes import EndingExecutor, MemoryStore
+from fakes import AnnouncingRegistry, EndingExecutor, MemoryStore
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from treq.testing import StubTreq
@@ -193,32 +192,6 @@ async def test_encode_time_histogram(env: Env) -> None:
     assert scrape.value("transcoder_encode_seconds_bucket", profile="slow", le="1200.0") == 1
 
 
-class FakeRegistry:
-    """The registry's surface, with changes announced by the test."""
-
-    def __init__(self) -> None:
-        self.subscribers: list[Callable[[Job], None]] = []
-        self.live: dict[str, Job] = {}
-
-    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]:
-        self.subscribers.append(callback)
-        return lambda: self.subscribers.remove(callback)
-
-    def jobs(self) -> list[Job]:
-        return list(self.live.values())
-
-    def get(self, job_id: str) -> Job | None:
-        return self.live.get(job_id)
-
-    queued_count = 0
-    running_count = 0
-
-    def change(self, job: Job) -> None:
-        self.live[job.id] = job
-        for callback in list(self.subscribers):
-            callback(job)
-
-
 def finished(profile: str = "fast", took: float = 10.0) -> Job:
     return Job(
         id=new_job_id(),
@@ -233,7 +206,7 @@ def finished(profile: str = "fast", took: float = 10.0) -> Job:
 
 def test_each_job_is_timed_once(tmp_path: Path) -> None:
     """A finished job notified again is not observed twice; nor after stop()."""
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     metrics = Metrics(registry, tmp_path)
     metrics.start()
     job = finished(took=7)
@@ -251,7 +224,7 @@ def test_each_job_is_timed_once(tmp_path: Path) -> None:
 
 def test_memory_of_observed_jobs_follows_the_registry(tmp_path: Path) -> None:
     """Deleted jobs are forgotten once many were timed; live ones are still timed only once."""
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     metrics = Metrics(registry, tmp_path)
     metrics.start()
     kept = finished()
@@ -268,8 +241,8 @@ def test_memory_of_observed_jobs_follows_the_registry(tmp_path: Path) -> None:
 
 def test_instances_do_not_clash(tmp_path: Path) -> None:
     """Two instances count apart, and prometheus_client's global registry is left alone."""
-    one = Metrics(FakeRegistry(), tmp_path)
-    two = Metrics(FakeRegistry(), tmp_path)
+    one = Metrics(AnnouncingRegistry(), tmp_path)
+    two = Metrics(AnnouncingRegistry(), tmp_path)
     one.upload_finished("created", 10)
     assert Scrape(one.generate().decode()).value("transcoder_upload_bytes_total") == 10
     assert Scrape(two.generate().decode()).value("transcoder_upload_bytes_total") == 0
@@ -278,7 +251,7 @@ def test_instances_do_not_clash(tmp_path: Path) -> None:
 
 def test_missing_data_dir_leaves_out_free_disk(tmp_path: Path) -> None:
     """When free space cannot be read, that one metric is left out and the scrape still works."""
-    metrics = Metrics(FakeRegistry(), tmp_path / "gone")
+    metrics = Metrics(AnnouncingRegistry(), tmp_path / "gone")
     scrape = Scrape(metrics.generate().decode())
     assert scrape.samples("transcoder_free_disk_bytes") == []
     assert scrape.value("transcoder_queue_depth") == 0

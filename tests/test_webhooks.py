@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from fakes import AnnouncingRegistry
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
@@ -35,26 +36,6 @@ from transcoder.webhooks import (
 
 SECRET = b"s3cret-for-tests"
 URL = "http://hooks.example/transcoder?token=abc"
-
-
-class FakeRegistry:
-    """The registry's subscription surface: tests announce changes with L{change}."""
-
-    def __init__(self) -> None:
-        self.subscribers: list[Callable[[Job], None]] = []
-        self.live: dict[str, Job] = {}
-
-    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]:
-        self.subscribers.append(callback)
-        return lambda: self.subscribers.remove(callback)
-
-    def get(self, job_id: str) -> Job | None:
-        return self.live.get(job_id)
-
-    def change(self, job: Job) -> None:
-        self.live[job.id] = job
-        for callback in list(self.subscribers):
-            callback(job)
 
 
 @dataclass
@@ -128,7 +109,7 @@ def finished_job(
 @dataclass
 class Env:
     clock: Clock
-    registry: FakeRegistry
+    registry: AnnouncingRegistry
     receiver: Receiver
     http: StubTreq
     notifier: WebhookNotifier
@@ -143,7 +124,7 @@ def make_env(
     codes: list[int] | None = None, hang: bool = False, secret: bytes | None = SECRET, **kw: Any
 ) -> Env:
     clock = Clock()
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     receiver = Receiver(codes, hang)
     http = StubTreq(receiver)
     notifier = WebhookNotifier(clock, registry, secret=secret, http=http, **kw)
@@ -322,7 +303,7 @@ def test_timeout_counts_as_a_failure() -> None:
 def test_stop_cancels_timers_and_requests() -> None:
     """stop() cancels retry timers and requests in flight, and no later change sends anything."""
     clock = Clock()
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     failing = Receiver([500])
     hanging = Receiver(hang=True)
     failing_notifier = WebhookNotifier(clock, registry, secret=None, http=StubTreq(failing))
@@ -378,7 +359,7 @@ def _raise() -> Deferred[Any]:
 def test_client_errors_are_retried_and_never_raised() -> None:
     """A client that raises or fails (connection refused) is retried; the registry sees no error."""
     clock = Clock()
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     http = FakeHTTP(
         _raise,
         lambda: fail(ConnectionRefusedError()),
@@ -404,7 +385,7 @@ def test_client_errors_are_retried_and_never_raised() -> None:
 def test_invalid_url_is_not_called() -> None:
     """A callback URL that is not http(s) (stored before validation got stricter) is skipped."""
     clock = Clock()
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     http = FakeHTTP(lambda: succeed(FakeResponse(200)))
     notifier = WebhookNotifier(clock, registry, secret=None, http=http)
     notifier.start()
@@ -440,7 +421,7 @@ def test_is_callback_url(url: str, ok: bool) -> None:
 def test_memory_of_handled_jobs_follows_the_registry() -> None:
     """Deleted jobs are forgotten once many have been handled; live ones still get one POST."""
     clock = Clock()
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     http = FakeHTTP(lambda: succeed(FakeResponse(200)))
     notifier = WebhookNotifier(clock, registry, secret=None, http=http)
     notifier.start()
@@ -459,9 +440,9 @@ def test_memory_of_handled_jobs_follows_the_registry() -> None:
 def test_bad_arguments() -> None:
     """Nonsense limits are refused when the notifier is built."""
     with pytest.raises(ValueError):
-        WebhookNotifier(Clock(), FakeRegistry(), secret=None, http=FakeHTTP(), max_attempts=0)
+        WebhookNotifier(Clock(), AnnouncingRegistry(), secret=None, http=FakeHTTP(), max_attempts=0)
     with pytest.raises(ValueError):
-        WebhookNotifier(Clock(), FakeRegistry(), secret=None, http=FakeHTTP(), timeout=0)
+        WebhookNotifier(Clock(), AnnouncingRegistry(), secret=None, http=FakeHTTP(), timeout=0)
 
 
 @pytest_twisted.ensureDeferred
@@ -469,7 +450,7 @@ async def test_real_loopback_server_with_treq() -> None:
     """Through real treq and a real loopback server: a 500 is retried, then the signed POST lands."""
     receiver = Receiver([500, 200])
     port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
-    registry = FakeRegistry()
+    registry = AnnouncingRegistry()
     notifier = WebhookNotifier(reactor, registry, secret=SECRET, base_delay=0.05, timeout=5.0)
     notifier.start()
     try:
