@@ -24,7 +24,6 @@ from typing import Any, TextIO
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python import usage
-from twisted.web.client import ResponseFailed
 
 from transcoder import __version__
 from transcoder.service import Options as ServeOptions
@@ -365,6 +364,9 @@ async def run_command(
     code.  Errors are reported on C{err}, results on C{out}.  C{interrupted}
     tells whether a failure is the consequence of the user's Ctrl-C.
     """
+    # The HTTP client's modules only for client commands: `serve` never loads them.
+    from twisted.web.client import ResponseFailed
+
     from transcoder.client import Client, TranscoderError
 
     own_client = client is None
@@ -396,6 +398,8 @@ async def run_command(
 
 
 def _describe(e: BaseException) -> str:
+    from twisted.web.client import ResponseFailed
+
     if isinstance(e, ResponseFailed):
         return "; ".join(str(r.value) for r in e.reasons) or "connection lost"
     return str(e) or type(e).__name__

