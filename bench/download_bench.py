@@ -20,8 +20,11 @@ Per target: MB/s (10^6 bytes/s, size over curl's time_total) median (min-max),
 the ratio to each nginx (target: project >= 0.8x nginx), the server's user+sys
 CPU seconds per GiB sent, and its peak RSS (VmHWM, MiB; target for the project:
 <= 60).  For the project the peak is over the downloads only (VmHWM reset
-once the job had ended); beside it are its RSS just after start-up and its
-peak over the whole run, the upload and the job included.
+once the job had ended, so the upload's own peak is not counted, but what
+the upload left behind is: the same process serves both); beside it are its
+RSS just before the first download (what the downloads' peak grew from),
+just after start-up, and its peak over the whole run, the upload and the job
+included.
 
 usage: download_bench.py [--size-mib 1024] [--rounds 5]
 needs: ffmpeg, curl, nginx on PATH; run with the project's virtualenv python,
@@ -249,8 +252,9 @@ def main() -> None:
         source.unlink()
         size = result.stat().st_size
         run_peak = peak_rss_mib(project.proc.pid)
-        # From here on the peak is what downloads cost.
+        # From here on the peak is what downloads cost, on top of what is resident now.
         Path(f"/proc/{project.proc.pid}/clear_refs").write_text("5")
+        before_rss = rss_mib(project.proc.pid)
         nginx = Nginx(work, result.parent)
         targets = {
             "project": (url, project.proc.pid),
@@ -286,9 +290,14 @@ def main() -> None:
         for name in targets:
             v = speed[name]
             rss = peak_rss_mib(targets[name][1])
-            rss_text = f"{rss:.0f}"
             if name == "project":
-                rss_text += f" (at start {start_rss:.0f}, whole run {run_peak:.0f})"
+                # To a tenth: the target is 60 MiB and the margin is a few.
+                rss_text = (
+                    f"{rss:.1f} (before downloads {before_rss:.1f}, at start {start_rss:.1f},"
+                    f" whole run {run_peak:.1f})"
+                )
+            else:
+                rss_text = f"{rss:.0f}"
             print(
                 f"| {name} | {med[name]:.0f} ({min(v):.0f}-{max(v):.0f}) | "
                 f"{med[name] / med['nginx']:.2f} | {med[name] / med['nginx-sendfile']:.2f} | "
