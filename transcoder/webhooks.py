@@ -190,8 +190,8 @@ class WebhookNotifier:
 
     def _client(self) -> _HTTP:
         if self._http is None:
-            # Imported here, not at the top: treq and twisted.web.client cost the
-            # server about 1.7 MiB of RSS, and most servers never send a webhook.
+            # Imported here, not at the top: treq and twisted.web.client add about
+            # 0.5 MiB to the server's RSS, and most servers never send a webhook.
             from treq.client import HTTPClient
             from twisted.web.client import Agent, HTTPConnectionPool
 
