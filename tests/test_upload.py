@@ -337,12 +337,21 @@ def test_disconnect_mid_body_leaves_nothing(server: ServerProcess, multipart: bo
     assert wait_for(lambda: server.open_fds() <= fds_before)
 
 
-def test_body_shorter_than_content_length_leaves_nothing(server: ServerProcess) -> None:
+# Declared lengths below and above PUMP_MIN: read by the reactor, and by a SocketPump.
+DECLARED = pytest.mark.parametrize("declared", [1_000_000, 50_000_000])
+
+
+@DECLARED
+def test_body_shorter_than_content_length_leaves_nothing(
+    server: ServerProcess, declared: int
+) -> None:
     """A body that ends before its Content-Length (the client half-closes) makes no job and leaves no file."""
     before = stored_files(server.data_dir)
     s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
-    s.sendall(os.urandom(1000))
+    s.sendall(
+        b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared
+    )
+    s.sendall(os.urandom(300_000))
     s.shutdown(socket.SHUT_WR)
     s.settimeout(10)
     assert s.recv(1000) == b""  # closed, no answer: there was no complete request
@@ -351,10 +360,15 @@ def test_body_shorter_than_content_length_leaves_nothing(server: ServerProcess) 
     assert stored_files(server.data_dir) == before
 
 
-def test_idle_client_is_cut_off_and_its_partial_file_removed(server: ServerProcess) -> None:
+@DECLARED
+def test_idle_client_is_cut_off_and_its_partial_file_removed(
+    server: ServerProcess, declared: int
+) -> None:
     """A client that stops sending mid-body is disconnected after --idle-timeout (3 s here); nothing stays."""
     s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    s.sendall(
+        b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared
+    )
     s.sendall(os.urandom(10000))
     assert wait_for(lambda: leftovers(server.data_dir) != [])
     started = time.monotonic()
@@ -463,10 +477,13 @@ def test_truncated_multipart_gets_400(server: ServerProcess) -> None:
     assert wait_for(lambda: leftovers(server.data_dir) == [])
 
 
-def test_trickling_body_is_cut_off_with_408(server: ServerProcess) -> None:
+@DECLARED
+def test_trickling_body_is_cut_off_with_408(server: ServerProcess, declared: int) -> None:
     """A body that never pauses for the idle timeout but brings under 64 KiB per idle window (3 s here) gets 408 and its partial file is removed."""
     s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    s.sendall(
+        b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % declared
+    )
     started = time.monotonic()
     s.settimeout(0.5)
     data = b""

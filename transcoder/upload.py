@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import multipart
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
@@ -42,6 +43,7 @@ from zope.interface import Interface, implementer
 
 from transcoder._http import ErrorResource, allowed_methods, raw_response
 from transcoder._names import extension, sanitise_filename
+from transcoder._pump import PumpEnd, SocketPump
 from transcoder._spool import Opener, Spool, SpooledFile, _open
 from transcoder.errors import APIError, method_not_allowed
 from transcoder.jobs import InputFile
@@ -62,6 +64,10 @@ UPLOAD_READ_SIZE = 1 << 20
 # A body must bring at least this much per idle-timeout window (64 KiB a
 # minute with the default timeout: about 1 KiB/s).
 MIN_BYTES_PER_WINDOW = 64 * 1024
+# Raw bodies of a known length above this are read by a SocketPump, all but
+# their last PUMP_TAIL bytes, which come through the HTTP channel as usual.
+PUMP_MIN = 4 << 20
+PUMP_TAIL = 64 * 1024
 
 _MAX_FIELD = 8 * 1024
 _MAX_FIELDS = 64
@@ -218,6 +224,7 @@ class _BaseBody:
         opener: Opener,
     ) -> None:
         self.job_id = job_id
+        self.reactor = reactor
         self.staging = staging
         self._max = max_size
         self._received = 0
@@ -297,6 +304,14 @@ class RawBody(_BaseBody):
     def dataReceived(self, data: bytes) -> None:
         self._count(data)
         self.spool.write(data)
+
+    def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+        """A L{SocketPump}'s buffer, on the pump's thread, written after what came before."""
+        self.spool.lend(view, giveBack)
+
+    def lent(self, nbytes: int) -> None:
+        """Count what a pump lent, once it has stopped (its length was checked up front)."""
+        self._received += nbytes
 
     def finish(self) -> Deferred[Submission]:
         self._finishing = True
@@ -518,6 +533,10 @@ class TranscoderRequest(server.Request):
     _rateCall: Any = None
     _linger: Any = None
     _lingerLeft = 0
+    # Set from gotLength until a SocketPump has handed the socket back.
+    _pumping = False
+    _pump: SocketPump | None = None
+    _timeOut: float | None = None
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
@@ -567,7 +586,66 @@ class TranscoderRequest(server.Request):
         transport: Any = self.transport
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = UPLOAD_READ_SIZE
+        if (
+            isinstance(body, RawBody)
+            and length is not None
+            and length - PUMP_TAIL >= PUMP_MIN
+            and isinstance(transport, tcp.Connection)
+        ):
+            # Reading stops now; the rest of the bytes already read still
+            # reach handleContentChunk before the pump starts.
+            self._pumping = True
+            transport.stopReading()
+            channel.callLater(0, self._startPump, body, length)
         self._watchRate(channel)
+
+    def _startPump(self, body: RawBody, length: int) -> None:
+        channel: Any = self.channel
+        if self.body is not body or channel is None or self._disconnected:
+            self._pumping = False
+            return
+        left = length - self._received - PUMP_TAIL
+        if left < PUMP_MIN:
+            self._pumpEnded(PumpEnd("complete", 0))
+            return
+        # The pump watches for an idle client itself; the channel's timer would
+        # only see that the reactor stopped reading.
+        self._timeOut = channel.setTimeout(None)
+        transport: Any = self.transport
+        self._pump = SocketPump(
+            body.reactor,
+            transport.socket,
+            left,
+            body.lend,
+            self._timeOut,
+            offset=self._received,
+        )
+        self._pump.start().addCallback(self._pumpEnded)
+
+    def _pumpEnded(self, end: PumpEnd) -> None:
+        """On the reactor: count the pumped bytes where the channel counts them; read again."""
+        self._pump = None
+        self._pumping = False
+        self._received += end.received
+        if isinstance(self.body, RawBody):
+            self.body.lent(end.received)
+        channel: Any = self.channel
+        if channel is None or self._disconnected:
+            return
+        decoder = getattr(channel, "_transferDecoder", None)
+        if decoder is not None and getattr(decoder, "contentLength", None):
+            decoder.contentLength -= end.received
+        channel.setTimeout(self._timeOut)
+        if end.reason == "idle":
+            channel.timeoutConnection()
+            return
+        if not self._paused:
+            transport: Any = self.transport
+            transport.resumeProducing()
+
+    def _bodyBytes(self) -> int:
+        pump = self._pump
+        return self._received + (pump.received if pump is not None else 0)
 
     def _watchRate(self, channel: Any) -> None:
         """
@@ -584,7 +662,12 @@ class TranscoderRequest(server.Request):
             self._rateCall = None
             if self.body is None:
                 return
-            if self._received - self._receivedAtCheck < MIN_BYTES_PER_WINDOW and not (
+            pump = self._pump
+            if pump is not None and pump.stalled:
+                pump.stalled = False
+                self._pausedInWindow = True
+            received = self._bodyBytes()
+            if received - self._receivedAtCheck < MIN_BYTES_PER_WINDOW and not (
                 self._pausedInWindow
             ):
                 self._failMidBody(
@@ -595,7 +678,7 @@ class TranscoderRequest(server.Request):
                     )
                 )
                 return
-            self._receivedAtCheck = self._received
+            self._receivedAtCheck = received
             self._pausedInWindow = self._paused
             self._rateCall = channel.callLater(window, check)
 
@@ -651,7 +734,9 @@ class TranscoderRequest(server.Request):
         self._paused = paused
         if paused:
             self._pausedInWindow = True
-        if self.channel is None or self._disconnected:
+        if self.channel is None or self._disconnected or self._pumping:
+            # A pump reading the socket lends buffers and waits for them to come
+            # back: it needs no pausing, and the reactor must not read meanwhile.
             return
         transport: Any = self.transport
         if paused:
@@ -661,6 +746,9 @@ class TranscoderRequest(server.Request):
 
     def _failMidBody(self, error: APIError) -> None:
         self._stopWatchingRate()
+        if self._pump is not None:
+            # The answer goes out now; reading resumes (to linger) once the pump is off the socket.
+            self._pump.stop()
         body, self.body = self.body, None
         if body is not None:
             body.abort()
@@ -708,6 +796,8 @@ class TranscoderRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._stopWatchingRate()
+        if self._pump is not None:
+            self._pump.stop(disconnect=True)
         body, self.body = self.body, None
         if body is not None:
             body.abort()

@@ -1,0 +1,314 @@
+"""
+The socket pump reads a body's bulk on a thread into a few reusable buffers,
+and the parallel writer puts lent buffers on disk at their offsets.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from fakes import FakeExecutor, FakeOutcome
+from test_spool import settle
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from transcoder import upload
+from transcoder._pump import ALIGN, PumpEnd, SocketPump
+from transcoder._spool import _Lent, _ParallelWriter
+from transcoder.jobs import JobState
+from transcoder.profiles import load_profiles
+from transcoder.registry import JobRegistry
+from transcoder.store import SQLiteJobStore
+from transcoder.web import TranscoderSite, build_root
+
+KiB = 1024
+MiB = 1 << 20
+
+
+class Collector:
+    """A sink that keeps a copy of every lent buffer, and gives it back unless told to hold it."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.chunks: list[bytes] = []
+        self.hold = hold
+        self.held: list[Callable[[], None]] = []
+
+    def __call__(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+        self.chunks.append(bytes(view))
+        if self.hold:
+            self.held.append(giveBack)
+        else:
+            giveBack()
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def pump_for(
+    sock: socket.socket, nbytes: int, sink: Any, idle: float | None = 5.0, **kw: Any
+) -> tuple[SocketPump, list[PumpEnd]]:
+    ends: list[PumpEnd] = []
+    pump = SocketPump(reactor, sock, nbytes, sink, idle, **kw)  # type: ignore[arg-type]
+    pump.start().addCallback(ends.append)
+    return pump, ends
+
+
+@pytest.fixture
+def pair() -> Any:
+    a, b = socket.socketpair()
+    # As the reactor keeps its sockets: non-blocking.
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_exactly_its_bytes_and_leaves_the_rest_in_the_socket(pair: Any) -> None:
+    """A pump lends exactly nbytes, in order, and never reads past them: the next request's bytes stay in the socket, which is non-blocking again afterwards."""
+    a, b = pair
+    body = os.urandom(3 * MiB + 12345)
+    sink = Collector()
+    _, ends = pump_for(a, len(body), sink, bufferSize=256 * KiB, buffers=2)
+    threading.Thread(target=b.sendall, args=(body + b"GET / HTTP/1.1\r\n",)).start()
+    await settle(lambda: ends, timeout=10)
+    assert ends == [PumpEnd("complete", len(body))]
+    assert sink.data == body
+    assert fcntl.fcntl(a.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    assert a.recv(100) == b"GET / HTTP/1.1\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_buffer_ends_on_an_aligned_offset(pair: Any) -> None:
+    """Started at file offset 100, the first lent buffer ends at a multiple of ALIGN, so every full buffer after it can be written with O_DIRECT."""
+    a, b = pair
+    body = os.urandom(MiB)
+    sink = Collector()
+    _, ends = pump_for(a, len(body), sink, offset=100, bufferSize=64 * KiB, buffers=2)
+    b.sendall(body)
+    await settle(lambda: ends, timeout=10)
+    assert (100 + len(sink.chunks[0])) % ALIGN == 0
+    assert all(len(c) == 64 * KiB for c in sink.chunks[1:-1])
+    assert sink.data == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_closing_early_ends_with_eof(pair: Any) -> None:
+    """A client that closes before nbytes: the pump ends with eof and lends what came."""
+    a, b = pair
+    sink = Collector()
+    _, ends = pump_for(a, 10 * MiB, sink)
+    b.sendall(b"x" * 5000)
+    b.close()
+    await settle(lambda: ends, timeout=10)
+    assert ends[0].reason == "eof"
+    assert ends[0].received == 5000
+    assert sink.data == b"x" * 5000
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_client_ends_with_idle(pair: Any) -> None:
+    """Nothing for the idle timeout: the pump ends with idle."""
+    a, b = pair
+    sink = Collector()
+    _, ends = pump_for(a, 10 * MiB, sink, idle=0.5)
+    b.sendall(b"y" * 100)
+    await settle(lambda: ends, timeout=10)
+    assert ends == [PumpEnd("idle", 100)]
+    assert sink.data == b"y" * 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_the_pump_promptly(pair: Any) -> None:
+    """stop() ends a pump that waits for data, within a fraction of a second."""
+    a, _ = pair
+    pump, ends = pump_for(a, 10 * MiB, Collector(), idle=None)
+    pump.stop()
+    await settle(lambda: ends, timeout=3)
+    assert ends[0].reason == "stopped"
+
+
+@pytest_twisted.ensureDeferred
+async def test_buffers_not_given_back_stall_the_pump(pair: Any) -> None:
+    """With its buffers all lent and none given back, the pump reads no more and says it stalled: memory stays at its buffers."""
+    a, b = pair
+    sink = Collector(hold=True)
+    pump, ends = pump_for(a, 8 * MiB, sink, bufferSize=64 * KiB, buffers=2)
+    sender = threading.Thread(target=lambda: _send_quietly(b, os.urandom(8 * MiB)))
+    sender.start()
+    await settle(lambda: pump.stalled, timeout=5)
+    assert len(sink.chunks) == 2
+    assert pump.received <= 2 * 64 * KiB
+    for give in sink.held:
+        give()
+    sink.hold = False
+    await settle(lambda: ends, timeout=20)
+    assert ends[0] == PumpEnd("complete", 8 * MiB)
+    sender.join()
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+# The parallel writer.
+
+
+def lent(data: bytes, given: list[bytes]) -> _Lent:
+    return _Lent(memoryview(data), lambda: given.append(data))
+
+
+def test_writer_puts_each_buffer_at_its_offset(tmp_path: Path) -> None:
+    """Aligned and unaligned buffers, written by two threads, land at their offsets; each is given back once written."""
+    path = tmp_path / "out"
+    chunks = [os.urandom(n) for n in (100, ALIGN - 100, 4 * ALIGN, 4 * ALIGN, 777)]
+    given: list[bytes] = []
+    errors: list[OSError] = []
+    with open(path, "xb", buffering=0) as f:
+        writer = _ParallelWriter(path, f.fileno(), errors.append)
+        offset = 0
+        for c in chunks:
+            item = lent(c, given)
+            writer.submit(item, offset)
+            item.release()  # the spool's own hold
+            offset += len(c)
+        assert writer.drain() is None
+        writer.close()
+    assert path.read_bytes() == b"".join(chunks)
+    assert sorted(given) == sorted(chunks)
+    assert errors == []
+
+
+def test_writer_reports_the_first_error_once(tmp_path: Path) -> None:
+    """ENOSPC from a write is reported once, drain returns it, and every buffer is still given back."""
+    path = tmp_path / "out"
+    calls = [0]
+
+    def pwrite(fd: int, view: memoryview, offset: int) -> int:
+        calls[0] += 1
+        if offset >= 2 * ALIGN:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, view, offset)
+
+    given: list[bytes] = []
+    errors: list[OSError] = []
+    with open(path, "xb", buffering=0) as f:
+        writer = _ParallelWriter(path, f.fileno(), errors.append, pwrite=pwrite)
+        for i in range(6):
+            item = lent(bytes([i]) * ALIGN, given)
+            writer.submit(item, i * ALIGN)
+            item.release()
+        error = writer.drain()
+        writer.close()
+    assert error is not None and error.errno == errno.ENOSPC
+    assert len(errors) == 1 and errors[0].errno == errno.ENOSPC
+    assert len(given) == 6
+
+
+def test_writer_falls_back_when_o_direct_is_refused(tmp_path: Path) -> None:
+    """A direct write refused with EINVAL (a filesystem or buffer that does not suit) is written through the page cache instead."""
+    path = tmp_path / "out"
+    refused = [0]
+
+    def pwrite(fd: int, view: memoryview, offset: int) -> int:
+        if fd == writer._direct:
+            refused[0] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return os.pwrite(fd, view, offset)
+
+    data = os.urandom(8 * ALIGN)
+    with open(path, "xb", buffering=0) as f:
+        writer = _ParallelWriter(path, f.fileno(), lambda e: None, writers=1, pwrite=pwrite)
+        if writer._direct is None:
+            # This filesystem refused O_DIRECT at open (tmpfs does): stand in
+            # a descriptor that the fake pwrite refuses the same way.
+            writer._direct = os.open(path, os.O_WRONLY)
+        item = _Lent(memoryview(data), lambda: None)
+        writer.submit(item, 0)
+        item.release()
+        assert writer.drain() is None
+        writer.close()
+    assert refused[0] == 1
+    assert path.read_bytes() == data
+
+
+# Through a server.
+
+
+class FailingExecutor(FakeExecutor):
+    """Jobs end at once: these tests are about uploads."""
+
+    def __call__(self, reactor, /, **kwargs):  # type: ignore[no-untyped-def]
+        execution = super().__call__(reactor, **kwargs)
+        execution.deferred.callback(FakeOutcome(JobState.FAILED, error="not encoded in this test"))
+        return execution
+
+
+@pytest_twisted.async_yield_fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
+    registry = JobRegistry(
+        reactor, store, tmp_path, load_profiles(), workers=1, executor=FailingExecutor()
+    )
+    registry.start()
+    root = build_root(reactor, registry, load_profiles(), tmp_path, 1 << 30)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        TranscoderSite(root, reactor=reactor, idle_timeout=10)
+    )
+    yield port.getHost().port, tmp_path
+    await port.stopListening()
+    await registry.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
+    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 16 MiB PUT is read by a pump (all but its tail), stored with the right SHA-256, and the request pipelined behind it on the same connection is answered too."""
+    port, _ = served
+    pumps: list[SocketPump] = []
+
+    class Recorded(SocketPump):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            pumps.append(self)
+
+    monkeypatch.setattr(upload, "SocketPump", Recorded)
+    body = os.urandom(16 * MiB + 333)
+    head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(
+        body
+    )
+    answer: list[bytes] = []
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head + body + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            answer.append(data)
+
+    t = threading.Thread(target=client)
+    t.start()
+    await settle(lambda: answer, timeout=30)
+    t.join()
+    first, _, second = answer[0].partition(b"HTTP/1.1 200")
+    assert first.startswith(b"HTTP/1.1 201")
+    assert hashlib.sha256(body).hexdigest().encode() in first
+    assert b'"status"' in second
+    assert len(pumps) == 1
+    assert pumps[0].received >= len(body) - upload.PUMP_TAIL - 64 * KiB
