@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,37 @@ async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
     assert b'"status"' in second
     assert len(pumps) == 1
     assert pumps[0].received >= len(body) - upload.PUMP_TAIL - 64 * KiB
+
+
+# The spool, fed as an upload feeds it: the reactor's first bytes, lent buffers, the reactor's tail.
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_mixes_copied_and_lent_bytes_in_order(tmp_path: Path) -> None:
+    """Bytes written by the reactor and buffers lent by a pump (the first one ending on an aligned offset, the last one short) make one file with the right bytes and SHA-256, whichever way each piece reached the disk; every lent buffer is given back."""
+    from test_spool import make_spool
+
+    spool, _, errors = make_spool()
+    path = tmp_path / "input"
+    spool.open(path)
+    head = os.urandom(60_001)
+    spool.write(head)
+    pieces = [head]
+    given: list[int] = []
+    sizes = [ALIGN - 60_001 % ALIGN + 512 * KiB, 512 * KiB, 512 * KiB, 3 * ALIGN, 1234]
+    for i, size in enumerate(sizes):
+        piece = os.urandom(size)
+        pieces.append(piece)
+        buf = bytearray(piece)
+        spool.lend(memoryview(buf), partial(given.append, i))
+    tail = os.urandom(70_000)
+    spool.write(tail)
+    pieces.append(tail)
+    spool.closeFile()
+    (f,) = await spool.finish()
+    data = b"".join(pieces)
+    assert path.read_bytes() == data
+    assert f.size == len(data)
+    assert f.sha256 == hashlib.sha256(data).hexdigest()
+    assert sorted(given) == list(range(len(sizes)))
+    assert errors == []

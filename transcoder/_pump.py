@@ -35,10 +35,13 @@ from twisted.internet.interfaces import IReactorThreads
 # that gives the buffer back once it is written.  Called on the pump's thread.
 Sink = Callable[[memoryview, Callable[[], None]], None]
 
-BUFFER_SIZE = 1 << 20
+BUFFER_SIZE = 512 * 1024
 # Buffers lent at once: the pump waits for one to come back (a slow disk
-# slows the client) rather than allocate, so memory stays at this many MiB.
-BUFFERS = 8
+# slows the client) rather than allocate, so memory stays bounded.  About
+# three are in use when disk and client are fast (one filling, one hashed,
+# one or two being written); the free ones are reused most recent first, so
+# a slower upload touches fewer.
+BUFFERS = 6
 # How often a waiting pump looks at its stop flag and counts idle time.
 _POLL = 0.25
 # The first buffer ends where the file's offset is a multiple of this, so that
@@ -90,7 +93,7 @@ class SocketPump:
         self._idle = idleTimeout
         self._offset = offset
         # Anonymous maps: page-aligned, as O_DIRECT wants them.
-        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, bufferSize))
         self._stop = False

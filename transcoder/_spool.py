@@ -1,25 +1,28 @@
 """
-Writing a request body's files on a thread beside the reactor.
+Writing a request body's files on threads beside the reactor.
 
-The reactor thread only parses HTTP and hands chunks over; writing and hashing
-(SHA-256 alone costs about 0.55 CPU s/GiB here) happen on the spool's own
-thread, where both release the GIL, so an upload can use both cores.  The
-backlog between the two is bounded: above C{highWater} bytes the reactor is
+The reactor thread only parses HTTP and hands chunks over (or a
+L{transcoder._pump.SocketPump} lends whole buffers, from its own thread);
+hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
+thread, and writing on two writer threads (see L{_ParallelWriter}), all of
+which release the GIL, so an upload can use both cores.  The backlog between
+the reactor and the spool is bounded: above C{highWater} bytes the reactor is
 told to stop reading from the socket, and told to resume once the thread has
 caught up, so a slow disk slows the client instead of growing memory.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import io
+import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,19 +45,6 @@ class SpooledFile:
     md5: str | None
 
 
-# Start writing a file's dirty pages out every this many bytes, instead of
-# letting a big upload pile up gigabytes of them for the kernel to throttle
-# (an upload that followed others ran 3x slower, in system time, without it).
-WRITEBACK_EVERY = 16 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-try:
-    _libc: Any = ctypes.CDLL(None, use_errno=True)
-    _sync_file_range: Any = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except (OSError, AttributeError):
-    _sync_file_range = None
-
-
 def _write_all(f: IO[bytes], data: bytes | bytearray | memoryview) -> None:
     # A raw file's write() may write less than asked (a full disk, a signal).
     view = memoryview(data)
@@ -63,19 +53,6 @@ def _write_all(f: IO[bytes], data: bytes | bytearray | memoryview) -> None:
         if written is None or written <= 0:
             raise OSError(errno.EIO, "write made no progress")
         view = view[written:]
-
-
-def _start_writeback(f: IO[bytes], flushed: int, size: int) -> int:
-    """Ask the kernel to start writing out what was written since C{flushed}; the new mark."""
-    if _sync_file_range is None or size - flushed < WRITEBACK_EVERY:
-        return flushed
-    try:
-        fd = f.fileno()
-    except (OSError, AttributeError, ValueError):
-        return size
-    # Non-blocking: it only starts the writeback of that range.
-    _sync_file_range(fd, flushed, size - flushed, _SYNC_FILE_RANGE_WRITE)
-    return size
 
 
 class _Open:
@@ -116,6 +93,12 @@ class _Lent:
 # pump's buffers are page-aligned) to be multiples of the device's block size.
 ALIGN = 4096
 WRITERS = 2
+# Bytes that do not come in lent, aligned buffers (from the reactor: chunked
+# and multipart bodies, a raw body's first and last bytes) are copied into
+# staging buffers of this size, which are written whole.  A copy costs a
+# tenth of what writing into fresh page-cache pages costs here.
+STAGING_SIZE = 512 * 1024
+STAGING_BUFFERS = 3
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 PWrite = Callable[[int, memoryview, int], int]
 
@@ -220,7 +203,8 @@ class _ParallelWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                # This filesystem or buffer does not suit O_DIRECT after all.
+                # This buffer (its address) or the filesystem does not suit
+                # O_DIRECT: this one goes through the page cache.
                 n = 0
             view, offset = view[n:], offset + n
         self._pwriteAll(self._fd, view, offset)
@@ -231,6 +215,112 @@ class _ParallelWriter:
             if n <= 0:
                 raise OSError(errno.EIO, "write made no progress")
             view, offset = view[n:], offset + n
+
+
+class _File:
+    """
+    One file being written: its size and hashes, and the way its bytes reach
+    the disk.  Used on the spool's thread only.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        f: IO[bytes],
+        md5: bool,
+        onError: Callable[[OSError], None],
+        pwrite: PWrite,
+    ) -> None:
+        self.path = path
+        self._f = f
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5() if md5 else None
+        # A file object that is not a real file (a test's stand-in) is
+        # written in order, through its own write().
+        self._writer = (
+            _ParallelWriter(path, f.fileno(), onError, pwrite=pwrite)
+            if isinstance(f, io.FileIO)
+            else None
+        )
+        self._staging: mmap.mmap | None = None
+        self._staged = 0
+        self._stagedAt = 0
+        self._made = 0
+        self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
+
+    @property
+    def failed(self) -> bool:
+        """True once a writer thread failed (it has reported the error)."""
+        return self._writer is not None and self._writer.error is not None
+
+    def write(self, data: bytes | bytearray | memoryview, lent: _Lent | None) -> None:
+        n = len(data)
+        writer = self._writer
+        if writer is None:
+            _write_all(self._f, data)
+            self.size += n
+        elif lent is not None and not (self.size % ALIGN or n % ALIGN):
+            # Aligned already: written from the lender's buffer, no copy.
+            self._flushStaging()
+            writer.submit(lent, self.size)
+            self.size += n
+        else:
+            self._stage(memoryview(data))
+        self.sha.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+
+    def _stage(self, view: memoryview) -> None:
+        while view:
+            if self._staging is None:
+                self._staging = self._buffer()
+                self._staged = 0
+                self._stagedAt = self.size
+            k = min(STAGING_SIZE - self._staged, len(view))
+            self._staging[self._staged : self._staged + k] = view[:k]
+            self._staged += k
+            self.size += k
+            view = view[k:]
+            if self._staged == STAGING_SIZE:
+                self._flushStaging()
+
+    def _buffer(self) -> mmap.mmap:
+        # Most recently used first, so that a slow upload touches one buffer.
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._made < STAGING_BUFFERS:
+            self._made += 1
+            return mmap.mmap(-1, STAGING_SIZE)
+        return self._free.get()
+
+    def _flushStaging(self) -> None:
+        buf, self._staging = self._staging, None
+        if buf is None or self._writer is None:
+            return
+        item = _Lent(memoryview(buf)[: self._staged], partial(self._free.put, buf))
+        self._writer.submit(item, self._stagedAt)
+        item.release()
+
+    def close(self) -> OSError | None:
+        """Write what is staged, wait for the writers, close; the first write error."""
+        error = None
+        if self._writer is not None:
+            self._flushStaging()
+            error = self._writer.drain()
+            self._writer.close()
+        self._f.close()
+        return error
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 _CLOSE = object()
@@ -335,15 +425,7 @@ class Spool:
     # Spool-thread side.
 
     def _run(self) -> None:
-        f: IO[bytes] | None = None
-        # Set while the current file takes lent buffers: every write of that
-        # file then goes to an explicit offset, the file position unused.
-        writer: _ParallelWriter | None = None
-        sha: Any = None
-        md5: Any = None
-        size = 0
-        flushed = 0
-        current: Path | None = None
+        current: _File | None = None
         files: list[SpooledFile] = []
         failed = False
 
@@ -355,82 +437,54 @@ class Spool:
             if item is _ABORT:
                 break
             if isinstance(item, _Lent | bytes | bytearray | memoryview):
+                lent = item if isinstance(item, _Lent) else None
                 data = item.view if isinstance(item, _Lent) else item
-                n = len(data)
-                if (
-                    writer is None
-                    and isinstance(item, _Lent)
-                    and isinstance(f, io.FileIO)
-                    and current is not None
-                ):
-                    writer = _ParallelWriter(current, f.fileno(), report, pwrite=self._pwrite)
-                if writer is not None and writer.error is not None:
+                if current is not None and current.failed:
                     failed = True
-                if not failed and f is not None:
+                if not failed and current is not None:
                     try:
-                        if writer is None:
-                            _write_all(f, data)
-                            flushed = _start_writeback(f, flushed, size + n)
-                        elif isinstance(item, _Lent):
-                            writer.submit(item, size)
-                        else:
-                            writer.writeNow(data, size)
-                        size += n
-                        sha.update(data)
-                        if md5 is not None:
-                            md5.update(data)
+                        current.write(data, lent)
                     except OSError as e:
                         failed = True
                         report(e)
-                if isinstance(item, _Lent):
-                    item.release()
+                if lent is not None:
+                    lent.release()
                 else:
-                    self._drained(n)
+                    self._drained(len(data))
             elif isinstance(item, _Open):
-                current = item.path
-                size = 0
-                flushed = 0
-                sha = hashlib.sha256()
-                md5 = hashlib.md5() if item.md5 else None
                 try:
                     f = self._opener(item.path)
                     self._created.append(item.path)
+                    current = _File(item.path, f, item.md5, report, self._pwrite)
                 except OSError as e:
                     failed = True
                     report(e)
             elif item is _CLOSE:
-                if writer is not None:
-                    if writer.drain() is not None:
-                        failed = True
-                    writer.close()
-                    writer = None
-                if f is not None:
+                if current is not None:
+                    done, current = current, None
                     try:
-                        f.close()
+                        if done.close() is not None:
+                            failed = True  # the writer reported it
                     except OSError as e:
                         if not failed:
                             failed = True
                             report(e)
-                    f = None
-                    if current is not None and sha is not None:
-                        files.append(
-                            SpooledFile(
-                                current, size, sha.hexdigest(), md5.hexdigest() if md5 else None
-                            )
+                    files.append(
+                        SpooledFile(
+                            done.path,
+                            done.size,
+                            done.sha.hexdigest(),
+                            done.md5.hexdigest() if done.md5 is not None else None,
                         )
+                    )
             elif item is _FINISH:
                 if not failed:
                     # Done: the files are kept, and nothing more comes.
                     self._reactor.callFromThread(self._finished, files)
                     return
                 # A failed spool waits for abort() to clean up.
-        if writer is not None:
-            writer.close()
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass
+        if current is not None:
+            current.abandon()
         for p in self._created:
             try:
                 os.unlink(p)
