@@ -1,15 +1,16 @@
 """
-What the server loads at start-up: the HTTP client stack (treq,
-twisted.web.client) only once a webhook is sent, so a server that never sends
-one does not carry it in its memory.
+What the server sets up at start-up, for its memory: the HTTP client stack
+(treq, twisted.web.client) is imported only once a webhook is sent, and
+glibc's malloc keeps one arena for all threads.
 
 Each check runs in a fresh interpreter: this test process has long imported
-everything.
+everything, and its threads have their arenas.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -89,8 +90,42 @@ print(json.dumps([before, sorted(m for m in sys.argv[2:] if m in sys.modules)]))
 """
 
 
-def _run(script: str, *args: str) -> Any:
+# Counts glibc's arenas after a thread allocated, with or without the service made first.
+_ARENAS = """
+import ctypes, os, sys, tempfile, threading
+from twisted.internet import reactor
+from transcoder.cli import Options
+from transcoder.service import makeService
+
+if sys.argv[1] == "service":
+    options = Options()
+    options.parseOptions(["serve", "--data-dir", sys.argv[2]])
+    makeService(options.subOptions, reactor)
+
+def allocate():
+    # Blocks above pymalloc's 512 bytes come from malloc, in this thread's arena.
+    keep = [bytearray(4096) for _ in range(1000)]
+    del keep
+
+thread = threading.Thread(target=allocate)
+thread.start()
+thread.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile() as out:
+    stream = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
     root = Path(__file__).resolve().parent.parent
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     out = subprocess.run(
         [sys.executable, "-c", script, *args],
         capture_output=True,
@@ -98,6 +133,7 @@ def _run(script: str, *args: str) -> Any:
         timeout=60,
         cwd=root,
         check=False,
+        env={**environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,3 +154,15 @@ def test_the_first_webhook_loads_the_http_client() -> None:
     before, after = _run(_SEND, f"http://127.0.0.1:{port}/hook", *CLIENT_MODULES)
     assert before == []
     assert after == sorted(CLIENT_MODULES)
+
+
+def test_the_service_keeps_one_malloc_arena(tmp_path: Path) -> None:
+    """Once the service is made, a thread's allocations come from malloc's main arena; without it, from an arena of the thread's own."""
+    assert _run(_ARENAS, "plain") == 2
+    assert _run(_ARENAS, "service", str(tmp_path / "data")) == 1
+
+
+def test_malloc_arena_max_in_the_environment_wins(tmp_path: Path) -> None:
+    """With MALLOC_ARENA_MAX set, the service leaves malloc's arenas as the operator chose."""
+    arenas = _run(_ARENAS, "service", str(tmp_path / "data"), env={"MALLOC_ARENA_MAX": "4"})
+    assert arenas == 2

@@ -5,6 +5,7 @@ serve}, the twistd plugin and C{tap.py}.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from pathlib import Path
@@ -184,8 +185,45 @@ class RegistryService(Service):
         return self.registry.stop()
 
 
+# glibc's mallopt() parameter number for the arena limit (malloc.h).
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas() -> bool:
+    """
+    Make glibc's malloc use its main arena for every thread, unless the
+    environment sets C{MALLOC_ARENA_MAX} (the operator's choice wins).
+
+    By default each thread that allocates gets an arena of its own, and memory
+    freed there stays resident: after a 1 GiB upload, whose megabyte buffers
+    pass through a writer thread, the server kept 7 to 16 MiB more than at
+    start-up, and a download after it peaked over 60 MiB.  With one arena the
+    same memory is reused by the next request and trimmed; the upload and
+    download benches showed no loss of speed.
+
+    @return: whether the limit was set (False off glibc, or when the
+        environment decides).
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, 1))
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The whole service: metrics and webhooks, the job registry, retention, the HTTP listener."""
+    """
+    The whole service: metrics and webhooks, the job registry, retention, the
+    HTTP listener.  Limits malloc to one arena first (L{limit_malloc_arenas}),
+    before any of the service's threads allocates.
+    """
+    limit_malloc_arenas()
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
