@@ -195,11 +195,12 @@ def limit_malloc_arenas() -> bool:
     environment sets C{MALLOC_ARENA_MAX} (the operator's choice wins).
 
     By default each thread that allocates gets an arena of its own, and memory
-    freed there stays resident: after a 1 GiB upload, whose megabyte buffers
-    pass through a writer thread, the server kept 7 to 16 MiB more than at
-    start-up, and a download after it peaked over 60 MiB.  With one arena the
-    same memory is reused by the next request and trimmed; the upload and
-    download benches showed no loss of speed.
+    freed there stays resident: after a 1 GiB upload the server kept about
+    2 MiB more than at start-up with the upload path of db3de1f (pump and
+    writer threads), 7 to 16 MiB with the one before it (9abb107), and a
+    download after that peaked over 60 MiB.  With one arena the same memory is
+    reused by the next request and trimmed; the upload and download benches
+    showed no loss of speed.
 
     @return: whether the limit was set (False off glibc, or when the
         environment decides).
