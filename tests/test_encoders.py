@@ -6,6 +6,7 @@ covered by test_runner with a fake reactor.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -16,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from transcoder.jobs import JobState
 from transcoder.profiles import ParamValue, Profile, builtin_profiles
-from transcoder.runner import IJobExecution, Outcome, execute_job
+from transcoder.runner import PIPE_SIZE, IJobExecution, Outcome, _enlarge_pipes, execute_job
 
 if TYPE_CHECKING:
     from conftest import Clips
@@ -175,13 +179,19 @@ async def test_mux_avi(clips: Clips, tmp_path: Path, ffprobe_json: FfprobeJson) 
 
 @pytest_twisted.ensureDeferred
 async def test_noise_is_not_media(clips: Clips, tmp_path: Path) -> None:
-    """Random bytes fail as not media before any encoder runs."""
+    """
+    Random bytes fail as not media: the encoder started beside the probe is
+    stopped (its whole group), and neither output nor log of it is left.
+    """
     run = _start(tmp_path / "job", PROFILES["avi-mpeg4"], {"file": clips.noise})
     outcome = await run.execution.deferred
     assert outcome.state is JobState.FAILED
     assert outcome.error == "not a recognised media file: file"
-    assert run.spawned == []
-    assert not (tmp_path / "job" / "encoder.log").exists()
+    assert outcome.log_tail is None
+    [pid] = run.spawned
+    assert run.execution.pid is None
+    _assert_group_gone(pid)
+    assert list((tmp_path / "job").iterdir()) == []
 
 
 # ffmpeg reading at the input's own rate (-re) takes the clip's 12 s to
@@ -315,3 +325,31 @@ async def test_short_output_fails(clips: Clips, tmp_path: Path) -> None:
     assert not (tmp_path / "job" / "result.partial.avi").exists()
     assert not (tmp_path / "job" / "result.avi").exists()
     assert all(p < 100 for p in run.progress)
+
+
+class _Waiter(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_encoder_pipes_are_enlarged(tmp_path: Path) -> None:
+    """
+    A real process transport's stdout and stderr pipes can be made to hold
+    PIPE_SIZE bytes, so an encoder keeps writing while reading rests.
+    """
+    proto = _Waiter()
+    transport = reactor.spawnProcess(
+        proto, "/bin/sleep", ["sleep", "0.2"], env={}, childFDs={0: "w", 1: "r", 2: "r"}
+    )
+    try:
+        assert _enlarge_pipes(transport)
+        for fd in (1, 2):
+            pipe = transport.pipes[fd].fileno()  # type: ignore[attr-defined]
+            assert fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) >= PIPE_SIZE
+    finally:
+        await proto.ended
+    assert not _enlarge_pipes(object())

@@ -77,6 +77,18 @@ def test_mencoder_unusable_duration_falls_back() -> None:
         assert MencoderProgress(duration).feed(_pos(1.0, 25, 61)) == 61.0
 
 
+def test_mencoder_duration_learnt_later() -> None:
+    """A duration set after the start (the probe answered) turns the byte figure into Pos over it."""
+    p = MencoderProgress(duration=None)
+    assert p.feed(_pos(1.0, 25, 17)) == 17.0
+    p.duration = 20.0
+    assert p.duration == 20.0
+    assert p.feed(_pos(2.0, 50, 18)) == 10.0
+    p.duration = float("nan")
+    assert p.duration is None
+    assert p.feed(_pos(3.0, 75, 19)) == 19.0
+
+
 def test_mencoder_incomplete_line_waits() -> None:
     """A status line counts only once its carriage return arrives, even across feeds."""
     p = MencoderProgress(duration=10.0)
@@ -134,6 +146,15 @@ def test_ffmpeg_end_is_100() -> None:
 def test_ffmpeg_without_duration() -> None:
     """Without a duration a continuing block gives no percentage."""
     assert FfmpegProgress(duration=None).feed(_block("1500000")) is None
+
+
+def test_ffmpeg_duration_learnt_later() -> None:
+    """A duration set after the start makes the next block a percentage."""
+    p = FfmpegProgress(duration=None)
+    assert p.feed(_block("1500000")) is None
+    p.duration = 6.0
+    assert p.duration == 6.0
+    assert p.feed(_block("3000000")) == 50.0
 
 
 def test_ffmpeg_out_time_fallback() -> None:

@@ -15,18 +15,20 @@ from typing import Any
 
 import pytest
 from fakes import FakeReactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from transcoder._progress import MencoderProgress
 from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo
 from transcoder.profiles import Profile
-from transcoder.runner import IJobExecution, Outcome, execute_job
+from transcoder.runner import IJobExecution, Outcome, _EncoderProtocol, execute_job
 
 
 def _info(duration: float | None, *types: str) -> MediaInfo:
@@ -46,6 +48,8 @@ class Harness:
     progress: list[float] = field(default_factory=list)
     spawns: list[int] = field(default_factory=list)
     killed: list[tuple[int, int]] = field(default_factory=list)
+    # Process groups killpg finds no trace of (setsid not yet run in the child).
+    no_group: set[int] = field(default_factory=set)
     outcomes: list[Outcome] = field(default_factory=list)
     execution: Any = None
 
@@ -59,6 +63,8 @@ class Harness:
         return succeed(answer)
 
     def killpg(self, pgid: int, sig: int) -> None:
+        if pgid in self.no_group:
+            raise ProcessLookupError(pgid)
         self.killed.append((pgid, sig))
 
     def start(self, profile: Profile, inputs: dict[str, str], **kw: Any) -> Any:
@@ -339,14 +345,105 @@ def test_output_not_media(h: Harness) -> None:
 
 
 def test_input_not_media(h: Harness) -> None:
-    """An input ffprobe rejects fails the job, naming its role, and no encoder starts."""
+    """
+    An input ffprobe rejects KILLs the encoder started beside the probes, and
+    the job fails naming the input's role, with nothing of that encoder kept.
+    """
     h.answers.update({"v.flv": _info(3.0), "a.bin": NotMediaError()})
     h.start(MUX, {"video": "v.flv", "audio": "a.bin"})
+    assert h.spawns == [90000]
+    assert h.killed == [(90000, signal.SIGKILL)]
+    # Not settled until the encoder has really ended: it could still write.
+    assert h.outcomes == []
+    h.proto.childDataReceived(2, b"VDecoder init failed\n")
+    h.output()
+    h.end(sig=9)
     [outcome] = h.outcomes
     assert outcome.state is JobState.FAILED
     assert outcome.error == "not a recognised media file: audio"
-    assert h.reactor.spawned == []
-    assert h.spawns == []
+    assert outcome.exit_code is None and outcome.log_tail is None
+    assert sorted(p.name for p in h.job_dir.iterdir()) == []
+    assert h.execution.pid is None
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_input_rejected_after_the_encoder_succeeded(h: Harness) -> None:
+    """
+    An encoder quicker than the input probe, exiting 0, proves nothing: the
+    job waits for the probe, and a rejected input fails it with no result.
+    """
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    assert h.outcomes == []
+    assert h.probed == [h.job_dir / "in.mp4"]
+    pending.errback(NotMediaError())
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "not a recognised media file: file"
+    assert h.killed == []
+    assert h.probed == [h.job_dir / "in.mp4"]
+    assert sorted(p.name for p in h.job_dir.iterdir()) == []
+    assert h.progress == []
+
+
+def test_input_accepted_after_the_encoder_ended(h: Harness) -> None:
+    """An encoder that ends before the input probe answers succeeds once the probe passes it."""
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.output()
+    h.end(0)
+    assert h.outcomes == []
+    pending.callback(_info(10.0))
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert h.probed == [h.job_dir / "in.mp4", h.job_dir / "result.partial.avi"]
+    assert (h.job_dir / "result.avi").exists()
+
+
+def test_probe_error_stops_the_encoder(h: Harness) -> None:
+    """An input that cannot be probed at all (no ffprobe) also stops the encoder and fails."""
+    h.answers["in.mp4"] = FileNotFoundError("ffprobe is not installed (not on PATH)")
+    h.start(MENCODER, {"file": "in.mp4"})
+    assert h.killed == [(90000, signal.SIGKILL)]
+    h.end(sig=9)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "could not probe input file: ffprobe is not installed (not on PATH)"
+
+
+def test_kill_before_setsid_reaches_the_child(h: Harness) -> None:
+    """
+    A stop so soon after the spawn that the child has no process group yet
+    signals the child itself, through its transport.
+    """
+    h.no_group.add(90000)
+    h.answers["in.mp4"] = NotMediaError()
+    h.start(MENCODER, {"file": "in.mp4"})
+    assert h.killed == []
+    assert h.proto.transport.signals == [signal.SIGKILL]  # type: ignore[union-attr]
+    h.end(sig=9)
+    assert h.outcomes[0].error == "not a recognised media file: file"
+
+
+def test_progress_waits_for_the_duration(h: Harness) -> None:
+    """
+    Until the input probe answers, status lines report nothing (mencoder's
+    byte figure would start high and hold the bar up); then progress is the
+    position over the duration, and never goes back.
+    """
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, _pos(0.5, percent=17) + _pos(1.0, percent=18))
+    assert h.progress == []
+    pending.callback(_info(10.0))
+    h.proto.childDataReceived(1, _pos(1.5, percent=19))
+    h.proto.childDataReceived(1, _pos(3.0, percent=20))
+    assert h.progress == [15.0, 30.0]
 
 
 def test_duration_from_first_input(h: Harness) -> None:
@@ -458,27 +555,45 @@ def test_cancel_kill_after_grace(h: Harness) -> None:
 
 
 def test_cancel_during_probe(h: Harness) -> None:
-    """cancel() while an input is being probed ends the job CANCELLED and nothing is spawned."""
+    """
+    cancel() while an input is still probed TERMs the encoder beside it and
+    stops the probe; the job ends CANCELLED once the encoder has ended.
+    """
     pending: Deferred[MediaInfo] = Deferred()
+    stopped: list[Failure] = []
+    pending.addErrback(stopped.append)
     h.answers["in.mp4"] = pending
     h.start(MENCODER, {"file": "in.mp4"})
     h.execution.cancel()
+    assert h.killed == [(90000, signal.SIGTERM)]
+    assert h.outcomes == []
+    h.output()
+    h.end(2)
     [outcome] = h.outcomes
     assert outcome.state is JobState.CANCELLED
-    assert h.reactor.spawned == []
-    assert h.killed == []
+    assert [f.type for f in stopped] == [CancelledError]
+    assert not (h.job_dir / "result.partial.avi").exists()
     assert h.execution.pid is None
 
 
 def test_time_limit_during_probe(h: Harness) -> None:
-    """The time limit covers probing: a probe still running then fails the job, unspawned."""
-    h.answers["in.mp4"] = Deferred()
+    """
+    The time limit covers probing: an input probe still running after the
+    encoder ended is stopped, and the job fails as timed out.
+    """
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
     h.start(MENCODER, {"file": "in.mp4"}, timeout=30)
+    h.output()
+    h.end(0)
     h.reactor.advance(30)
     [outcome] = h.outcomes
     assert outcome.state is JobState.FAILED
     assert outcome.error == "timed out after 30 s"
-    assert h.reactor.spawned == []
+    assert h.killed == []
+    assert pending.called
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.reactor.getDelayedCalls() == []
 
 
 def test_cancel_while_checking_output(h: Harness) -> None:
@@ -569,3 +684,87 @@ def test_progress_callback_type(h: Harness) -> None:
         h.proto.childDataReceived(1, noise(i) + _pos(i / 5))
     assert all(isinstance(p, float) and 0 <= p < 100 for p in h.progress)
     assert h.progress == sorted(h.progress)
+
+
+@dataclass
+class PausableTransport:
+    """A process transport that records pauses of its readers."""
+
+    pid: int = 90000
+    paused: bool = False
+    pauses: int = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+def _resting_protocol(tmp_path: Path) -> tuple[Any, PausableTransport, Clock, list[float]]:
+    clock = Clock()
+    progress: list[float] = []
+    proto = _EncoderProtocol(
+        (tmp_path / "log").open("wb"), 1 << 20, MencoderProgress(10.0), progress.append, clock
+    )
+    transport = PausableTransport()
+    proto.makeConnection(transport)  # type: ignore[arg-type]
+    proto.rest(0.1)
+    return proto, transport, clock, progress
+
+
+def test_reading_rests_after_a_pipe_is_emptied(tmp_path: Path) -> None:
+    """
+    A short read (the pipe was emptied) pauses reading for the rest time,
+    so a status line per frame is not a wake-up per frame; the data read is
+    still all logged and parsed.
+    """
+    proto, transport, clock, progress = _resting_protocol(tmp_path)
+    proto.childDataReceived(1, _pos(1.0))
+    assert transport.paused and transport.pauses == 1
+    assert progress == [10.0]
+    clock.advance(0.099)
+    assert transport.paused
+    clock.advance(0.001)
+    assert not transport.paused
+    proto.childDataReceived(2, b"a warning\n")
+    assert transport.paused and transport.pauses == 2
+    proto.childDataReceived(1, _pos(2.0))
+    assert transport.pauses == 2
+    clock.advance(0.1)
+    proto.processEnded(Failure(ProcessDone(0)))
+    assert (tmp_path / "log").read_bytes() == _pos(1.0) + b"a warning\n" + _pos(2.0)
+
+
+def test_reading_goes_on_while_the_pipe_is_full(tmp_path: Path) -> None:
+    """A read that filled the reader's buffer means more is waiting: no rest."""
+    proto, transport, _, _ = _resting_protocol(tmp_path)
+    proto.childDataReceived(1, b"x" * 8192)
+    proto.childDataReceived(2, b"y" * 8192)
+    assert transport.pauses == 0
+    proto.childDataReceived(1, b"x" * 100)
+    assert transport.pauses == 1
+
+
+def test_exit_ends_the_rest(tmp_path: Path) -> None:
+    """The child's exit resumes reading at once, so its last output and EOF are not delayed."""
+    proto, transport, clock, _ = _resting_protocol(tmp_path)
+    proto.childDataReceived(1, _pos(1.0))
+    assert transport.paused
+    proto.processExited(Failure(ProcessDone(0)))
+    assert not transport.paused
+    assert clock.getDelayedCalls() == []
+    proto.childDataReceived(1, _pos(2.0))
+    assert transport.pauses == 1
+
+
+def test_no_rest_unless_allowed(tmp_path: Path) -> None:
+    """Without rest() (pipes that could not be enlarged) every read is taken as it comes."""
+    clock = Clock()
+    proto = _EncoderProtocol((tmp_path / "log").open("wb"), 1 << 20, None, lambda p: None, clock)
+    transport = PausableTransport()
+    proto.makeConnection(transport)  # type: ignore[arg-type]
+    proto.childDataReceived(1, b"short")
+    assert transport.pauses == 0
+    assert clock.getDelayedCalls() == []

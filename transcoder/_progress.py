@@ -75,6 +75,15 @@ class MencoderProgress:
         self._lines = _Lines(b"\r\n")
         self.latest: float | None = None
 
+    @property
+    def duration(self) -> float | None:
+        """The input's duration in seconds; settable once a probe has told it."""
+        return self._duration
+
+    @duration.setter
+    def duration(self, duration: float | None) -> None:
+        self._duration = _usable_duration(duration)
+
     def feed(self, data: bytes) -> float | None:
         newest: float | None = None
         for line in self._lines.feed(data):
@@ -105,6 +114,15 @@ class FfmpegProgress:
         self._lines = _Lines(b"\r\n")
         self._position: float | None = None
         self.latest: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """The input's duration in seconds; settable once a probe has told it."""
+        return self._duration
+
+    @duration.setter
+    def duration(self, duration: float | None) -> None:
+        self._duration = _usable_duration(duration)
 
     def feed(self, data: bytes) -> float | None:
         newest: float | None = None

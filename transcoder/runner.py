@@ -1,15 +1,28 @@
 """
-Run one job's encode: probe the inputs, run the profile's encoder in a process
-group of its own, watch it, and accept its output only after checking it.
+Run one job's encode: run the profile's encoder in a process group of its own
+while ffprobe checks the inputs, watch it, and accept its output only after
+checking it.
 
 An encoder's exit status alone proves little: mencoder exits 0 after "encoding"
 garbage it took for raw DV, and leaves a valid but truncated AVI when stopped.
-So an output counts only if ffprobe reads it and its duration matches the
-input's.
+So an output counts only if every input passed ffprobe, ffprobe reads the
+output, and the output's duration matches the input's.
+
+The inputs are probed beside the encoder, not before it: each ffprobe run
+costs about 50 ms (loading libav's shared libraries), which on a short encode
+is several percent of the job.  The probe still decides.  An input that is not
+media kills the encoder's process group with SIGKILL at once; the job fails
+with "not a recognised media file", exactly as if the encoder had never run:
+no output, log or log tail of that encoder is kept.  And nothing is accepted
+before every input probe has answered, so even an encoder quicker than the
+probes (or one that "succeeds" on garbage) never makes garbage a result.
+What the early start costs is an encoder reading a file that is not media for
+the few tens of milliseconds of a probe; it reads untrusted files anyway.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -18,12 +31,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IProcessTransport,
     IReactorProcess,
     IReactorThreads,
     IReactorTime,
@@ -50,6 +64,14 @@ _BEFORE_DONE = 99.9
 _MIN_DURATION_SLACK = 0.1
 _MAX_TAIL_LINE = 300
 _HASH_CHUNK = 1024 * 1024
+# Seconds that reading an encoder's output rests after a read emptied a pipe,
+# and the size its pipes are given so that they hold what it prints meanwhile:
+# 10 MB/s of output, where mencoder's busiest (a stream copy) printed 4 MB/s.
+READ_PAUSE = 0.1
+PIPE_SIZE = 1024 * 1024
+# What Twisted's process reader asks for at once: a read this long may have
+# left more in the pipe.
+_FULL_READ = 8192
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -129,8 +151,24 @@ class _Tail:
         return self._last.get(2) or self._last.get(1)
 
 
+class _Pausable(Protocol):
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
 class _EncoderProtocol(ProcessProtocol):
-    """Drains both pipes into the log, the tail and the progress parser."""
+    """
+    Drains both pipes into the log, the tail and the progress parser.
+
+    mencoder prints a status line for every frame: read as it comes, that is
+    a thousand wake-ups of the server a second, each costing about 0.1 ms of
+    CPU that the encoder, using every core, then lacks.  So, once L{rest}
+    allowed it, a read that emptied a pipe makes reading rest for a while
+    (both pipes: the transport pauses as a whole) while the pipes collect the
+    next lines; a read that filled Twisted's buffer means more is waiting,
+    and reading goes on.  The child's exit ends the rest at once, so the end
+    of the output is read without delay.
+    """
 
     def __init__(
         self,
@@ -138,6 +176,7 @@ class _EncoderProtocol(ProcessProtocol):
         log_limit: int,
         parser: MencoderProgress | FfmpegProgress | None,
         on_progress: Callable[[float], None],
+        clock: IReactorTime,
     ) -> None:
         self.ended: Deferred[BaseException] = Deferred()
         self.tail = _Tail(TAIL_LINES)
@@ -146,6 +185,10 @@ class _EncoderProtocol(ProcessProtocol):
         self._written = 0
         self._parser = parser
         self._on_progress = on_progress
+        self._clock = clock
+        self._read_pause = 0.0
+        self._resting: IDelayedCall | None = None
+        self._exited = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self._write_log(data)
@@ -154,6 +197,31 @@ class _EncoderProtocol(ProcessProtocol):
             value = self._parser.feed(data)
             if value is not None:
                 self._on_progress(value)
+        if len(data) < _FULL_READ:
+            self._rest()
+
+    def rest(self, seconds: float) -> None:
+        """
+        Rest C{seconds} after each read that emptied a pipe.  Only for pipes
+        that hold what the encoder may print meanwhile: a full pipe would stop it.
+        """
+        self._read_pause = seconds
+
+    def _rest(self) -> None:
+        if self._read_pause <= 0 or self._exited or self._resting is not None:
+            return
+        cast(_Pausable, self.transport).pauseProducing()
+        self._resting = self._clock.callLater(self._read_pause, self._wake)
+
+    def _wake(self) -> None:
+        self._resting = None
+        cast(_Pausable, self.transport).resumeProducing()
+
+    def processExited(self, reason: Failure) -> None:
+        self._exited = True
+        if self._resting is not None:
+            self._resting.cancel()
+            self._wake()
 
     def _write_log(self, data: bytes) -> None:
         if self._log is None:
@@ -186,6 +254,25 @@ class _EncoderProtocol(ProcessProtocol):
         self.close_log()
         # The exception, not the Failure: a Failure would take the errback path.
         self.ended.callback(reason.value or ProcessTerminated())
+
+
+def _enlarge_pipes(transport: object) -> bool:
+    """
+    Make the encoder's stdout and stderr pipes hold L{PIPE_SIZE} bytes; whether
+    that worked (Linux only, within the system's limits, and only with
+    Twisted's own process transport, whose pipes are known).
+    """
+    pipes = getattr(transport, "pipes", None)
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if not isinstance(pipes, dict) or set_size is None:
+        return False
+    try:
+        for child_fd in (1, 2):
+            if fcntl.fcntl(pipes[child_fd].fileno(), set_size, PIPE_SIZE) < PIPE_SIZE:
+                return False
+    except (KeyError, AttributeError, OSError):
+        return False
+    return True
 
 
 def _sha256_file(path: Path) -> str:
@@ -232,6 +319,7 @@ class _Execution:
         hash_file: HashFunction | None,
         killpg: KillGroup,
         log_limit: int,
+        read_pause: float,
     ) -> None:
         self.deferred: Deferred[Outcome] = Deferred()
         self.pid: int | None = None
@@ -249,6 +337,7 @@ class _Execution:
         self._hash_file = hash_file
         self._killpg = killpg
         self._log_limit = log_limit
+        self._read_pause = read_pause
         self._partial = job_dir / f"result.partial.{profile.output_extension}"
         self._stop: str | None = None
         self._finished = False
@@ -257,6 +346,12 @@ class _Execution:
         self._time_limit: IDelayedCall | None = None
         self._kill_timer: IDelayedCall | None = None
         self._tail: _Tail | None = None
+        self._transport: IProcessTransport | None = None
+        self._parser: MencoderProgress | FfmpegProgress | None = None
+        # What probing the inputs found: their infos, or why one was rejected
+        # (the error message); None while the probes run.
+        self._probed: list[MediaInfo] | str | None = None
+        self._probing: Deferred[list[MediaInfo] | str] | None = None
 
     # Public
 
@@ -277,7 +372,42 @@ class _Execution:
         for role in self._profile.inputs:
             if role not in self._inputs:
                 return self._failed(f"missing input: {role}")
-        # All inputs are probed at once: each ffprobe costs tens of milliseconds.
+        ended = self._spawn()
+        if isinstance(ended, Outcome):
+            return ended
+        # The probes run beside the encoder (see the module's docstring).
+        self._probing = Deferred.fromCoroutine(self._probe_inputs())
+        self._probing.addCallback(self._inputs_probed)
+        status = await ended
+        self.pid = None
+        self._transport = None
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
+        self._kill_timer = None
+        exit_code, sig = _exit_status(status)
+        if self._stop is not None:
+            return self._stopped(exit_code)
+        try:
+            # Still under the time limit: the input probes may outlast the encoder.
+            probed = await self._interruptible(self._probing)
+        except CancelledError:
+            return self._stopped(exit_code)
+        self._cancel_timers()
+        if isinstance(probed, str):
+            return self._rejected(probed)
+        duration = probed[0].duration
+        last = self._tail.last_line() if self._tail is not None else None
+        if sig is not None:
+            return self._failed(_with_detail(f"encoder killed by signal {sig}", last), exit_code)
+        if exit_code != 0:
+            return self._failed(
+                _with_detail(f"encoder exited with code {exit_code}", last), exit_code
+            )
+        return await self._accept(duration, last)
+
+    async def _probe_inputs(self) -> list[MediaInfo] | str:
+        """Every input's L{MediaInfo}, in the profile's order, or why one is rejected."""
+        # All at once: each ffprobe costs tens of milliseconds.
         probes = [
             (role, maybeDeferred(self._probe, self._reactor, self._inputs[role]))
             for role in self._profile.inputs
@@ -286,41 +416,31 @@ class _Execution:
         try:
             for role, probing in probes:
                 try:
-                    infos.append(await self._interruptible(probing))
+                    infos.append(await probing)
                 except CancelledError:
-                    return self._stopped(None)
+                    raise
                 except NotMediaError:
-                    return self._failed(f"not a recognised media file: {role}")
+                    return f"not a recognised media file: {role}"
                 except Exception as e:
                     _log.failure("probing input {role}", Failure(), role=role)
-                    return self._failed(f"could not probe input {role}: {e}")
+                    return f"could not probe input {role}: {e}"
         finally:
             for _, probing in probes:
                 if not probing.called:
                     probing.cancel()
                 probing.addErrback(lambda _: None)
-        if self._stop is not None:
-            return self._stopped(None)
+        return infos
 
-        ended = self._spawn(infos[0].duration)
-        if isinstance(ended, Outcome):
-            return ended
-        status = await ended
-        self.pid = None
-        self._cancel_timers()
-        exit_code, sig = _exit_status(status)
-        if self._stop is not None:
-            return self._stopped(exit_code)
-        last = self._tail.last_line() if self._tail is not None else None
-        if sig is not None:
-            return self._failed(_with_detail(f"encoder killed by signal {sig}", last), exit_code)
-        if exit_code != 0:
-            return self._failed(
-                _with_detail(f"encoder exited with code {exit_code}", last), exit_code
-            )
-        return await self._accept(infos[0].duration, last)
+    def _inputs_probed(self, probed: list[MediaInfo] | str) -> list[MediaInfo] | str:
+        self._probed = probed
+        if isinstance(probed, str):
+            # Nothing the encoder makes of this input can be used: no grace.
+            self._signal(signal.SIGKILL)
+        elif self._parser is not None:
+            self._parser.duration = probed[0].duration
+        return probed
 
-    def _spawn(self, duration: float | None) -> Deferred[BaseException] | Outcome:
+    def _spawn(self) -> Deferred[BaseException] | Outcome:
         try:
             argv = self._profile.build_argv(
                 {role: str(path) for role, path in self._inputs.items()},
@@ -333,17 +453,19 @@ class _Execution:
         if shutil.which(argv[0], path=env["PATH"]) is None:
             return self._failed(f"encoder not found: {argv[0]}")
         setsid = shutil.which("setsid", path=env["PATH"]) or "/usr/bin/setsid"
+        # The duration comes from the input probe, which runs beside the encoder.
         parser: MencoderProgress | FfmpegProgress | None = None
         if self._profile.progress == "mencoder":
-            parser = MencoderProgress(duration)
+            parser = MencoderProgress(None)
         elif self._profile.progress == "ffmpeg":
-            parser = FfmpegProgress(duration)
+            parser = FfmpegProgress(None)
+        self._parser = parser
         try:
             # Unbuffered: the log can be read while the encoder runs.
             log = (self._job_dir / LOG_NAME).open("wb", buffering=0)
         except OSError as e:
             return self._failed(f"cannot write the encoder log: {e}")
-        proto = _EncoderProtocol(log, self._log_limit, parser, self._report_progress)
+        proto = _EncoderProtocol(log, self._log_limit, parser, self._report_progress, self._clock)
         self._tail = proto.tail
         try:
             # util-linux setsid execs the encoder in place when its caller does
@@ -361,6 +483,9 @@ class _Execution:
             proto.close_log()
             return self._failed(f"cannot start the encoder: {e}")
         transport.closeStdin()
+        if self._read_pause > 0 and _enlarge_pipes(transport):
+            proto.rest(self._read_pause)
+        self._transport = transport
         self.pid = transport.pid
         if self.pid is not None:
             try:
@@ -442,6 +567,10 @@ class _Execution:
     def _finish(self, outcome: Outcome) -> None:
         self._finished = True
         self._cancel_timers()
+        if self._probing is not None:
+            if not self._probing.called:
+                self._probing.cancel()
+            self._probing.addErrback(lambda _: None)
         if outcome.state is JobState.SUCCEEDED:
             self._report(100.0)
         else:
@@ -468,6 +597,18 @@ class _Execution:
             JobState.FAILED, exit_code=exit_code, error=error, log_tail=self._tail_text()
         )
 
+    def _rejected(self, error: str) -> Outcome:
+        """
+        An input failed its probe: the job fails as if no encoder had run,
+        so nothing that encoder printed (it was reading garbage, and was
+        killed for it) is kept to mislead.
+        """
+        try:
+            (self._job_dir / LOG_NAME).unlink(missing_ok=True)
+        except OSError as e:
+            _log.warn("cannot remove the encoder log: {error}", error=e)
+        return Outcome(JobState.FAILED, error=error)
+
     def _stopped(self, exit_code: int | None) -> Outcome:
         if self._stop == _Stop.CANCEL:
             return Outcome(JobState.CANCELLED, exit_code=exit_code, log_tail=self._tail_text())
@@ -476,6 +617,11 @@ class _Execution:
     # Progress
 
     def _report_progress(self, percent: float) -> None:
+        if not isinstance(self._probed, list):
+            # Until the probe gives the duration, mencoder has only its byte
+            # figure, which starts well above zero: reported, it would hold
+            # the bar up until the real position caught up.
+            return
         capped = min(percent, _BEFORE_DONE)
         # Steps of a tenth, the precision the API shows, so mencoder's many
         # status lines do not each become a callback.
@@ -514,7 +660,14 @@ class _Execution:
         try:
             self._killpg(self.pid, sig)
         except ProcessLookupError:
-            pass
+            # No such group yet: a stop right after the spawn can come before
+            # setsid has run in the child.  The transport signals the child
+            # itself, and knows (unlike a bare pid) whether it was reaped.
+            if self._transport is not None:
+                try:
+                    self._transport.signalProcess(sig)
+                except (ProcessExitedAlready, OSError):
+                    pass
         except OSError as e:
             _log.warn("cannot signal process group {pid}: {error}", pid=self.pid, error=e)
 
@@ -540,13 +693,15 @@ def execute_job(
     hash_file: HashFunction | None = None,
     killpg: KillGroup = os.killpg,
     log_limit: int = LOG_LIMIT,
+    read_pause: float = READ_PAUSE,
 ) -> IJobExecution:
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
 
-    The inputs are probed first; the encoder then runs with C{job_dir} as its
-    working and home directory, its output in C{result.partial.<ext>} and
-    everything it prints in C{encoder.log}.  A checked output becomes
+    The encoder starts at once, with C{job_dir} as its working and home
+    directory, its output in C{result.partial.<ext>} and everything it prints
+    in C{encoder.log}, while the inputs are probed beside it; an input that is
+    not media stops it and fails the job.  A checked output becomes
     C{result.<ext>}; any other ending removes it.
 
     @param reactor: must also provide L{IReactorTime}, and L{IReactorThreads}
@@ -554,7 +709,8 @@ def execute_job(
     @param timeout: seconds from now (probing included) after which the
         encoder is stopped and the job fails; C{None} for no limit.
     @param on_progress: called with a growing percentage, below 100 until the
-        output has been accepted, then with 100.
+        output has been accepted, then with 100; nothing before the inputs'
+        probes have answered.
     @param on_spawn: called with the encoder's pid, which is also its process
         group id, right after it starts.
     @param kill_grace: seconds between TERM and KILL when stopping.
@@ -563,6 +719,8 @@ def execute_job(
         reactor's thread pool.
     @param killpg: signals a process group (injectable for tests).
     @param log_limit: bytes of output kept in the log.
+    @param read_pause: seconds that reading the encoder's output rests after
+        a read that emptied the pipes (0: read as it comes).
     """
     execution = _Execution(
         reactor,
@@ -578,6 +736,7 @@ def execute_job(
         hash_file,
         killpg,
         log_limit,
+        read_pause,
     )
     execution.start()
     return execution
