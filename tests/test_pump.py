@@ -347,3 +347,52 @@ async def test_spool_mixes_copied_and_lent_bytes_in_order(tmp_path: Path) -> Non
     assert f.sha256 == hashlib.sha256(data).hexdigest()
     assert sorted(given) == list(range(len(sizes)))
     assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_beyond_max_pumps_are_read_by_the_reactor(
+    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_PUMPS pumps busy, another large upload is read by the reactor instead, and both store the right bytes: memory stays bounded however many arrive."""
+    port, _ = served
+    pumps: list[SocketPump] = []
+
+    class Recorded(SocketPump):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            pumps.append(self)
+
+    monkeypatch.setattr(upload, "SocketPump", Recorded)
+    monkeypatch.setattr(upload, "MAX_PUMPS", 1)
+    first, second = os.urandom(12 * MiB), os.urandom(12 * MiB)
+    answers: dict[str, bytes] = {}
+    go_on = threading.Event()
+
+    def client(name: str, body: bytes, pause: bool) -> None:
+        head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head % len(body) + body[: 6 * MiB])
+            if pause:
+                go_on.wait(20)
+            s.sendall(body[6 * MiB :])
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"}" in data:
+                    break
+            answers[name] = data
+
+    a = threading.Thread(target=client, args=("first", first, True))
+    a.start()
+    await settle(lambda: len(pumps) == 1, timeout=10)
+    b = threading.Thread(target=client, args=("second", second, False))
+    b.start()
+    await settle(lambda: "second" in answers, timeout=30)
+    go_on.set()
+    await settle(lambda: "first" in answers, timeout=30)
+    a.join()
+    b.join()
+    assert len(pumps) == 1
+    for name, body in (("first", first), ("second", second)):
+        assert answers[name].startswith(b"HTTP/1.1 201"), answers[name][:200]
+        assert hashlib.sha256(body).hexdigest().encode() in answers[name]

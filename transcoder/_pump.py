@@ -35,13 +35,15 @@ from twisted.internet.interfaces import IReactorThreads
 # that gives the buffer back once it is written.  Called on the pump's thread.
 Sink = Callable[[memoryview, Callable[[], None]], None]
 
-BUFFER_SIZE = 512 * 1024
+# Per buffer the threads hand over and wake each other a few times, which
+# cost more than the copying itself: 512 KiB buffers took about 1.2 CPU s/GiB,
+# 2 MiB buffers about 0.9 and 4 MiB 0.86 (measured; docs/performance.md).
+BUFFER_SIZE = 2 << 20
 # Buffers lent at once: the pump waits for one to come back (a slow disk
-# slows the client) rather than allocate, so memory stays bounded.  About
-# three are in use when disk and client are fast (one filling, one hashed,
-# one or two being written); the free ones are reused most recent first, so
-# a slower upload touches fewer.
-BUFFERS = 6
+# slows the client) rather than allocate, so memory stays bounded.  Three
+# keep a fast upload going (one filling, one hashed, one being written); the
+# free ones are reused most recent first, so a slower upload touches fewer.
+BUFFERS = 3
 # How often a waiting pump looks at its stop flag and counts idle time.
 _POLL = 0.25
 # The first buffer ends where the file's offset is a multiple of this, so that
@@ -97,6 +99,7 @@ class SocketPump:
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, bufferSize))
         self._stop = False
+        self._lowat = 1
         #: Bytes read so far; read by the reactor thread to judge the rate.
         self.received = 0
         #: Set while the pump waited for a buffer (the server's own slowness,
@@ -143,12 +146,15 @@ class SocketPump:
             # before the reactor reads again.
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL))
+            self._lowat = 1
             end = self._pump()
         except OSError as e:
             end = PumpEnd("error", self.received, e)
         finally:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+                # The reactor's poll would not see fewer bytes than this.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                 sock.setblocking(False)
             except OSError:
                 pass
@@ -164,6 +170,12 @@ class SocketPump:
                 return PumpEnd("stopped", self.received)
             view = memoryview(buf)
             want = min(len(buf) - self._offset % ALIGN, self._left)
+            # Wake this thread when a good part of the buffer has come, not
+            # for every segment: the wake-ups cost more than the copying.
+            lowat = max(1, min(want, len(buf)) // 4)
+            if lowat != self._lowat:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                self._lowat = lowat
             filled = 0
             why: str | None = None
             error: OSError | None = None
@@ -188,6 +200,10 @@ class SocketPump:
                 idle = 0.0
                 filled += n
                 self.received += n
+                if filled < want:
+                    # The receive timeout ended a short read: a slow client's
+                    # bytes go on to the disk now rather than wait in memory.
+                    break
             if filled:
                 self._left -= filled
                 self._offset += filled

@@ -97,8 +97,8 @@ WRITERS = 2
 # and multipart bodies, a raw body's first and last bytes) are copied into
 # staging buffers of this size, which are written whole.  A copy costs a
 # tenth of what writing into fresh page-cache pages costs here.
-STAGING_SIZE = 512 * 1024
-STAGING_BUFFERS = 3
+STAGING_SIZE = 256 * 1024
+STAGING_BUFFERS = 4
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 PWrite = Callable[[int, memoryview, int], int]
 

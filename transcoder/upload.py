@@ -68,6 +68,10 @@ MIN_BYTES_PER_WINDOW = 64 * 1024
 # their last PUMP_TAIL bytes, which come through the HTTP channel as usual.
 PUMP_MIN = 4 << 20
 PUMP_TAIL = 64 * 1024
+# Pumps at once, each with its buffers (6 MiB): beyond this, uploads are read
+# by the reactor, which bounds memory however many arrive together, and two
+# cores gain nothing from more.
+MAX_PUMPS = 4
 
 _MAX_FIELD = 8 * 1024
 _MAX_FIELDS = 64
@@ -518,6 +522,10 @@ def multipart_boundary(request: server.Request) -> str | None:
     return m.group(1).decode("latin-1")
 
 
+# Requests whose body a SocketPump reads (or is about to); reactor thread only.
+_pumping: set[TranscoderRequest] = set()
+
+
 class TranscoderRequest(server.Request):
     """
     A request whose body goes where its resource says, decided before the
@@ -591,10 +599,12 @@ class TranscoderRequest(server.Request):
             and length is not None
             and length - PUMP_TAIL >= PUMP_MIN
             and isinstance(transport, tcp.Connection)
+            and len(_pumping) < MAX_PUMPS
         ):
             # Reading stops now; the rest of the bytes already read still
             # reach handleContentChunk before the pump starts.
             self._pumping = True
+            _pumping.add(self)
             transport.stopReading()
             channel.callLater(0, self._startPump, body, length)
         self._watchRate(channel)
@@ -603,6 +613,7 @@ class TranscoderRequest(server.Request):
         channel: Any = self.channel
         if self.body is not body or channel is None or self._disconnected:
             self._pumping = False
+            _pumping.discard(self)
             return
         left = length - self._received - PUMP_TAIL
         if left < PUMP_MIN:
@@ -626,6 +637,7 @@ class TranscoderRequest(server.Request):
         """On the reactor: count the pumped bytes where the channel counts them; read again."""
         self._pump = None
         self._pumping = False
+        _pumping.discard(self)
         self._received += end.received
         if isinstance(self.body, RawBody):
             self.body.lent(end.received)
