@@ -8,22 +8,27 @@ For each built-in profile, on a generated clip (default 60 s at 640x360):
           through setsid, in a working directory, with the runner's
           environment), run with subprocess and timed from start to exit;
   server  the same job through a running `transcoder serve`: the time from
-          the 201 answer to the upload until the job ended with `succeeded`.
-          The end is the job's own `finished_at` (the server's clock is this
-          machine's), so how the bench follows the job adds nothing to it.
-          The bench follows it with `GET /jobs/<id>?wait=60` long-polls, with
-          a pause (--poll-pause, 0.2 s) after each answer: a long-poll answers
-          at every 0.1 % of progress, and without the pause a mencoder job
-          drew a hundred requests whose CPU competed with the encoder.  The
-          time includes what the service does around the encoder: probing
-          the inputs, checking the output with ffprobe and hashing it.
+          the upload's completion to the job's end with `succeeded`, both as
+          the server recorded them on this machine's clock: the job's
+          `created_at` (the body is on disk and the job is being created)
+          and its `finished_at`.  (Timing from the 201 instead would leave
+          out the 10-30 ms the job has already run when the client sees
+          the 201: the server stores and starts a job before it answers.)
+          So how the bench follows the job adds nothing to the time.  The
+          bench follows it with `GET /jobs/<id>?wait=60` long-polls, with a
+          pause (--poll-pause, 0.2 s) after each answer: a long-poll answers
+          at each whole percent of progress, and without the pause a
+          mencoder job drew many requests whose CPU competed with the
+          encoder.  The time includes what the service does around the
+          encoder: storing the job, probing the inputs (beside the encoder),
+          checking the output with ffprobe and hashing it.
 
 Direct and server runs alternate within every round, so a change in the
 machine's load hits both alike.  Round 0 is a warm-up and is not counted.
 It prints, per profile, the medians (min-max), the ratio server/direct
 (target: at most 1.05) and the difference, as a Markdown table.  The last
-two columns are what the ffprobe runs the service makes around each encode
-(each input before, the output after) take when run alone, and the CPU time the
+two columns are what the ffprobe runs the service makes for each job (each
+input, and the output) take when run one after another alone, and the CPU time the
 server process itself used during the job (reading the encoder's output,
 progress, log, hashing), which competes with the encoder for the cores.
 
@@ -155,11 +160,12 @@ def epoch(rfc3339: str) -> float:
 
 def run_server(
     server: ProjectServer, profile: Profile, inputs: dict[str, Path], work: Path, pause: float
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, str]:
     """
-    Seconds from the upload's 201 answer to the job's end as the server
-    recorded it (its C{finished_at}, on this same clock), the server's CPU
-    seconds meanwhile, and how many status requests the wait took.
+    Seconds from the upload's completion to the job's end as the server
+    recorded them (its C{created_at} and C{finished_at}, on this same clock),
+    the server's CPU seconds from the 201 on, how many status requests the
+    wait took, and where the time before the 201 went.
     """
     answer = work / "answer.json"
     if len(inputs) == 1:
@@ -196,11 +202,16 @@ def run_server(
     used = server.cpu() - c
     if job["state"] != "succeeded":
         raise SystemExit(f"{profile.name}: job {job['state']}: {job.get('error')}")
-    took = epoch(job["finished_at"]) - t
+    created, started = epoch(job["created_at"]), epoch(job["started_at"])
+    took = epoch(job["finished_at"]) - created
+    head = (
+        f"created->started {(started - created) * 1000:.0f} ms, "
+        f"started->201 seen {(t - started) * 1000:.0f} ms"
+    )
     # Keep the data dir small: delete the job outside the timed window.
     req = urllib.request.Request(f"{server.url}/jobs/{job['id']}", method="DELETE")
     urllib.request.urlopen(req, timeout=60).close()
-    return took, used, polls
+    return took, used, polls, head
 
 
 def fmt(values: list[float]) -> str:
@@ -238,7 +249,7 @@ def main() -> None:
                 d = run_direct(profile, inputs, work)
                 output = work / "direct" / f"result.partial.{profile.output_extension}"
                 p = probe_time([*inputs.values(), output])
-                s, c, polls = run_server(server, profile, inputs, work, args.poll_pause)
+                s, c, polls, head = run_server(server, profile, inputs, work, args.poll_pause)
                 if rnd:
                     times[name]["cpu"].append(c)
                     times[name]["direct"].append(d)
@@ -247,7 +258,8 @@ def main() -> None:
                 print(
                     f"round {rnd}{' (warm-up)' if not rnd else ''} {name}: "
                     f"direct {d:.2f} s, server {s:.2f} s, probes {p:.2f} s, "
-                    f"server cpu {c:.2f} s, {polls} polls",
+                    f"server cpu {c:.2f} s, {polls} polls, "
+                    f"{head}",
                     file=sys.stderr,
                 )
 
@@ -256,7 +268,7 @@ def main() -> None:
             f"seconds, median (min-max)\n"
         )
         print(
-            "| profile | direct s | server s (201 -> succeeded) | ratio | overhead s "
+            "| profile | direct s | server s (upload complete -> succeeded) | ratio | overhead s "
             "| ffprobe s | server cpu s |"
         )
         print("|---|---|---|---|---|---|---|")
