@@ -396,3 +396,97 @@ async def test_uploads_beyond_max_pumps_are_read_by_the_reactor(
     for name, body in (("first", first), ("second", second)):
         assert answers[name].startswith(b"HTTP/1.1 201"), answers[name][:200]
         assert hashlib.sha256(body).hexdigest().encode() in answers[name]
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    out = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--XyZ\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return out + b"--XyZ--\r\n"
+
+
+def _post_multipart(port: int, body: bytes, answers: list[bytes]) -> None:
+    head = (
+        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=XyZ\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            s.sendall(head % len(body) + body)
+        except OSError:
+            pass  # refused mid-body: the answer is what counts
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        answers.append(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pumped_multipart_with_two_inputs(
+    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart body with a length is parsed on the pump's thread: both file parts of a mux-avi job land in their own files with the right SHA-256."""
+    port, _ = served
+    pumps: list[SocketPump] = []
+
+    class Recorded(SocketPump):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            pumps.append(self)
+
+    monkeypatch.setattr(upload, "SocketPump", Recorded)
+    video, audio = os.urandom(7 * MiB + 5), os.urandom(5 * MiB + 3)
+    body = _multipart(
+        [("profile", None, b"mux-avi"), ("video", "v.flv", video), ("audio", "a.mp3", audio)]
+    )
+    answers: list[bytes] = []
+    t = threading.Thread(target=_post_multipart, args=(port, body, answers))
+    t.start()
+    await settle(lambda: answers, timeout=30)
+    t.join()
+    assert answers[0].startswith(b"HTTP/1.1 201"), answers[0][:300]
+    for data in (video, audio):
+        assert hashlib.sha256(data).hexdigest().encode() in answers[0]
+    assert len(pumps) == 1 and pumps[0].received > 8 * MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_multipart_refused_on_the_pumps_thread_answers_and_leaves_nothing(
+    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file part the profile does not take, found by the pump's thread after 6 MiB of a good part: 422 unknown_input as JSON, and no staged file left behind."""
+    port, data_dir = served
+    ends: list[PumpEnd] = []
+
+    class Recorded(SocketPump):
+        def start(self) -> Any:
+            return super().start().addCallback(lambda end: ends.append(end) or end)
+
+    monkeypatch.setattr(upload, "SocketPump", Recorded)
+    body = _multipart(
+        [
+            ("profile", None, b"avi-mpeg4"),
+            ("file", "a.flv", os.urandom(6 * MiB)),
+            ("bogus", "b.bin", os.urandom(4 * MiB)),
+        ]
+    )
+    answers: list[bytes] = []
+    t = threading.Thread(target=_post_multipart, args=(port, body, answers))
+    t.start()
+    await settle(lambda: answers, timeout=30)
+    t.join()
+    assert answers[0].startswith(b"HTTP/1.1 422"), answers[0][:300]
+    assert b'"unknown_input"' in answers[0]
+    assert [end.reason for end in ends] == ["failed"]
+    uploads = data_dir / "uploads"
+    await settle(lambda: not uploads.exists() or not any(uploads.iterdir()))
+    assert not uploads.exists() or not any(uploads.iterdir())

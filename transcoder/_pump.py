@@ -56,13 +56,14 @@ class PumpEnd:
     """
     Why a pump stopped: C{complete} (all its bytes read), C{eof} (the client
     closed first), C{idle} (nothing for the idle timeout), C{stopped}
-    (L{SocketPump.stop}) or C{error} (a socket error, in C{error}).
-    C{received} is every byte read from the socket, all of them lent.
+    (L{SocketPump.stop}), C{error} (a socket error, in C{error}) or
+    C{failed} (the sink raised C{error}: a body it refuses).
+    C{received} is every byte read from the socket.
     """
 
     reason: str
     received: int
-    error: OSError | None = None
+    error: BaseException | None = None
 
 
 class SocketPump:
@@ -150,6 +151,8 @@ class SocketPump:
             end = self._pump()
         except OSError as e:
             end = PumpEnd("error", self.received, e)
+        except Exception as e:
+            end = PumpEnd("failed", self.received, e)
         finally:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
@@ -178,7 +181,7 @@ class SocketPump:
                 self._lowat = lowat
             filled = 0
             why: str | None = None
-            error: OSError | None = None
+            error: BaseException | None = None
             while filled < want:
                 if self._stop:
                     why = "stopped"

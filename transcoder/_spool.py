@@ -360,6 +360,8 @@ class Spool:
         self._low = highWater // 2
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # Signalled as the backlog drains, for writers on other threads that wait.
+        self._room = threading.Condition(self._lock)
         self._pending = 0
         self._paused = False
         self._done: Deferred[list[SpooledFile]] | None = None
@@ -375,9 +377,20 @@ class Spool:
     def open(self, path: Path, md5: bool = False) -> None:
         self._queue.put(_Open(path, md5))
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, wait: bool = False) -> None:
+        """
+        Write C{data} to the open file.  On the reactor thread, a backlog above
+        C{highWater} calls C{onPressure(True)}; another thread (a pump's)
+        passes C{wait} and is held here while the backlog is above it.
+        """
         n = len(data)
         with self._lock:
+            if wait:
+                while self._pending > self._high and not self._ended:
+                    self._room.wait(0.25)
+                self._pending += n
+                self._queue.put(data)
+                return
             self._pending += n
             pause = self._pending > self._high and not self._paused
             if pause:
@@ -501,6 +514,8 @@ class Spool:
             resume = self._paused and self._pending <= self._low
             if resume:
                 self._paused = False
+            if self._pending <= self._high:
+                self._room.notify_all()
         if resume:
             self._reactor.callFromThread(self._onPressure, False)
 

@@ -429,7 +429,7 @@ class MultipartBody(_BaseBody):
                         )
         self._segment = None
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes, wait: bool = False) -> None:
         try:
             for event in self.parser.parse(data):
                 if isinstance(event, multipart.MultipartSegment):
@@ -438,7 +438,7 @@ class MultipartBody(_BaseBody):
                 elif event is None:
                     self._endSegment()
                 elif self._isFile:
-                    self.spool.write(event)
+                    self.spool.write(event, wait=wait)
                 else:
                     self._fieldValue += event
                     if len(self._fieldValue) > _MAX_FIELD:
@@ -454,6 +454,22 @@ class MultipartBody(_BaseBody):
             return
         self._count(data)
         self._feed(data)
+
+    def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+        """
+        A L{SocketPump}'s buffer, parsed on the pump's thread; an L{APIError}
+        raised here ends the pump, and the request answers it.  The parser
+        keeps bytes, not views, so the buffer is copied and given back at once.
+        """
+        try:
+            data = bytes(view)
+        finally:
+            giveBack()
+        self._feed(data, wait=True)
+
+    def lent(self, nbytes: int) -> None:
+        """Count what a pump lent, once it has stopped (its length was checked up front)."""
+        self._received += nbytes
 
     def finish(self) -> Deferred[Submission]:
         self._finishing = True
@@ -595,7 +611,7 @@ class TranscoderRequest(server.Request):
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = UPLOAD_READ_SIZE
         if (
-            isinstance(body, RawBody)
+            isinstance(body, RawBody | MultipartBody)
             and length is not None
             and length - PUMP_TAIL >= PUMP_MIN
             and isinstance(transport, tcp.Connection)
@@ -609,7 +625,7 @@ class TranscoderRequest(server.Request):
             channel.callLater(0, self._startPump, body, length)
         self._watchRate(channel)
 
-    def _startPump(self, body: RawBody, length: int) -> None:
+    def _startPump(self, body: RawBody | MultipartBody, length: int) -> None:
         channel: Any = self.channel
         if self.body is not body or channel is None or self._disconnected:
             self._pumping = False
@@ -639,7 +655,7 @@ class TranscoderRequest(server.Request):
         self._pumping = False
         _pumping.discard(self)
         self._received += end.received
-        if isinstance(self.body, RawBody):
+        if isinstance(self.body, RawBody | MultipartBody):
             self.body.lent(end.received)
         channel: Any = self.channel
         if channel is None or self._disconnected:
@@ -651,6 +667,15 @@ class TranscoderRequest(server.Request):
         if end.reason == "idle":
             channel.timeoutConnection()
             return
+        if end.reason == "failed":
+            error = end.error
+            if not isinstance(error, APIError):
+                log.failure(
+                    "reading an upload failed",
+                    failure=Failure(error) if error is not None else None,
+                )
+                error = APIError(500, "internal", "internal server error")
+            self._failMidBody(error)
         if not self._paused:
             transport: Any = self.transport
             transport.resumeProducing()
