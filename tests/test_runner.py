@@ -83,6 +83,8 @@ class Harness:
             **kw,
         )
         self.execution.deferred.addCallback(self.outcomes.append)
+        # The encoder is spawned two turns of the reactor later (one advance).
+        self.reactor.advance(0)
         return self.execution
 
     @property
@@ -174,6 +176,49 @@ def test_spawn_through_setsid(h: Harness) -> None:
     assert h.spawns == [90000]
     assert execution.pid == 90000
     assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_spawn_waits_two_turns(h: Harness) -> None:
+    """execute_job returns before the encoder is spawned, which happens two reactor turns later: whoever started the job (an upload answering 201) gets its answer written before the fork."""
+    execution = execute_job(
+        h.reactor,
+        job_dir=h.job_dir,
+        profile=MENCODER,
+        inputs={"file": h.job_dir / "in.mp4"},
+        params={"vbitrate": 900},
+        timeout=None,
+        on_progress=h.progress.append,
+        on_spawn=h.spawns.append,
+        probe=h.probe,
+        killpg=h.killpg,
+    )
+    assert h.reactor.spawned == []
+    # A Clock runs both turns' calls in one advance.
+    h.reactor.advance(0)
+    assert len(h.reactor.spawned) == 1
+    assert execution.pid == 90000
+
+
+def test_cancel_before_the_spawn_turn_spawns_nothing(h: Harness) -> None:
+    """A job cancelled before its encoder's turn came ends cancelled, and no encoder is ever spawned."""
+    execution = execute_job(
+        h.reactor,
+        job_dir=h.job_dir,
+        profile=MENCODER,
+        inputs={"file": h.job_dir / "in.mp4"},
+        params={"vbitrate": 900},
+        timeout=None,
+        on_progress=h.progress.append,
+        on_spawn=h.spawns.append,
+        probe=h.probe,
+        killpg=h.killpg,
+    )
+    outcomes: list[Outcome] = []
+    execution.deferred.addCallback(outcomes.append)
+    execution.cancel()
+    h.reactor.advance(0)
+    assert h.reactor.spawned == []
+    assert [o.state for o in outcomes] == [JobState.CANCELLED]
 
 
 def test_success(h: Harness) -> None:
@@ -644,6 +689,7 @@ def test_broken_callbacks_do_not_break_the_job(h: Harness) -> None:
         )
         outcomes: list[Outcome] = []
         execution.deferred.addCallback(outcomes.append)
+        h.reactor.advance(0)
         h.reactor.spawned[-1]["proto"].childDataReceived(1, _pos(3.0))
         h.output()
         h.reactor.spawned[-1]["proto"].processEnded(Failure(ProcessDone(0)))

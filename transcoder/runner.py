@@ -363,11 +363,22 @@ class _Execution:
     def start(self) -> None:
         if self._timeout is not None:
             self._time_limit = self._clock.callLater(self._timeout, self._timed_out)
+        # The encoder is spawned two turns of the reactor later: forking the
+        # server takes milliseconds, and whoever started the job (an upload
+        # answering 201) should not wait for it.  One turn is not enough: the
+        # answer is queued in this turn and sent in the next turn's I/O,
+        # which comes after that turn's timed calls.
+        self._clock.callLater(0, self._clock.callLater, 0, self._begin)
+
+    def _begin(self) -> None:
         d = Deferred.fromCoroutine(self._run())
         d.addErrback(self._internal_error)
         d.addCallback(self._finish)
 
     async def _run(self) -> Outcome:
+        if self._stop is not None:
+            # Cancelled (or timed out) before its turn came: nothing to stop.
+            return self._stopped(None)
         self._partial.unlink(missing_ok=True)
         for role in self._profile.inputs:
             if role not in self._inputs:
@@ -698,7 +709,7 @@ def execute_job(
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
 
-    The encoder starts at once, with C{job_dir} as its working and home
+    The encoder starts two reactor turns later, with C{job_dir} as its working and home
     directory, its output in C{result.partial.<ext>} and everything it prints
     in C{encoder.log}, while the inputs are probed beside it; an input that is
     not media stops it and fails the job.  A checked output becomes
