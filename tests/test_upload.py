@@ -267,6 +267,36 @@ def test_refused_before_the_body_without_100_continue(
     assert stored_files(server.data_dir) == before
 
 
+def test_upload_without_any_length_gets_411(server: ServerProcess) -> None:
+    """A PUT with neither Content-Length nor chunked Transfer-Encoding (HTTP reads that as no body): 411 length_required, nothing stored."""
+    before = stored_files(server.data_dir)
+    data, s = raw_request(server, "PUT /jobs?profile=avi-mpeg4 HTTP/1.1\nHost: x")
+    s.close()
+    status, headers, body = parse_response(data)
+    assert (status, body["error"]["code"]) == (411, "length_required")
+    assert headers["content-type"] == "application/json"
+    assert leftovers(server.data_dir) == []
+    assert stored_files(server.data_dir) == before
+
+
+def test_multipart_other_than_form_data_gets_415_without_100_continue(
+    server: ServerProcess,
+) -> None:
+    """A multipart/mixed body is refused with 415 unsupported_media_type before its body: no 100 Continue, nothing stored (other labels are the video itself)."""
+    before = stored_files(server.data_dir)
+    data, s = raw_request(
+        server,
+        "POST /jobs?profile=avi-mpeg4 HTTP/1.1\nHost: x\nContent-Length: 104857600\n"
+        "Content-Type: multipart/mixed; boundary=XyZ\nExpect: 100-continue",
+    )
+    s.close()
+    assert b"100 Continue" not in data
+    status, _, body = parse_response(data)
+    assert (status, body["error"]["code"]) == (415, "unsupported_media_type")
+    assert leftovers(server.data_dir) == []
+    assert stored_files(server.data_dir) == before
+
+
 def test_declared_length_above_maximum_gets_413_without_100_continue(server: ServerProcess) -> None:
     """Content-Length above --max-upload-size: 413 before any body byte, no 100 Continue."""
     data, s = raw_request(

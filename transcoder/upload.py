@@ -534,6 +534,14 @@ def multipart_boundary(request: server.Request) -> str | None:
     """The boundary if the request is C{multipart/form-data}; raise 400 if it has none."""
     ctype = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
     if not ctype.lower().startswith(b"multipart/form-data"):
+        if ctype.lower().startswith(b"multipart/"):
+            # Any other body, whatever its label, is the video itself; a
+            # multipart one is not, and no other kind of multipart is parsed.
+            raise APIError(
+                415,
+                "unsupported_media_type",
+                "multipart uploads must be multipart/form-data",
+            )
         return None
     m = _BOUNDARY.search(ctype)
     if m is None:

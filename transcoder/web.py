@@ -293,6 +293,13 @@ class JobsResource(JSONResource):
             raise APIError(
                 413, "too_large", f"the upload ({length} bytes) exceeds the maximum of {self._max}"
             )
+        if length == 0 and not request.requestHeaders.hasHeader(b"content-length"):
+            # Neither a length nor chunked: HTTP reads that as no body at all.
+            raise APIError(
+                411,
+                "length_required",
+                "an upload needs Content-Length or Transfer-Encoding: chunked",
+            )
         self._registry.check_capacity()
         self._check_disk(length)
         if length == 0:
