@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -151,3 +152,46 @@ async def test_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         await spool.finish()
     assert len(errors) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_of_known_size_is_allocated_up_front(tmp_path: Path) -> None:
+    """Opened with its size, a file has its blocks before the bytes arrive (fallocate), and ends with exactly the bytes written."""
+    spool, _, errors = make_spool()
+    path = tmp_path / "input"
+    size = 8 << 20
+    spool.open(path, size=size)
+    spool.write(b"x" * 1000)
+    await settle(lambda: path.exists() and path.stat().st_blocks * 512 >= size)
+    assert path.stat().st_blocks * 512 >= size
+    data = os.urandom(size - 1000)
+    spool.write(data)
+    spool.closeFile()
+    (f,) = await spool.finish()
+    assert path.read_bytes() == b"x" * 1000 + data
+    assert f.size == size
+    assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC from the up-front allocation is reported once, finish fails, and abort removes the file."""
+    import transcoder._spool as spool_module
+
+    def full(fd: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "_allocate", full)
+    spool, _, errors = make_spool()
+    path = tmp_path / "input"
+    spool.open(path, size=1 << 20)
+    spool.write(b"x" * 1000)
+    spool.closeFile()
+    await settle(lambda: errors)
+    assert [e.errno for e in errors] == [errno.ENOSPC]
+    done: list[None] = []
+    spool.abort(cleanup=lambda: done.append(None))
+    await settle(lambda: done)
+    assert not path.exists()

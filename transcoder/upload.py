@@ -287,6 +287,7 @@ class RawBody(_BaseBody):
         profile: Profile,
         max_size: int,
         opener: Opener = _open,
+        length: int | None = None,
     ) -> None:
         fields = query_fields(request.args or {})
         control, raw_params = _split_fields(fields)
@@ -306,7 +307,7 @@ class RawBody(_BaseBody):
         self.md5 = _content_md5(request)
         super().__init__(reactor, staging, job_id, max_size, opener)
         self.path = staging / f"input-{self.role}{extension(self.filename)}"
-        self.spool.open(self.path, md5=self.md5 is not None)
+        self.spool.open(self.path, md5=self.md5 is not None, size=length)
 
     def dataReceived(self, data: bytes) -> None:
         self._count(data)

@@ -323,7 +323,14 @@ class JobsResource(JSONResource):
         else:
             profile = _profile_for(self._profiles, _arg(request.args or {}, "profile"))
             body = RawBody(
-                self._reactor, request, staging, job_id, profile, self._max, self._opener
+                self._reactor,
+                request,
+                staging,
+                job_id,
+                profile,
+                self._max,
+                self._opener,
+                length=length,
             )
         return body
 
