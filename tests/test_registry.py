@@ -319,6 +319,19 @@ def test_changed_fires_on_progress_and_state(make_env: Callable[..., Env]) -> No
     e.addErrback(lambda f: None)
 
 
+def test_a_running_job_never_shows_100(make_env: Callable[..., Env]) -> None:
+    """An executor's report of 100 (its last, before the job's end) shows as 99.9 while the job runs; 100 comes with succeeded, so a long-poll never sees 100 and running."""
+    env = make_env()
+    job = add(env)
+    execution = env.executor.executions[0]
+    d = env.registry.changed(job.id)
+    execution.progress(100.0)
+    assert d.called
+    assert (d.result.state, d.result.progress) == (JobState.RUNNING, 99.9)
+    execution.finish()
+    assert (job.state, job.progress) == (JobState.SUCCEEDED, 100.0)
+
+
 def test_changed_cancelled_is_forgotten(make_env: Callable[..., Env]) -> None:
     """A cancelled changed() Deferred fails with CancelledError and is no longer kept."""
     env = make_env()

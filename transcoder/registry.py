@@ -33,6 +33,8 @@ _log = Logger()
 
 # Progress alone is written to the store at most this often per job.
 PROGRESS_SAVE_INTERVAL = 1.0
+# The most a running job shows: 100 means succeeded.
+RUNNING_MAX_PROGRESS = 99.9
 # How long start-up waits for a leftover encoder to obey SIGTERM before SIGKILL.
 _RECOVERY_GRACE = 2.0
 # Retry-After for a full queue before any job has finished to measure by.
@@ -449,7 +451,9 @@ class JobRegistry:
         job = run.job
         if self._running.get(job.id) is not run or math.isnan(percent):
             return
-        percent = min(100.0, max(0.0, float(percent)))
+        # 100 is the state change's to set, with the job's end: a long-poll
+        # woken by an executor's last report must not see 100 and "running".
+        percent = min(RUNNING_MAX_PROGRESS, max(0.0, float(percent)))
         if percent == job.progress:
             return
         whole_percent_changed = int(percent) != int(job.progress)
