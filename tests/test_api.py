@@ -397,6 +397,19 @@ async def test_upload_errors(make_api: Callable[..., Api]) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_upload_of_other_multipart_is_415(make_api: Callable[..., Api]) -> None:
+    """A multipart/mixed body is 415 unsupported_media_type, as the spec says.  (411 needs a request with no Content-Length at all, which treq never sends: tests/test_upload.py sends one on a socket.)"""
+    api = make_api()
+    reply = await api.call(
+        "POST",
+        "/jobs?profile=mp4-h264",
+        headers={"Content-Type": "multipart/mixed; boundary=XyZ"},
+        data=b"--XyZ--\r\n",
+    )
+    assert (reply.code, reply.json()["error"]["code"]) == (415, "unsupported_media_type")
+
+
+@pytest_twisted.ensureDeferred
 async def test_listing_newest_first_filtered_and_paged(make_api: Callable[..., Api]) -> None:
     """GET /jobs lists newest first, filters by state, and pages with a cursor that new jobs do not disturb."""
     api = make_api()
