@@ -537,3 +537,28 @@ def test_trickling_body_is_cut_off_with_408(server: ServerProcess, declared: int
     assert (status, body["error"]["code"]) == (408, "too_slow")
     assert 2.5 < elapsed < 12
     assert wait_for(lambda: leftovers(server.data_dir) == [])
+
+
+def test_body_just_above_the_pump_threshold_keeps_the_idle_timeout(server: ServerProcess) -> None:
+    """A body too short, once its first bytes are in, to be worth a pump is read by the reactor: it is stored right, and the kept-alive connection is still closed after --idle-timeout (3 s here)."""
+    from transcoder.upload import PUMP_MIN, PUMP_TAIL
+
+    body = os.urandom(PUMP_MIN + PUMP_TAIL + 1000)
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(
+        b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    s.settimeout(30)
+    data = b""
+    while b"}" not in data:
+        chunk = s.recv(65536)
+        assert chunk, "closed before the answer"
+        data += chunk
+    status, _, job = parse_response(data)
+    assert status == 201
+    assert job["inputs"][0]["sha256"] == hashlib.sha256(body).hexdigest()
+    answered = time.monotonic()
+    assert s.recv(1) == b""  # the server closes the idle connection
+    assert time.monotonic() - answered < 15
+    s.close()

@@ -641,18 +641,19 @@ class TranscoderRequest(server.Request):
 
     def _startPump(self, body: RawBody | MultipartBody, length: int) -> None:
         channel: Any = self.channel
-        if self.body is not body or channel is None or self._disconnected:
+        transport: Any = self.transport
+        left = length - self._received - PUMP_TAIL
+        if self.body is not body or channel is None or self._disconnected or left < PUMP_MIN:
+            # Refused already, gone, or the first reads brought most of the
+            # body: the reactor reads the rest (or lingers), as without a pump.
             self._pumping = False
             _pumping.discard(self)
-            return
-        left = length - self._received - PUMP_TAIL
-        if left < PUMP_MIN:
-            self._pumpEnded(PumpEnd("complete", 0))
+            if channel is not None and not self._disconnected and not self._paused:
+                transport.resumeProducing()
             return
         # The pump watches for an idle client itself; the channel's timer would
         # only see that the reactor stopped reading.
         self._timeOut = channel.setTimeout(None)
-        transport: Any = self.transport
         self._pump = SocketPump(
             body.reactor,
             transport.socket,
