@@ -180,10 +180,28 @@ async def test_mux_avi(clips: Clips, tmp_path: Path, ffprobe_json: FfprobeJson) 
 @pytest_twisted.ensureDeferred
 async def test_noise_is_not_media(clips: Clips, tmp_path: Path) -> None:
     """
-    Random bytes fail as not media: the encoder started beside the probe is
-    stopped (its whole group), and neither output nor log of it is left.
+    Random bytes fail as not media, probed before any encoder starts (they
+    begin like no container), and nothing is left in the job directory.
     """
     run = _start(tmp_path / "job", PROFILES["avi-mpeg4"], {"file": clips.noise})
+    outcome = await run.execution.deferred
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "not a recognised media file: file"
+    assert outcome.log_tail is None
+    assert run.spawned == []
+    assert list((tmp_path / "job").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_noise_dressed_as_flv_stops_its_encoder(clips: Clips, tmp_path: Path) -> None:
+    """
+    Random bytes behind an FLV signature start their encoder beside the probe;
+    ffprobe rejects them, the encoder's whole group is stopped, and neither
+    output nor log of it is left.
+    """
+    fake = tmp_path / "fake.flv"
+    fake.write_bytes(b"FLV\x01\x05" + clips.noise.read_bytes())
+    run = _start(tmp_path / "job", PROFILES["avi-mpeg4"], {"file": fake})
     outcome = await run.execution.deferred
     assert outcome.state is JobState.FAILED
     assert outcome.error == "not a recognised media file: file"

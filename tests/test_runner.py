@@ -28,7 +28,13 @@ from transcoder._progress import MencoderProgress
 from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo
 from transcoder.profiles import Profile
-from transcoder.runner import IJobExecution, Outcome, _EncoderProtocol, execute_job
+from transcoder.runner import (
+    IJobExecution,
+    Outcome,
+    _EncoderProtocol,
+    execute_job,
+    looks_like_media,
+)
 
 
 def _info(duration: float | None, *types: str) -> MediaInfo:
@@ -69,6 +75,9 @@ class Harness:
 
     def start(self, profile: Profile, inputs: dict[str, str], **kw: Any) -> Any:
         kw.setdefault("timeout", None)
+        # These inputs are not on disk: take them as media-looking, so the
+        # encoder starts beside its probes (the sniffing has tests of its own).
+        kw.setdefault("sniff", lambda path: True)
         kw.setdefault("hash_file", lambda p: succeed(hashlib.sha256(p.read_bytes()).hexdigest()))
         self.execution = execute_job(
             self.reactor,
@@ -191,6 +200,7 @@ def test_spawn_waits_two_turns(h: Harness) -> None:
         on_spawn=h.spawns.append,
         probe=h.probe,
         killpg=h.killpg,
+        sniff=lambda path: True,
     )
     assert h.reactor.spawned == []
     # A Clock runs both turns' calls in one advance.
@@ -212,6 +222,7 @@ def test_cancel_before_the_spawn_turn_spawns_nothing(h: Harness) -> None:
         on_spawn=h.spawns.append,
         probe=h.probe,
         killpg=h.killpg,
+        sniff=lambda path: True,
     )
     outcomes: list[Outcome] = []
     execution.deferred.addCallback(outcomes.append)
@@ -387,6 +398,61 @@ def test_output_not_media(h: Harness) -> None:
     assert outcome.state is JobState.FAILED
     assert outcome.error is not None and "not a media file" in outcome.error
     assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_garbage_is_probed_before_any_encoder_starts(h: Harness) -> None:
+    """An input that does not start like a media file waits for its probe: rejected, the job fails and no encoder was ever spawned."""
+    probing: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"in.bin": probing})
+    h.start(MENCODER, {"file": "in.bin"}, sniff=lambda path: False)
+    assert h.reactor.spawned == []
+    probing.errback(NotMediaError())
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "not a recognised media file: file"
+    assert h.reactor.spawned == []
+    assert h.killed == []
+
+
+def test_unrecognised_start_that_probes_as_media_then_encodes(h: Harness) -> None:
+    """An input whose first bytes are not a known container but which ffprobe accepts is encoded once the probe has answered, with the probe's duration for progress."""
+    probing: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"in.bin": probing, "result.partial.avi": _info(10.0)})
+    h.start(MENCODER, {"file": "in.bin"}, sniff=lambda path: False)
+    assert h.reactor.spawned == []
+    probing.callback(_info(10.0, "video", "audio"))
+    assert h.spawns == [90000]
+    h.proto.childDataReceived(1, _pos(5.0))
+    assert h.progress and 49 <= h.progress[-1] <= 51
+    h.output()
+    h.end()
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+
+
+def test_cancel_while_the_early_probe_runs(h: Harness) -> None:
+    """Cancelled while an unrecognised input is being probed: cancelled, and no encoder is spawned."""
+    probing: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"in.bin": probing})
+    execution = h.start(MENCODER, {"file": "in.bin"}, sniff=lambda path: False)
+    execution.cancel()
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.CANCELLED
+    assert h.reactor.spawned == []
+
+
+def test_looks_like_media_by_first_bytes(tmp_path: Path, clips) -> None:  # type: ignore[no-untyped-def]
+    """Real FLV, MP4 and MP3 files look like media by their first bytes; random-looking bytes, an empty file and a missing one do not."""
+    assert looks_like_media(clips.flv_video)
+    assert looks_like_media(clips.av)
+    assert looks_like_media(clips.mp3_audio)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(1, 64)) * 100)
+    assert not looks_like_media(junk)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert not looks_like_media(empty)
+    assert not looks_like_media(tmp_path / "missing")
 
 
 def test_input_not_media(h: Harness) -> None:
@@ -686,6 +752,7 @@ def test_broken_callbacks_do_not_break_the_job(h: Harness) -> None:
             probe=h.probe,
             killpg=h.killpg,
             hash_file=lambda p: succeed("0" * 64),
+            sniff=lambda path: True,
         )
         outcomes: list[Outcome] = []
         execution.deferred.addCallback(outcomes.append)
