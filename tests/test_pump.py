@@ -275,20 +275,26 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
     await registry.stop()
 
 
-@pytest_twisted.ensureDeferred
-async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
-    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A 16 MiB PUT is read by a pump (all but its tail), stored with the right SHA-256, and the request pipelined behind it on the same connection is answered too."""
-    port, _ = served
-    pumps: list[SocketPump] = []
+@pytest.fixture
+def pumps(monkeypatch: pytest.MonkeyPatch) -> list[SocketPump]:
+    """Every SocketPump the upload path makes, in order."""
+    made: list[SocketPump] = []
 
     class Recorded(SocketPump):
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
-            pumps.append(self)
+            made.append(self)
 
     monkeypatch.setattr(upload, "SocketPump", Recorded)
+    return made
+
+
+@pytest_twisted.ensureDeferred
+async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
+    served: tuple[int, Path], pumps: list[SocketPump]
+) -> None:
+    """A 16 MiB PUT is read by a pump (all but its tail), stored with the right SHA-256, and the request pipelined behind it on the same connection is answered too."""
+    port, _ = served
     body = os.urandom(16 * MiB + 333)
     head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(
         body
@@ -351,18 +357,10 @@ async def test_spool_mixes_copied_and_lent_bytes_in_order(tmp_path: Path) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_an_upload_beside_another_is_read_by_the_reactor(
-    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+    served: tuple[int, Path], pumps: list[SocketPump], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upload that arrives while another is in flight is read by the reactor, not by a second pump, and both store the right bytes: memory and the reactor's latency stay bounded however many arrive."""
     port, _ = served
-    pumps: list[SocketPump] = []
-
-    class Recorded(SocketPump):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            pumps.append(self)
-
-    monkeypatch.setattr(upload, "SocketPump", Recorded)
     monkeypatch.setattr(upload, "MAX_PUMPS", 2)
     first, second = os.urandom(12 * MiB), os.urandom(12 * MiB)
     answers: dict[str, bytes] = {}
@@ -430,29 +428,27 @@ def _post_multipart(port: int, body: bytes, answers: list[bytes]) -> None:
         answers.append(data)
 
 
-@pytest_twisted.ensureDeferred
-async def test_pumped_multipart_with_two_inputs(
-    served: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A multipart body with a length is parsed on the pump's thread: both file parts of a mux-avi job land in their own files with the right SHA-256."""
-    port, _ = served
-    pumps: list[SocketPump] = []
-
-    class Recorded(SocketPump):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            pumps.append(self)
-
-    monkeypatch.setattr(upload, "SocketPump", Recorded)
-    video, audio = os.urandom(7 * MiB + 5), os.urandom(5 * MiB + 3)
-    body = _multipart(
-        [("profile", None, b"mux-avi"), ("video", "v.flv", video), ("audio", "a.mp3", audio)]
-    )
+async def _post_multipart_beside(port: int, body: bytes) -> bytes:
+    """POST a multipart body from a thread while the test's reactor serves it; the answer."""
     answers: list[bytes] = []
     t = threading.Thread(target=_post_multipart, args=(port, body, answers))
     t.start()
     await settle(lambda: answers, timeout=30)
     t.join()
+    return answers[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pumped_multipart_with_two_inputs(
+    served: tuple[int, Path], pumps: list[SocketPump]
+) -> None:
+    """A multipart body with a length is parsed on the pump's thread: both file parts of a mux-avi job land in their own files with the right SHA-256."""
+    port, _ = served
+    video, audio = os.urandom(7 * MiB + 5), os.urandom(5 * MiB + 3)
+    body = _multipart(
+        [("profile", None, b"mux-avi"), ("video", "v.flv", video), ("audio", "a.mp3", audio)]
+    )
+    answers = [await _post_multipart_beside(port, body)]
     assert answers[0].startswith(b"HTTP/1.1 201"), answers[0][:300]
     for data in (video, audio):
         assert hashlib.sha256(data).hexdigest().encode() in answers[0]
@@ -479,11 +475,7 @@ async def test_multipart_refused_on_the_pumps_thread_answers_and_leaves_nothing(
             ("bogus", "b.bin", os.urandom(4 * MiB)),
         ]
     )
-    answers: list[bytes] = []
-    t = threading.Thread(target=_post_multipart, args=(port, body, answers))
-    t.start()
-    await settle(lambda: answers, timeout=30)
-    t.join()
+    answers = [await _post_multipart_beside(port, body)]
     assert answers[0].startswith(b"HTTP/1.1 422"), answers[0][:300]
     assert b'"unknown_input"' in answers[0]
     assert [end.reason for end in ends] == ["failed"]

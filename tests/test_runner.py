@@ -74,11 +74,18 @@ class Harness:
         self.killed.append((pgid, sig))
 
     def start(self, profile: Profile, inputs: dict[str, str], **kw: Any) -> Any:
+        kw.setdefault("hash_file", lambda p: succeed(hashlib.sha256(p.read_bytes()).hexdigest()))
+        self.launch(profile, inputs, **kw)
+        # The encoder is spawned two turns of the reactor later (one advance).
+        self.reactor.advance(0)
+        return self.execution
+
+    def launch(self, profile: Profile, inputs: dict[str, str], **kw: Any) -> Any:
+        """execute_job, its outcome recorded, without letting the reactor turn."""
         kw.setdefault("timeout", None)
         # These inputs are not on disk: take them as media-looking, so the
         # encoder starts beside its probes (the sniffing has tests of its own).
         kw.setdefault("sniff", lambda path: True)
-        kw.setdefault("hash_file", lambda p: succeed(hashlib.sha256(p.read_bytes()).hexdigest()))
         self.execution = execute_job(
             self.reactor,
             job_dir=self.job_dir,
@@ -92,8 +99,6 @@ class Harness:
             **kw,
         )
         self.execution.deferred.addCallback(self.outcomes.append)
-        # The encoder is spawned two turns of the reactor later (one advance).
-        self.reactor.advance(0)
         return self.execution
 
     @property
@@ -189,19 +194,7 @@ def test_spawn_through_setsid(h: Harness) -> None:
 
 def test_spawn_waits_two_turns(h: Harness) -> None:
     """execute_job returns before the encoder is spawned, which happens two reactor turns later: whoever started the job (an upload answering 201) gets its answer written before the fork."""
-    execution = execute_job(
-        h.reactor,
-        job_dir=h.job_dir,
-        profile=MENCODER,
-        inputs={"file": h.job_dir / "in.mp4"},
-        params={"vbitrate": 900},
-        timeout=None,
-        on_progress=h.progress.append,
-        on_spawn=h.spawns.append,
-        probe=h.probe,
-        killpg=h.killpg,
-        sniff=lambda path: True,
-    )
+    execution = h.launch(MENCODER, {"file": "in.mp4"})
     assert h.reactor.spawned == []
     # A Clock runs both turns' calls in one advance.
     h.reactor.advance(0)
@@ -211,25 +204,11 @@ def test_spawn_waits_two_turns(h: Harness) -> None:
 
 def test_cancel_before_the_spawn_turn_spawns_nothing(h: Harness) -> None:
     """A job cancelled before its encoder's turn came ends cancelled, and no encoder is ever spawned."""
-    execution = execute_job(
-        h.reactor,
-        job_dir=h.job_dir,
-        profile=MENCODER,
-        inputs={"file": h.job_dir / "in.mp4"},
-        params={"vbitrate": 900},
-        timeout=None,
-        on_progress=h.progress.append,
-        on_spawn=h.spawns.append,
-        probe=h.probe,
-        killpg=h.killpg,
-        sniff=lambda path: True,
-    )
-    outcomes: list[Outcome] = []
-    execution.deferred.addCallback(outcomes.append)
+    execution = h.launch(MENCODER, {"file": "in.mp4"})
     execution.cancel()
     h.reactor.advance(0)
     assert h.reactor.spawned == []
-    assert [o.state for o in outcomes] == [JobState.CANCELLED]
+    assert [o.state for o in h.outcomes] == [JobState.CANCELLED]
 
 
 def test_success(h: Harness) -> None:

@@ -59,16 +59,8 @@ class _Lines:
         return complete
 
 
-class MencoderProgress:
-    """
-    mencoder's status lines on stdout, each ended by C{\\r}::
-
-        Pos:  12.3s    308f (28%) 184.05fps Trem:   0min   3mb  A-V:0.000 [0:0]
-
-    The position in seconds over the input's duration is the percentage; the
-    C{(NN%)} figure counts bytes of the input (it starts well above zero and
-    can pass 100), so it is used only when the duration is unknown.
-    """
+class _Progress:
+    """What both parsers share: the input's duration, set now or once a probe has told it."""
 
     def __init__(self, duration: float | None) -> None:
         self._duration = _usable_duration(duration)
@@ -83,6 +75,18 @@ class MencoderProgress:
     @duration.setter
     def duration(self, duration: float | None) -> None:
         self._duration = _usable_duration(duration)
+
+
+class MencoderProgress(_Progress):
+    """
+    mencoder's status lines on stdout, each ended by C{\\r}::
+
+        Pos:  12.3s    308f (28%) 184.05fps Trem:   0min   3mb  A-V:0.000 [0:0]
+
+    The position in seconds over the input's duration is the percentage; the
+    C{(NN%)} figure counts bytes of the input (it starts well above zero and
+    can pass 100), so it is used only when the duration is unknown.
+    """
 
     def feed(self, data: bytes) -> float | None:
         newest: float | None = None
@@ -99,7 +103,7 @@ class MencoderProgress:
         return newest
 
 
-class FfmpegProgress:
+class FfmpegProgress(_Progress):
     """
     ffmpeg's C{-progress pipe:1} output: C{key=value} lines in blocks, each
     block ended by C{progress=continue} (or C{progress=end} at the end).
@@ -110,19 +114,8 @@ class FfmpegProgress:
     """
 
     def __init__(self, duration: float | None) -> None:
-        self._duration = _usable_duration(duration)
-        self._lines = _Lines(b"\r\n")
+        super().__init__(duration)
         self._position: float | None = None
-        self.latest: float | None = None
-
-    @property
-    def duration(self) -> float | None:
-        """The input's duration in seconds; settable once a probe has told it."""
-        return self._duration
-
-    @duration.setter
-    def duration(self, duration: float | None) -> None:
-        self._duration = _usable_duration(duration)
 
     def feed(self, data: bytes) -> float | None:
         newest: float | None = None
