@@ -175,10 +175,6 @@ class _ParallelWriter:
         item.hold()
         self._jobs.put((item, offset))
 
-    def writeNow(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        """Write C{data} at C{offset} through the page cache, on the calling thread."""
-        self._pwriteAll(self._fd, memoryview(data), offset)
-
     def drain(self) -> OSError | None:
         """Wait until every submitted buffer is written; the first error, if any."""
         with self._idle:
@@ -427,8 +423,9 @@ class Spool:
 
     def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
         """
-        Write a buffer that stays its owner's: C{giveBack} is called on the
-        spool's thread once it is written (or dropped, after a failure).
+        Write a buffer that stays its owner's: C{giveBack} is called once it
+        is hashed and written (or dropped, after a failure), on the spool's
+        thread or a writer's, whichever finishes with it last.
         Callable from any thread; the owner bounds how much it lends, so
         this does not count towards the pressure that pauses the reactor.
         """
