@@ -18,11 +18,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from transcoder.jobs import JobState
+from transcoder.probe import MediaInfo
+from transcoder.probe import probe as ffprobe
 from transcoder.profiles import ParamValue, Profile, builtin_profiles
 from transcoder.runner import PIPE_SIZE, IJobExecution, Outcome, _enlarge_pipes, execute_job
 
@@ -38,6 +41,8 @@ class Run:
     execution: IJobExecution
     progress: list[float] = field(default_factory=list)
     spawned: list[int] = field(default_factory=list)
+    # Every file ffprobe was run on.
+    probed: list[Path] = field(default_factory=list)
 
 
 def _start(
@@ -51,6 +56,12 @@ def _start(
     job_dir.mkdir(exist_ok=True)
     progress: list[float] = []
     spawned: list[int] = []
+    probed: list[Path] = []
+
+    def recording_probe(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+        probed.append(path)
+        return ffprobe(reactor, path)
+
     execution = execute_job(
         reactor,
         job_dir=job_dir,
@@ -61,8 +72,9 @@ def _start(
         on_progress=progress.append,
         on_spawn=spawned.append,
         kill_grace=kill_grace,
+        probe=recording_probe,
     )
-    return Run(execution, progress, spawned)
+    return Run(execution, progress, spawned, probed)
 
 
 async def _sleep(seconds: float) -> None:
@@ -133,6 +145,9 @@ async def test_avi_mpeg4(clips: Clips, tmp_path: Path, ffprobe_json: FfprobeJson
     assert not (tmp_path / "job" / "result.partial.avi").exists()
     assert (tmp_path / "job" / "encoder.log").read_bytes().startswith(b"MEncoder")
     _assert_progress_reported(run.progress)
+    # The output's duration came from its header: ffprobe ran for the input alone.
+    assert run.probed == [clips.av]
+    assert outcome.output.duration == pytest.approx(float(doc["format"]["duration"]), abs=2e-6)
     assert len(run.spawned) == 1 and run.execution.pid is None
     _assert_group_gone(run.spawned[0])
 
@@ -155,6 +170,8 @@ async def test_mp4_h264(clips: Clips, tmp_path: Path, ffprobe_json: FfprobeJson)
     assert 0 <= head.find(b"moov") < head.find(b"mdat")
     assert outcome.output is not None and outcome.output.media_type == "video/mp4"
     _assert_progress_reported(run.progress)
+    assert run.probed == [clips.av]
+    assert outcome.output.duration == pytest.approx(float(doc["format"]["duration"]), abs=2e-6)
 
 
 @pytest_twisted.ensureDeferred
@@ -175,6 +192,9 @@ async def test_mux_avi(clips: Clips, tmp_path: Path, ffprobe_json: FfprobeJson) 
     assert int(video["nb_read_frames"]) == 75
     assert abs(float(doc["format"]["duration"]) - 3.0) <= 0.15
     _assert_progress_reported(run.progress)
+    assert sorted(run.probed) == sorted([clips.flv_video, clips.mp3_audio])
+    assert outcome.output is not None
+    assert outcome.output.duration == pytest.approx(float(doc["format"]["duration"]), abs=2e-6)
 
 
 @pytest_twisted.ensureDeferred
@@ -343,6 +363,8 @@ async def test_short_output_fails(clips: Clips, tmp_path: Path) -> None:
     assert not (tmp_path / "job" / "result.partial.avi").exists()
     assert not (tmp_path / "job" / "result.avi").exists()
     assert all(p < 100 for p in run.progress)
+    # Told by the output's header, without ffprobe.
+    assert sorted(run.probed) == sorted([clips.flv_video, clips.mp3_audio])
 
 
 class _Waiter(ProcessProtocol):

@@ -379,6 +379,73 @@ def test_output_not_media(h: Harness) -> None:
     assert not (h.job_dir / "result.partial.avi").exists()
 
 
+def test_output_duration_from_its_header(h: Harness) -> None:
+    """
+    An output whose container header states its duration is checked by that
+    alone: ffprobe runs for the input only, and the stated duration is the
+    result's.
+    """
+    read: list[Path] = []
+
+    def read_header(path: Path) -> float | None:
+        read.append(path)
+        return 10.2
+
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=read_header)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert outcome.output is not None and outcome.output.duration == 10.2
+    assert read == [h.job_dir / "result.partial.avi"]
+    assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_header_duration_mismatch(h: Harness) -> None:
+    """A header stating a duration far from the input's fails the job, as ffprobe's would."""
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: 0.04)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "output duration 0.04 s does not match input duration 10.00 s"
+    assert h.probed == [h.job_dir / "in.mp4"]
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert max(h.progress, default=0) < 100
+
+
+def test_unread_header_falls_back_to_ffprobe(h: Harness) -> None:
+    """An output whose header gives no answer is checked by ffprobe, whose verdict counts."""
+    h.answers["result.partial.avi"] = _info(0.04)
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: None)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "output duration 0.04 s does not match input duration 10.00 s"
+    assert h.probed == [h.job_dir / "in.mp4", h.job_dir / "result.partial.avi"]
+
+
+def test_header_reader_error_falls_back_to_ffprobe(h: Harness) -> None:
+    """A header reader that raises is logged, and ffprobe checks the output instead."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+
+    def broken(path: Path) -> float | None:
+        raise ValueError("unexpected")
+
+    try:
+        h.start(MENCODER, {"file": "in.mp4"}, read_header=broken)
+        h.output()
+        h.end(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert h.probed[-1] == h.job_dir / "result.partial.avi"
+    assert any(e.get("log_format") == "reading the output's header" for e in events)
+
+
 def test_garbage_is_probed_before_any_encoder_starts(h: Harness) -> None:
     """An input that does not start like a media file waits for its probe: rejected, the job fails and no encoder was ever spawned."""
     probing: Deferred[MediaInfo] = Deferred()
