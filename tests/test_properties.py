@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import queue
 import re
 import shutil
@@ -73,11 +74,46 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in pairwise([0, *points, len(data)]) if b > a]
 
 
-def feed(boundary: str, chunks: list[bytes], length: int | None) -> tuple[object, Path]:
+class Lender:
+    """
+    Lends chunks to a body as a L{transcoder._pump.SocketPump} does: each in a
+    buffer of its own, an mmap, whose bytes must not change until the body
+    gives it back (they are overwritten when it does, so a late reader sees
+    garbage); and asks C{fileStart} between buffers, as the pump does.
+    """
+
+    def __init__(self) -> None:
+        self.lent = 0
+        self.given = 0
+        self.starts: list[int] = []
+        self._buffers: list[mmap.mmap] = []
+
+    def lend(self, body: MultipartBody, chunk: bytes) -> None:
+        buf = mmap.mmap(-1, len(chunk))
+        buf[:] = chunk
+        self._buffers.append(buf)
+        self.lent += 1
+
+        def giveBack() -> None:
+            buf[:] = b"\xee" * len(buf)
+            self.given += 1
+
+        body.lend(memoryview(buf), giveBack)
+        self.starts.append(body.fileStart())
+
+
+def feed(
+    boundary: str,
+    chunks: list[bytes],
+    length: int | None,
+    lendFrom: int | None = None,
+    lender: Lender | None = None,
+) -> tuple[object, Path]:
     """
     Feed C{chunks} to a new MultipartBody and finish it.  Returns its
     Submission or the APIError it raised (any other exception propagates),
-    and the staging directory.
+    and the staging directory.  Chunks from index C{lendFrom} on are lent by
+    C{lender}, as from a pump, the others received as from the reactor.
     """
     reactor = ThreadReactor()
     root = Path(tempfile.mkdtemp(prefix="mp-"))
@@ -98,8 +134,12 @@ def feed(boundary: str, chunks: list[bytes], length: int | None) -> tuple[object
         return e, staging
     outcome: object
     try:
-        for chunk in chunks:
-            body.dataReceived(chunk)
+        for i, chunk in enumerate(chunks):
+            if lendFrom is not None and i >= lendFrom:
+                assert lender is not None
+                lender.lend(body, chunk)
+            else:
+                body.dataReceived(chunk)
         outcome = reactor.pump(body.finish())
     except APIError as e:
         outcome = e
@@ -180,6 +220,45 @@ def test_multipart_any_split_stores_the_same_files(
             assert outcome.params[name] == value
     finally:
         shutil.rmtree(staging.parent)
+
+
+@SETTINGS
+@given(
+    multipart_bodies(),
+    st.lists(st.integers(min_value=0), max_size=30),
+    st.integers(min_value=0, max_value=40),
+)
+def test_multipart_lent_buffers_store_the_same_files(
+    case: tuple[str, bytes, dict[str, bytes], dict[str, int]], cuts: list[int], lendFrom: int
+) -> None:
+    """However a valid body is cut, with any of its chunks lent from a pump's buffers instead of received (file bytes before a delimiter are written from the buffer itself), each file part is stored whole with its SHA-256, and every lent buffer is given back."""
+    boundary, body, contents, _ = case
+    lender = Lender()
+    outcome, staging = feed(boundary, chunked(body, cuts), len(body), lendFrom, lender)
+    assert isinstance(outcome, Submission), outcome
+    try:
+        for i in outcome.inputs:
+            assert (staging / i.path).read_bytes() == contents[i.name]
+            assert i.sha256 == hashlib.sha256(contents[i.name]).hexdigest()
+        assert lender.given == lender.lent
+    finally:
+        shutil.rmtree(staging.parent)
+
+
+def test_multipart_file_start_is_where_the_file_begins_in_the_body() -> None:
+    """Between lent buffers inside a file part, fileStart() is the body offset of that file's first byte (where a pump aligns its buffers to), and 0 outside file parts."""
+    head = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="profile"\r\n\r\navi-mpeg4\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.flv"\r\n\r\n'
+    )
+    data = bytes(range(256)) * 64
+    body = head + data + b"\r\n--XyZ--\r\n"
+    cuts = [len(head) + 100, len(head) + 5000, len(head) + 9000, len(body) - 3]
+    lender = Lender()
+    outcome, staging = feed("XyZ", chunked(body, cuts), len(body), 0, lender)
+    assert isinstance(outcome, Submission), outcome
+    shutil.rmtree(staging.parent)
+    assert lender.starts == [len(head)] * 3 + [0, 0]
 
 
 @SETTINGS

@@ -105,6 +105,30 @@ async def test_first_buffer_ends_on_an_aligned_offset(pair: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_buffers_are_cut_where_the_sink_says_its_file_starts(pair: Any) -> None:
+    """With fileStart (a multipart file part that began at body offset 5000), buffers are cut at that file's aligned offsets, not the body's: after the first one, each starts at a multiple of ALIGN in the file."""
+    a, b = pair
+    body = os.urandom(MiB)
+    sink = Collector()
+    _, ends = pump_for(
+        a,
+        len(body),
+        sink,
+        offset=100,
+        bufferSize=64 * KiB,
+        buffers=2,
+        fileStart=lambda: 5000,
+    )
+    b.sendall(body)
+    await settle(lambda: ends, timeout=10)
+    ends_at = 100
+    for chunk in sink.chunks[:-1]:
+        ends_at += len(chunk)
+        assert (ends_at - 5000) % ALIGN == 0
+    assert sink.data == body
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_closing_early_ends_with_eof(pair: Any) -> None:
     """A client that closes before nbytes: the pump ends with eof and lends what came."""
     a, b = pair

@@ -34,6 +34,10 @@ from twisted.internet.interfaces import IReactorThreads
 # Hands a full buffer (a view of it) to whoever writes it, with the function
 # that gives the buffer back once it is written.  Called on the pump's thread.
 Sink = Callable[[memoryview, Callable[[], None]], None]
+# Where the file being written starts, as an offset in the body: buffers are
+# cut so that they start at multiples of ALIGN in that file.  Asked on the
+# pump's thread before each buffer, after the sink has seen the one before.
+FileStart = Callable[[], int]
 
 # Per buffer the threads hand over and wake each other a few times, which
 # cost more than the copying itself: 512 KiB buffers took about 1.2 CPU s/GiB,
@@ -86,6 +90,7 @@ class SocketPump:
         offset: int = 0,
         bufferSize: int = BUFFER_SIZE,
         buffers: int = BUFFERS,
+        fileStart: FileStart | None = None,
     ) -> None:
         self._reactor = reactor
         # A duplicate of the descriptor: if the reactor closes the connection
@@ -95,6 +100,7 @@ class SocketPump:
         self._sink = sink
         self._idle = idleTimeout
         self._offset = offset
+        self._fileStart = fileStart
         # Anonymous maps: page-aligned, as O_DIRECT wants them.
         self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
         for _ in range(buffers):
@@ -172,7 +178,8 @@ class SocketPump:
             if buf is None:
                 return PumpEnd("stopped", self.received)
             view = memoryview(buf)
-            want = min(len(buf) - self._offset % ALIGN, self._left)
+            start = self._fileStart() if self._fileStart is not None else 0
+            want = min(len(buf) - (self._offset - start) % ALIGN, self._left)
             # Wake this thread when a good part of the buffer has come, not
             # for every segment: the wake-ups cost more than the copying.
             lowat = max(1, min(want, len(buf)) // 4)

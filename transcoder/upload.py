@@ -44,6 +44,7 @@ from zope.interface import Interface, implementer
 from transcoder._http import ErrorResource, allowed_methods, raw_response
 from transcoder._names import extension, sanitise_filename
 from transcoder._pump import PumpEnd, SocketPump
+from transcoder._search import find
 from transcoder._spool import Opener, Spool, SpooledFile, _open
 from transcoder.errors import APIError, method_not_allowed
 from transcoder.jobs import InputFile
@@ -386,6 +387,11 @@ class MultipartBody(_BaseBody):
         self._segment: Any = None
         self._isFile = False
         self._fieldValue = bytearray()
+        self._delimiter = b"\r\n--" + self.parser.boundary
+        # Body bytes seen, and the current file's bytes: where that file
+        # starts in the body, for the pump to cut its buffers by.
+        self._bodyAt = 0
+        self._fileBytes = 0
 
     def _startSegment(self, segment: Any) -> None:
         name = segment.name
@@ -412,6 +418,7 @@ class MultipartBody(_BaseBody):
         path = self.staging / f"input-{name}{extension(filename)}"
         self.files[name] = (filename, path)
         self._isFile = True
+        self._fileBytes = 0
         self.spool.open(path)
 
     def _endSegment(self) -> None:
@@ -442,6 +449,7 @@ class MultipartBody(_BaseBody):
                 elif event is None:
                     self._endSegment()
                 elif self._isFile:
+                    self._fileBytes += len(event)
                     self.spool.write(event, wait=wait)
                 else:
                     self._fieldValue += event
@@ -457,19 +465,70 @@ class MultipartBody(_BaseBody):
             # No data, not the end: to the parser an empty chunk means end of input.
             return
         self._count(data)
+        self._bodyAt += len(data)
         self._feed(data)
+
+    def _inFileBody(self) -> bool:
+        # The parser keeps back bytes that may start a delimiter; only when it
+        # holds none can a buffer be searched on its own.  (An attribute of
+        # the parser's, not its API: without it, every buffer is parsed.)
+        return (
+            self._isFile
+            and self._segment is not None
+            and getattr(self.parser, "_buffer", None) == b""
+        )
 
     def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
         """
-        A L{SocketPump}'s buffer, parsed on the pump's thread; an L{APIError}
-        raised here ends the pump, and the request answers it.  The parser
-        keeps bytes, not views, so the buffer is copied and given back at once.
+        A L{SocketPump}'s buffer, on the pump's thread; an L{APIError} raised
+        here ends the pump, and the request answers it.
+
+        Inside a file part, the bytes before the next delimiter are the file's:
+        they are lent on to the spool as they are, so that most of a big part
+        is written from the pump's own buffers (with O_DIRECT, see
+        L{fileStart}) and only what follows a delimiter goes through the
+        parser, which keeps bytes and so needs a copy.  Parsing every buffer
+        cost a third more CPU than a raw upload (two copies of every byte).
         """
-        try:
-            data = bytes(view)
-        finally:
+        n = len(view)
+        self._bodyAt += n
+        if not self._inFileBody():
+            try:
+                data = bytes(view)
+            finally:
+                giveBack()
+            self._feed(data, wait=True)
+            return
+        delimiter = self._delimiter
+        at = find(view, delimiter)
+        if at == -1:
+            # What may be the start of a delimiter cut by the buffer's end is
+            # the parser's to judge, as it does (a boundary holds no CR).
+            tail = max(0, n - (len(delimiter) - 1))
+            cr = bytes(view[tail:]).rfind(b"\r")
+            if cr != -1 and delimiter.startswith(bytes(view[tail + cr :])):
+                at = tail + cr
+        if at == -1:
+            self._fileBytes += n
+            self.spool.lend(view, giveBack)
+            return
+        rest = bytes(view[at:])
+        if at:
+            self._fileBytes += at
+            self.spool.lend(view[:at], giveBack)
+        else:
             giveBack()
-        self._feed(data, wait=True)
+        self._feed(rest, wait=True)
+
+    def fileStart(self) -> int:
+        """
+        Where the file being written starts in the body (0 between files), so
+        that a pump cuts its buffers at that file's aligned offsets.  On the
+        pump's thread, between buffers.
+        """
+        if not self._inFileBody():
+            return 0
+        return self._bodyAt - self._fileBytes
 
     def lent(self, nbytes: int) -> None:
         """Count what a pump lent, once it has stopped (its length was checked up front)."""
@@ -661,6 +720,7 @@ class TranscoderRequest(server.Request):
             body.lend,
             self._timeOut,
             offset=self._received,
+            fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
         )
         self._pump.start().addCallback(self._pumpEnded)
 
