@@ -561,6 +561,61 @@ def test_input_accepted_after_the_encoder_ended(h: Harness) -> None:
     assert (h.job_dir / "result.avi").exists()
 
 
+def test_output_hashed_while_the_input_probes_finish(h: Harness) -> None:
+    """
+    The output of an encoder that exits 0 is hashed at once, while the input
+    probes still run; the digest is the result's once they pass it.
+    """
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    hashing: Deferred[str] = Deferred()
+    hashed: list[Path] = []
+
+    def hash_file(path: Path) -> Deferred[str]:
+        hashed.append(path)
+        return hashing
+
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    h.output()
+    h.end(0)
+    assert hashed == [h.job_dir / "result.partial.avi"]
+    assert h.outcomes == []
+    hashing.callback("ab" * 32)
+    assert h.outcomes == []
+    pending.callback(_info(10.0))
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert outcome.output is not None and outcome.output.sha256 == "ab" * 32
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_hash_dropped_when_an_input_is_rejected(h: Harness, exit_code: int) -> None:
+    """
+    A digest under way when the input probe rejects its input is cancelled
+    and unused; an encoder that failed has its output never hashed.
+    """
+    pending: Deferred[MediaInfo] = Deferred()
+    h.answers["in.mp4"] = pending
+    hashes: list[Deferred[str]] = []
+
+    def hash_file(path: Path) -> Deferred[str]:
+        hashes.append(Deferred())
+        return hashes[-1]
+
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    h.output()
+    h.end(exit_code)
+    pending.errback(NotMediaError())
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "not a recognised media file: file"
+    assert outcome.output is None
+    assert len(hashes) == (1 if exit_code == 0 else 0)
+    for d in hashes:
+        assert d.called  # cancelled; its CancelledError is handled
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
 def test_probe_error_stops_the_encoder(h: Harness) -> None:
     """An input that cannot be probed at all (no ffprobe) also stops the encoder and fails."""
     h.answers["in.mp4"] = FileNotFoundError("ffprobe is not installed (not on PATH)")

@@ -466,6 +466,28 @@ class _Execution:
         exit_code, sig = _exit_status(status)
         if self._stop is not None:
             return self._stopped(exit_code)
+        if sig is not None or exit_code != 0:
+            return await self._judge(exit_code, sig, None)
+        # An output to check.  Its digest is computed (on a thread) from now,
+        # while the input probes finish and the output is checked: on a short
+        # job the probes often outlast the encoder.  A job that fails after
+        # all simply does not use it.
+        hashing = self._hash(self._partial)
+        try:
+            return await self._judge(exit_code, sig, hashing)
+        finally:
+            if not hashing.called:
+                hashing.cancel()
+            hashing.addErrback(lambda _: None)
+
+    async def _judge(
+        self, exit_code: int | None, sig: int | None, hashing: Deferred[str] | None
+    ) -> Outcome:
+        """
+        The outcome of an encoder that has exited by itself, once the input
+        probes have answered; C{hashing} is the output's digest to come,
+        C{None} unless the encoder exited 0.
+        """
         try:
             # Still under the time limit: the input probes may outlast the encoder.
             probed = await self._interruptible(self._startedProbes())
@@ -474,15 +496,14 @@ class _Execution:
         self._cancel_timers()
         if isinstance(probed, str):
             return self._rejected(probed)
-        duration = probed[0].duration
         last = self._tail.last_line() if self._tail is not None else None
         if sig is not None:
             return self._failed(_with_detail(f"encoder killed by signal {sig}", last), exit_code)
-        if exit_code != 0:
+        if exit_code != 0 or hashing is None:
             return self._failed(
                 _with_detail(f"encoder exited with code {exit_code}", last), exit_code
             )
-        return await self._accept(duration, last)
+        return await self._check_and_keep(probed[0].duration, last, hashing)
 
     def _startProbes(self) -> None:
         self._probing = Deferred.fromCoroutine(self._probe_inputs())
@@ -600,21 +621,10 @@ class _Execution:
             self._terminate()
         return proto.ended
 
-    async def _accept(self, duration: float | None, last: str | None) -> Outcome:
-        """Check the encoder's output and, if it passes, make it the result."""
-        # Hashing (on a thread) runs while the output is checked: if it fails
-        # the check, the digest is simply not used.
-        hashing = self._hash(self._partial)
-        try:
-            return await self._check_and_keep(duration, last, hashing)
-        finally:
-            if not hashing.called:
-                hashing.cancel()
-            hashing.addErrback(lambda _: None)
-
     async def _check_and_keep(
         self, duration: float | None, last: str | None, hashing: Deferred[str]
     ) -> Outcome:
+        """Check the encoder's output and, if it passes, make it the result."""
         try:
             # A few small reads of a file just written, in the page cache.
             stated: float | None = self._read_header(self._partial)
