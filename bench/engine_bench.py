@@ -21,16 +21,18 @@ For each built-in profile, on a generated clip (default 60 s at 640x360):
           mencoder job drew many requests whose CPU competed with the
           encoder.  The time includes what the service does around the
           encoder: storing the job, probing the inputs (beside the encoder),
-          checking the output with ffprobe and hashing it.
+          checking the output's duration (from its header, in-process) and
+          hashing it.
 
 Direct and server runs alternate within every round, so a change in the
 machine's load hits both alike.  Round 0 is a warm-up and is not counted.
 It prints, per profile, the medians (min-max), the ratio server/direct
 (target: at most 1.05) and the difference, as a Markdown table.  The last
-two columns are what the ffprobe runs the service makes for each job (each
-input, and the output) take when run one after another alone, and the CPU time the
-server process itself used during the job (reading the encoder's output,
-progress, log, hashing), which competes with the encoder for the cores.
+two columns are what the ffprobe runs the service makes for each job (one per
+input; the output's header is read in-process) take when run one after another
+alone, and the CPU time the server process itself used during the job (reading
+the encoder's output, progress, log, hashing), which competes with the encoder
+for the cores.
 
 usage: engine_bench.py [--seconds 60] [--size 640x360] [--rounds 3]
                        [--profiles mp4-h264,avi-mpeg4,mux-avi] [--poll-pause 0.2]
@@ -120,7 +122,7 @@ def run_direct(profile: Profile, inputs: dict[str, Path], work: Path) -> float:
 
 
 def probe_time(paths: list[Path]) -> float:
-    """Seconds the ffprobe runs that the service does around an encode take, one after another."""
+    """Seconds that ffprobe runs on C{paths} take, one after another."""
     t = time.perf_counter()
     for path in paths:
         subprocess.run(
@@ -247,8 +249,7 @@ def main() -> None:
                 profile = profiles[name]
                 inputs = inputs_for(profile, files)
                 d = run_direct(profile, inputs, work)
-                output = work / "direct" / f"result.partial.{profile.output_extension}"
-                p = probe_time([*inputs.values(), output])
+                p = probe_time(list(inputs.values()))
                 s, c, polls, head = run_server(server, profile, inputs, work, args.poll_pause)
                 if rnd:
                     times[name]["cpu"].append(c)
