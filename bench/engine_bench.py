@@ -217,7 +217,8 @@ def run_server(
 
 
 def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    # Milliseconds show: a stream copy takes 0.1 s, and its budget is 5 ms.
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main() -> None:
@@ -258,7 +259,7 @@ def main() -> None:
                     times[name]["probe"].append(p)
                 print(
                     f"round {rnd}{' (warm-up)' if not rnd else ''} {name}: "
-                    f"direct {d:.2f} s, server {s:.2f} s, probes {p:.2f} s, "
+                    f"direct {d:.3f} s, server {s:.3f} s, probes {p:.3f} s, "
                     f"server cpu {c:.2f} s, {polls} polls, "
                     f"{head}",
                     file=sys.stderr,
@@ -278,8 +279,8 @@ def main() -> None:
             ratio = statistics.median(s) / statistics.median(d)
             print(
                 f"| {name} | {fmt(d)} | {fmt(s)} | {ratio:.3f} | "
-                f"{statistics.median(s) - statistics.median(d):+.2f} | "
-                f"{statistics.median(times[name]['probe']):.2f} | "
+                f"{statistics.median(s) - statistics.median(d):+.3f} | "
+                f"{statistics.median(times[name]['probe']):.3f} | "
                 f"{statistics.median(times[name]['cpu']):.2f} |"
             )
         print("\nserver: " + " ".join(server.argv).replace(str(work), "$WORK"))
