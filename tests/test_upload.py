@@ -174,6 +174,22 @@ def test_two_part_multipart_for_mux(server: ServerProcess, small: Path, tmp_path
     assert sha256_file(job_input(server, job, 1)) == sha256_file(audio)
 
 
+def test_two_big_parts_through_the_pump(server: ServerProcess, tmp_path: Path) -> None:
+    """Two file parts of several MiB each, big enough that a socket pump reads the body: the first part ends in the middle of a pump buffer and the second starts there, and each is stored whole with its sha256."""
+    video = make_file(tmp_path / "v.flv", 9 * MiB + 4321)
+    audio = make_file(tmp_path / "a.mp3", 7 * MiB + 77)
+    status, job, err = curl(
+        "-F", "profile=mux-avi", "-F", f"video=@{video}", "-F", f"audio=@{audio}",
+        f"{server.url}/jobs",
+    )  # fmt: skip
+    assert status == 201, (job, err)
+    by_name = {i["name"]: i for i in job["inputs"]}
+    for index, (role, path) in enumerate([("video", video), ("audio", audio)]):
+        assert by_name[role]["size"] == path.stat().st_size
+        assert by_name[role]["sha256"] == sha256_file(path)
+        assert sha256_file(job_input(server, job, index)) == sha256_file(path)
+
+
 @pytest.mark.parametrize(
     "hostile",
     [
