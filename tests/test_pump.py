@@ -84,7 +84,7 @@ async def test_reads_exactly_its_bytes_and_leaves_the_rest_in_the_socket(pair: A
     _, ends = pump_for(a, len(body), sink, bufferSize=256 * KiB, buffers=2)
     threading.Thread(target=b.sendall, args=(body + b"GET / HTTP/1.1\r\n",)).start()
     await settle(lambda: ends, timeout=10)
-    assert ends == [PumpEnd("complete", len(body))]
+    assert ends == [PumpEnd("complete", len(body), lent=len(body))]
     assert sink.data == body
     assert fcntl.fcntl(a.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
     assert a.recv(100) == b"GET / HTTP/1.1\r\n"
@@ -150,7 +150,7 @@ async def test_idle_client_ends_with_idle(pair: Any) -> None:
     _, ends = pump_for(a, 10 * MiB, sink, idle=0.5)
     b.sendall(b"y" * 100)
     await settle(lambda: ends, timeout=10)
-    assert ends == [PumpEnd("idle", 100)]
+    assert ends == [PumpEnd("idle", 100, lent=100)]
     assert sink.data == b"y" * 100
 
 
@@ -179,7 +179,7 @@ async def test_buffers_not_given_back_stall_the_pump(pair: Any) -> None:
         give()
     sink.hold = False
     await settle(lambda: ends, timeout=20)
-    assert ends[0] == PumpEnd("complete", 8 * MiB)
+    assert ends[0] == PumpEnd("complete", 8 * MiB, lent=8 * MiB)
     sender.join()
 
 

@@ -15,12 +15,19 @@ The reactor keeps the connection: it stops reading while the pump runs,
 still writes (C{100 Continue}), and reads the body's last bytes itself, so
 the HTTP channel finishes the request the usual way.  A pump never reads past
 the bytes it was given, so a pipelined request stays in the socket.
+
+A chunked body (C{curl -T -}) has no length to stop at, so its pump reads
+the chunks' framing itself (see L{Chunked}): each size line is peeked at and
+taken, each chunk's bytes are received straight into a buffer, which holds
+nothing but the body's data, and the pump stops at the size line of the last
+chunk, which it leaves in the socket for the HTTP channel's own decoder.
 """
 
 from __future__ import annotations
 
 import mmap
 import queue
+import re
 import socket
 import struct
 import threading
@@ -58,16 +65,52 @@ ALIGN = 4096
 @dataclass(frozen=True)
 class PumpEnd:
     """
-    Why a pump stopped: C{complete} (all its bytes read), C{eof} (the client
-    closed first), C{idle} (nothing for the idle timeout), C{stopped}
-    (L{SocketPump.stop}), C{error} (a socket error, in C{error}) or
-    C{failed} (the sink raised C{error}: a body it refuses).
-    C{received} is every byte read from the socket.
+    Why a pump stopped: C{complete} (all its bytes read; for a chunked body,
+    the last chunk is next), C{eof} (the client closed first), C{idle}
+    (nothing for the idle timeout), C{stopped} (L{SocketPump.stop}),
+    C{error} (a socket error, in C{error}), C{failed} (the sink raised
+    C{error}: a body it refuses), C{malformed} (chunked framing that breaks
+    the rules, said in C{error}) or C{too_large} (a chunk past the limit).
+    C{received} is every byte read from the socket, C{lent} the body's data
+    among them (the same but for a chunked body's framing).
     """
 
     reason: str
     received: int
     error: BaseException | None = None
+    lent: int = -1
+    #: A chunked body's framing read but not understood: the start of the
+    #: last chunk's size line, for the HTTP channel.
+    leftover: bytes = b""
+
+
+@dataclass
+class Chunked:
+    """
+    Where a chunked body stands as a pump takes it over: C{left} bytes of
+    the current chunk still to come, then (if C{crlf}) the CRLF that ends a
+    chunk's data, then a size line; at most C{limit} more bytes of data.
+    """
+
+    left: int
+    crlf: bool
+    limit: int
+
+
+class MalformedChunk(ValueError):
+    """Chunked framing that breaks RFC 9112's rules."""
+
+
+class _End(Exception):
+    def __init__(self, why: str, error: BaseException | None = None) -> None:
+        self.why = why
+        self.error = error
+
+
+# As twisted.web.http's decoder has them.
+MAX_SIZE_LINE = 1024
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_EXTENSION = re.compile(rb"[\t !-\[\]-~\x80-\xff]*")
 
 
 class SocketPump:
@@ -91,6 +134,7 @@ class SocketPump:
         bufferSize: int = BUFFER_SIZE,
         buffers: int = BUFFERS,
         fileStart: FileStart | None = None,
+        chunked: Chunked | None = None,
     ) -> None:
         self._reactor = reactor
         # A duplicate of the descriptor: if the reactor closes the connection
@@ -101,6 +145,9 @@ class SocketPump:
         self._idle = idleTimeout
         self._offset = offset
         self._fileStart = fileStart
+        self._chunked = chunked
+        self._lent = 0
+        self._idleFor = 0.0
         # Anonymous maps: page-aligned, as O_DIRECT wants them.
         self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
         for _ in range(buffers):
@@ -154,12 +201,14 @@ class SocketPump:
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL))
             self._lowat = 1
-            end = self._pump()
+            end = self._pump() if self._chunked is None else self._pumpChunked(self._chunked)
         except OSError as e:
             end = PumpEnd("error", self.received, e)
         except Exception as e:
             end = PumpEnd("failed", self.received, e)
         finally:
+            if end.lent < 0:
+                end = PumpEnd(end.reason, end.received, end.error, self._lent, end.leftover)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
                 # The reactor's poll would not see fewer bytes than this.
@@ -216,13 +265,306 @@ class SocketPump:
                     break
             if filled:
                 self._left -= filled
-                self._offset += filled
-                self._sink(view[:filled], partial(self._free.put, buf))
-            else:
-                self._free.put(buf)
+            self._lend(buf, view, filled)
             if why is not None:
                 return PumpEnd(why, self.received, error)
         return PumpEnd("complete", self.received)
+
+    def _lend(self, buf: mmap.mmap, view: memoryview, filled: int) -> None:
+        if filled:
+            self._offset += filled
+            self._lent += filled
+            self._sink(view[:filled], partial(self._free.put, buf))
+        else:
+            self._free.put(buf)
+
+    def _pumpChunked(self, state: Chunked) -> PumpEnd:
+        # One scattering receive a chunk, in the steady state: its data
+        # straight into the buffer, and the framing around it (see
+        # _Framing.plan) into a small one.  The low-water mark stays at 1:
+        # a chunk is seldom bigger than what loopback delivers at once.
+        framing = _Framing(state)
+        scratch = memoryview(bytearray(_SCRATCH))
+        lf, tail = scratch[:1], scratch[1 : 1 + _AFTER_DATA]
+        while True:
+            buf = self._buffer()
+            if buf is None:
+                return PumpEnd("stopped", self.received)
+            view = memoryview(buf)
+            # Only data goes into the buffer, so its offsets are the file's.
+            want = len(buf) - self._offset % ALIGN
+            filled = 0
+            end: PumpEnd | None = None
+            try:
+                while filled < want and not framing.last:
+                    room = want - filled
+                    size = framing.lineEnds()
+                    if size and room >= size + _AFTER_DATA:
+                        # The steady state: the size line's LF, the whole
+                        # chunk into place, and the 7 bytes after it.
+                        lowat = size if size >= _WAKE_AT else 1
+                        if lowat != self._lowat:
+                            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                            self._lowat = lowat
+                        data = view[filled : filled + size]
+                        got = self._readInto([lf, data, tail])
+                        if got == size + 1 + _AFTER_DATA and lf[0] == 10:
+                            framing.chunk(size)
+                            filled += size
+                            out = bytearray()
+                            framing.after(tail, out)
+                            if out:
+                                view[filled : filled + len(out)] = out
+                                filled += len(out)
+                            continue
+                        # Short, or not what a valid body holds: the general way.
+                        out = bytearray()
+                        framing.parse(lf[: min(got, 1)], out)
+                        k = min(max(got - 1, 0), size)
+                        if k:
+                            # parse() did not fail on the LF, so data follows.
+                            filled += k
+                            framing.received(k)
+                        if got > size + 1:
+                            framing.parse(tail[: got - size - 1], out)
+                            view[filled : filled + len(out)] = out
+                            filled += len(out)
+                        break
+                    parts: list[memoryview] = []
+                    at = 0
+                    for kind, n in framing.plan():
+                        if kind == "data":
+                            k = min(n, room)
+                            parts.append(view[filled : filled + k])
+                            room -= k
+                            if k < n:
+                                break
+                        elif room < n:
+                            # Data may come among framing bytes, and is
+                            # copied into the buffer: it goes in the next.
+                            break
+                        else:
+                            parts.append(scratch[at : at + n])
+                            at += n
+                    if not parts:
+                        break
+                    asked = sum(len(v) for v in parts)
+                    # Wake when a whole chunk has come (a valid body brings
+                    # every byte asked for), not for each segment of it; but
+                    # a few bytes of framing come at once, or after a pause.
+                    lowat = asked if asked >= _WAKE_AT else 1
+                    if lowat != self._lowat:
+                        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                        self._lowat = lowat
+                    got = self._readInto(parts)
+                    out = bytearray()
+                    left = got
+                    for part in parts:
+                        k = min(left, len(part))
+                        left -= k
+                        if part.obj is buf:
+                            filled += k
+                            framing.received(k)
+                        else:
+                            framing.parse(part[:k], out)
+                            if out:
+                                view[filled : filled + len(out)] = out
+                                filled += len(out)
+                                out.clear()
+                        if not left:
+                            break
+                    if got < asked:
+                        # The receive timeout ended a short read: what came
+                        # goes on to the disk now.
+                        break
+            except _End as e:
+                end = PumpEnd(e.why, self.received, e.error)
+            except MalformedChunk as e:
+                end = PumpEnd("malformed", self.received, e)
+            except _TooLarge:
+                end = PumpEnd("too_large", self.received)
+            self._lend(buf, view, filled)
+            if end is not None:
+                return end
+            if framing.last:
+                return PumpEnd("complete", self.received, leftover=bytes(framing.pending))
+
+    def _readInto(self, parts: list[memoryview]) -> int:
+        """
+        Receive into C{parts}, all of them unless the receive timeout cut
+        it short; raises L{_End} for a stop, an idle client, the end of the
+        stream or a socket error.
+        """
+        while True:
+            if self._stop:
+                raise _End("stopped")
+            try:
+                n = self._sock.recvmsg_into(parts, 0, socket.MSG_WAITALL)[0]
+            except BlockingIOError:
+                self._idleFor += _POLL
+                if self._idle and self._idleFor >= self._idle:
+                    raise _End("idle") from None
+                continue
+            except OSError as e:
+                raise _End("error", e) from None
+            if n == 0:
+                raise _End("eof")
+            self._idleFor = 0.0
+            self.received += n
+            return n
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# Reads of at least this many bytes set the low-water mark to their size.
+_WAKE_AT = 16 * 1024
+# Framing read at most at once: a size line's end, and the data after it.
+_SCRATCH = 80
+# After a chunk's data the body holds at least CRLF, "0" CRLF and CRLF.
+_AFTER_DATA = 7
+
+
+class _Framing:
+    """
+    The framing of a chunked body (RFC 9112, section 7.1), as a pump reads
+    it.  It never asks for a byte that a valid body might not have, so that
+    a pump never reads into a pipelined request: after a chunk's data come
+    at least seven bytes (CRLF, the last chunk's "0" CRLF, and CRLF).
+    """
+
+    def __init__(self, state: Chunked) -> None:
+        self.left = state.left
+        self.crlf = state.crlf
+        self.limit = state.limit
+        #: Framing received and not yet understood: the start of a size line
+        #: (after the CRLF ending a chunk's data, if C{crlf}).
+        self.pending = bytearray()
+        #: The last chunk's size line has begun (it is in C{pending}).
+        self.last = False
+        # What L{lineEnds} and L{after} saw last.
+        self._line = b""
+        self._size = 0
+        self._tail = b""
+        self._next = b""
+
+    def lineEnds(self) -> int:
+        """
+        The size of the next chunk when its size line is all here but its
+        LF (where a chunk's 7 bytes after data end, with curl's 4-digit
+        sizes), else 0.  Lines repeat, so the last one's size is kept.
+        """
+        pending = self.pending
+        if self.left or self.crlf or not pending.endswith(b"\r"):
+            return 0
+        line = bytes(pending[:-1])
+        if line != self._line:
+            self._size = _chunkSize(line)
+            self._line = line
+        return self._size
+
+    def chunk(self, size: int) -> None:
+        """The line from L{lineEnds}, its LF and its C{size} bytes of data were received."""
+        if size > self.limit:
+            raise _TooLarge()
+        self.limit -= size
+        self.pending.clear()
+        self.crlf = True
+
+    def after(self, tail: memoryview, out: bytearray) -> None:
+        """
+        The bytes after a chunk's data, mostly the same as the last time:
+        its CRLF and the start of the next size line (and data, after a
+        short line, which goes to C{out}).
+        """
+        if tail == self._tail:
+            self.pending[:] = self._next
+            self.crlf = False
+            return
+        self.parse(tail, out)
+        if not out and not self.left and not self.crlf and not self.last:
+            self._tail = bytes(tail)
+            self._next = bytes(self.pending)
+
+    def received(self, n: int) -> None:
+        """C{n} bytes of the current chunk's data went straight into a buffer."""
+        self.left -= n
+        if not self.left:
+            self.crlf = True
+
+    def plan(self) -> list[tuple[str, int]]:
+        """What the next read should take: data or framing, and how much."""
+        if self.left:
+            return [("data", self.left), ("framing", _AFTER_DATA)]
+        pending = self.pending
+        if self.crlf:
+            return [("framing", 2 - len(pending) + 5)]
+        size, _, _ = bytes(pending).partition(b";")
+        size = size.rstrip(b"\r")
+        value = int(size, 16) if size else 0
+        if pending.endswith(b"\r"):
+            # The line ends with the next byte (a CR is nowhere else in a
+            # valid one): then come its data, and what follows data.
+            if value == 0:
+                return [("framing", 1)]
+            return [("framing", 1), ("data", value), ("framing", _AFTER_DATA)]
+        if value == 0:
+            # Perhaps the last chunk: its line's CRLF and the body's last CRLF.
+            return [("framing", 3)]
+        # A longer size line: at least its CRLF, then data, then 7 more.
+        return [("framing", min(_SCRATCH, value + 8))]
+
+    def parse(self, data: memoryview, out: bytearray) -> None:
+        """Take framing bytes; the data among them is added to C{out}."""
+        pending = self.pending
+        pending += data
+        i = 0
+        while i < len(pending) and not self.last:
+            if self.left:
+                k = min(self.left, len(pending) - i)
+                out += pending[i : i + k]
+                i += k
+                self.received(k)
+            elif self.crlf:
+                if bytes(pending[i : i + 2]) not in (b"\r\n", b"\r"):
+                    raise MalformedChunk("a chunk's data did not end with CRLF")
+                if len(pending) - i < 2:
+                    break
+                i += 2
+                self.crlf = False
+            else:
+                eol = pending.find(b"\r\n", i)
+                if eol == -1:
+                    line = pending[i:]
+                    if len(line) > MAX_SIZE_LINE:
+                        raise MalformedChunk(
+                            f"a chunk size line is longer than {MAX_SIZE_LINE} bytes"
+                        )
+                    size = line.partition(b";")[0].rstrip(b"\r")
+                    if (size and not _HEX.fullmatch(size)) or b"\r" in line[:-1]:
+                        raise MalformedChunk("a chunk size is not a hexadecimal number")
+                    break
+                value = _chunkSize(bytes(pending[i:eol]))
+                if value == 0:
+                    # Left for the HTTP channel, with what follows it.
+                    self.last = True
+                    break
+                if value > self.limit:
+                    raise _TooLarge()
+                self.limit -= value
+                self.left = value
+                i = eol + 2
+        del pending[:i]
+
+
+def _chunkSize(line: bytes) -> int:
+    size, _, extension = line.partition(b";")
+    if not _HEX.fullmatch(size):
+        raise MalformedChunk("a chunk size is not a hexadecimal number")
+    if extension and not _EXTENSION.fullmatch(extension):
+        raise MalformedChunk("a chunk extension holds characters it may not")
+    return int(size, 16)
 
 
 def _timeval(seconds: float) -> bytes:

@@ -37,13 +37,13 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import parse_qs
+from twisted.web.http import _ChunkedTransferDecoder, parse_qs
 from twisted.web.resource import IResource
 from zope.interface import Interface, implementer
 
 from transcoder._http import ErrorResource, allowed_methods, raw_response
 from transcoder._names import extension, sanitise_filename
-from transcoder._pump import PumpEnd, SocketPump
+from transcoder._pump import Chunked, PumpEnd, SocketPump
 from transcoder._search import find
 from transcoder._spool import Opener, Spool, SpooledFile, _open
 from transcoder.errors import APIError, method_not_allowed
@@ -252,7 +252,14 @@ class _BaseBody:
     def _count(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > self._max:
-            raise APIError(413, "too_large", f"the upload exceeds the maximum of {self._max} bytes")
+            raise self.tooLarge()
+
+    def tooLarge(self) -> APIError:
+        return APIError(413, "too_large", f"the upload exceeds the maximum of {self._max} bytes")
+
+    def room(self) -> int:
+        """How many more bytes the body may bring."""
+        return self._max - self._received
 
     def _spoolFailed(self, error: OSError) -> None:
         log.warn("upload {job}: write failed: {error}", job=self.job_id, error=error)
@@ -632,6 +639,9 @@ class TranscoderRequest(server.Request):
     _pumping = False
     _pump: SocketPump | None = None
     _timeOut: float | None = None
+    # For a chunked raw body: how much data to take through the reactor
+    # before a pump may take over, or None for no pump.
+    _chunkedPumpAt: int | None = None
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
@@ -696,6 +706,15 @@ class TranscoderRequest(server.Request):
             _pumping.add(self)
             transport.stopReading()
             channel.callLater(0, self._startPump, body, length)
+        elif (
+            isinstance(body, RawBody)
+            and length is None
+            and isinstance(transport, tcp.Connection)
+            and alone
+        ):
+            # Chunked: its size is unknown, so a pump only takes a body that
+            # has shown itself big (see handleContentChunk).
+            self._chunkedPumpAt = PUMP_MIN
         self._watchRate(channel)
 
     def _startPump(self, body: RawBody | MultipartBody, length: int) -> None:
@@ -724,24 +743,99 @@ class TranscoderRequest(server.Request):
         )
         self._pump.start().addCallback(self._pumpEnded)
 
+    def _maybePumpChunks(self) -> None:
+        """
+        From handleContentChunk, within the transfer decoder's parsing: once
+        a chunked body has brought enough, stop reading, so that by the next
+        reactor turn the decoder has parsed all it was given, and see then
+        whether a pump can take over where it stands.
+        """
+        at = self._chunkedPumpAt
+        if at is None or self._received < at or self._pumping or self._paused:
+            return
+        channel: Any = self.channel
+        site: Any = getattr(channel, "site", None)
+        if len(_pumping) >= MAX_PUMPS or getattr(site, "uploads", None) != {self}:
+            # Not alone (any more): the reactor reads, as for any upload beside others.
+            self._chunkedPumpAt = None
+            return
+        self._chunkedPumpAt = None
+        self._pumping = True
+        _pumping.add(self)
+        transport: Any = self.transport
+        transport.stopReading()
+        channel.callLater(0, self._startChunkedPump)
+
+    def _startChunkedPump(self) -> None:
+        channel: Any = self.channel
+        body = self.body
+        decoder = getattr(channel, "_transferDecoder", None)
+        state = getattr(decoder, "state", None)
+        if (
+            not isinstance(body, RawBody)
+            or channel is None
+            or self._disconnected
+            or not isinstance(decoder, _ChunkedTransferDecoder)
+            # Taken over only between its reads, with nothing half-parsed:
+            # otherwise a few more reads through the reactor, and again.
+            or getattr(decoder, "_buffer", None)
+            or state not in ("BODY", "CRLF", "CHUNK_LENGTH")
+        ):
+            self._pumping = False
+            _pumping.discard(self)
+            if isinstance(body, RawBody) and isinstance(decoder, _ChunkedTransferDecoder):
+                if state != "TRAILER" and state != "FINISHED":
+                    self._chunkedPumpAt = self._received + UPLOAD_READ_SIZE
+            if channel is not None and not self._disconnected and not self._paused:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
+            return
+        assert decoder is not None
+        self._timeOut = channel.setTimeout(None)
+        self._pump = SocketPump(
+            body.reactor,
+            self.transport.socket,  # type: ignore[union-attr]
+            0,
+            body.lend,
+            self._timeOut,
+            offset=self._received,
+            chunked=Chunked(
+                left=decoder.length if state == "BODY" else 0,
+                crlf=state in ("BODY", "CRLF"),
+                limit=body.room(),
+            ),
+        )
+        self._pump.start().addCallback(self._pumpEnded)
+
     def _pumpEnded(self, end: PumpEnd) -> None:
         """On the reactor: count the pumped bytes where the channel counts them; read again."""
         self._pump = None
         self._pumping = False
         _pumping.discard(self)
-        self._received += end.received
+        self._received += end.lent
         if isinstance(self.body, RawBody | MultipartBody):
-            self.body.lent(end.received)
+            self.body.lent(end.lent)
         channel: Any = self.channel
         if channel is None or self._disconnected:
             return
         decoder = getattr(channel, "_transferDecoder", None)
-        if decoder is not None and getattr(decoder, "contentLength", None):
+        if isinstance(decoder, _ChunkedTransferDecoder):
+            # The pump stopped at a size line (the last chunk's, when
+            # complete), of which it may have read the start: that is where
+            # the decoder goes on, as the channel gives it the bytes.
+            decoder.state = "CHUNK_LENGTH"
+            decoder._start = 0
+            if end.reason == "complete" and end.leftover:
+                channel.dataReceived(end.leftover)
+        elif decoder is not None and getattr(decoder, "contentLength", None):
             decoder.contentLength -= end.received
         channel.setTimeout(self._timeOut)
         if end.reason == "idle":
             channel.timeoutConnection()
             return
+        if end.reason == "malformed":
+            self._failMidBody(APIError(400, "bad_chunked", f"bad chunked body: {end.error}"))
+        elif end.reason == "too_large" and isinstance(self.body, RawBody):
+            self._failMidBody(self.body.tooLarge())
         if end.reason == "failed":
             error = end.error
             if not isinstance(error, APIError):
@@ -821,6 +915,9 @@ class TranscoderRequest(server.Request):
                 body.dataReceived(data)
             except APIError as e:
                 self._failMidBody(e)
+                return
+            if self._chunkedPumpAt is not None:
+                self._maybePumpChunks()
             return
         if self._refused:
             self._lingerLeft -= len(data)
