@@ -69,6 +69,10 @@ MIN_BYTES_PER_WINDOW = 64 * 1024
 # their last PUMP_TAIL bytes, which come through the HTTP channel as usual.
 PUMP_MIN = 4 << 20
 PUMP_TAIL = 64 * 1024
+# A chunked body is taken over by a pump once this much of it has come
+# through the reactor: sooner, fewer of the spool's staging buffers are ever
+# touched (peak RSS +14 MiB at 4 MiB).
+CHUNKED_PUMP_AT = 1 << 20
 # Pumps at once, each with its buffers (6 MiB).  A pump is for an upload that
 # has the server to itself: beside other uploads it went no faster in all,
 # and the load test's status polls waited longer (p99 149 ms with no pump,
@@ -714,7 +718,7 @@ class TranscoderRequest(server.Request):
         ):
             # Chunked: its size is unknown, so a pump only takes a body that
             # has shown itself big (see handleContentChunk).
-            self._chunkedPumpAt = PUMP_MIN
+            self._chunkedPumpAt = CHUNKED_PUMP_AT
         self._watchRate(channel)
 
     def _startPump(self, body: RawBody | MultipartBody, length: int) -> None:
