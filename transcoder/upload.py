@@ -837,7 +837,8 @@ class TranscoderRequest(server.Request):
             channel.timeoutConnection()
             return
         if end.reason == "malformed":
-            self._failMidBody(APIError(400, "bad_chunked", f"bad chunked body: {end.error}"))
+            # The code the channel gives framing it refuses itself (see web._Channel).
+            self._failMidBody(APIError(400, "bad_request", f"malformed chunked body: {end.error}"))
         elif end.reason == "too_large" and isinstance(self.body, RawBody):
             self._failMidBody(self.body.tooLarge())
         if end.reason == "failed":
