@@ -300,6 +300,17 @@ async def test_chunked_upload_read_by_a_pump_then_a_pipelined_request(
     assert pumps[0].received > 8 * MiB
 
 
+async def answer_to_8_mib_then(port: int, tail: bytes) -> bytes:
+    """The answer to a chunked PUT of 8 MiB of curl-sized chunks followed by C{tail}."""
+    chunks = [os.urandom(0xFFF4) for _ in range(8 * MiB // 0xFFF4 + 1)]
+    answer: list[bytes] = []
+    t = threading.Thread(target=exchange, args=(port, chunked_request(chunks, tail), answer))
+    t.start()
+    await settle(lambda: answer, timeout=30)
+    t.join()
+    return answer[0]
+
+
 @pytest_twisted.ensureDeferred
 async def test_broken_chunk_mid_body_gets_a_json_400_and_leaves_nothing(
     served: tuple[int, Path],  # noqa: F811
@@ -307,15 +318,9 @@ async def test_broken_chunk_mid_body_gets_a_json_400_and_leaves_nothing(
 ) -> None:
     """A chunked body whose framing breaks after 8 MiB, while a pump reads it, is answered 400 with a JSON error, and its partial file is removed."""
     port, data_dir = served
-    chunks = [os.urandom(0xFFF4) for _ in range(8 * MiB // 0xFFF4 + 1)]
-    request = chunked_request(chunks, tail=b"12zz\r\n" + b"!" * 100)
-    answer: list[bytes] = []
-    t = threading.Thread(target=exchange, args=(port, request, answer))
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    assert answer[0].startswith(b"HTTP/1.1 400"), answer[0][:300]
-    assert b'"bad_request"' in answer[0] and b"malformed chunked body" in answer[0]
+    answer = await answer_to_8_mib_then(port, b"12zz\r\n" + b"!" * 100)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b'"bad_request"' in answer and b"malformed chunked body" in answer
     assert len(pumps) == 1
     uploads = data_dir / "uploads"
     await settle(lambda: not uploads.exists() or not any(uploads.iterdir()), timeout=10)
@@ -339,15 +344,9 @@ async def test_chunked_body_past_the_maximum_while_pumped_gets_413(
         return left
 
     monkeypatch.setattr(upload.RawBody, "room", room)
-    chunks = [os.urandom(0xFFF4) for _ in range(8 * MiB // 0xFFF4 + 1)]
-    request = chunked_request(chunks, tail=b"800000\r\n" + b"x" * 1000)
-    answer: list[bytes] = []
-    t = threading.Thread(target=exchange, args=(port, request, answer))
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    assert answer[0].startswith(b"HTTP/1.1 413"), answer[0][:300]
-    assert b'"too_large"' in answer[0]
+    answer = await answer_to_8_mib_then(port, b"800000\r\n" + b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b'"too_large"' in answer
     assert len(pumps) == 1 and resource_max
     uploads = data_dir / "uploads"
     await settle(lambda: not uploads.exists() or not any(uploads.iterdir()), timeout=10)
