@@ -53,3 +53,47 @@ def test_finished_job_is_posted_to_its_callback_signed(tmp_path: Path, clips) ->
         server.stop()
         receiver.shutdown()
     assert len(Receiver.received) == 1
+
+
+def test_a_webhook_pending_at_shutdown_is_sent_after_a_restart(tmp_path: Path) -> None:
+    """A job's webhook that could not be delivered before the server stopped (its receiver was down) is delivered by the next server on the same data directory, with the same delivery id."""
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    port = probe.server_address[1]
+    # Nothing listens there for now: every attempt is refused.
+    probe.server_close()
+    Receiver.received = []
+    hook = f"http://127.0.0.1:{port}/done"
+    garbage = tmp_path / "noise.bin"
+    garbage.write_bytes(bytes(range(256)) * 4096)
+    data = tmp_path / "data"
+    server = ServerProcess(data)
+    try:
+        r = subprocess.run(
+            ["curl", "-sS", "-T", str(garbage),
+             f"{server.url}/jobs?profile=avi-mpeg4&callback_url={quote(hook, safe='')}"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        job = json.loads(r.stdout)
+        journal = data / "webhooks" / f"{job['id']}.json"
+        # The job fails (not media), and its first attempt is refused.
+        assert wait_for(lambda: "webhook of job" in server.output, timeout=30), server.output
+        assert journal.exists()
+    finally:
+        assert server.stop() in (0, -15, 143)
+    assert journal.exists()
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    again = ServerProcess(data)
+    try:
+        assert wait_for(lambda: len(Receiver.received) >= 1, timeout=30), again.output
+        headers, body = Receiver.received[0]
+        posted = json.loads(body)
+        assert posted["id"] == job["id"]
+        assert posted["state"] == "failed"
+        assert headers["x-transcoder-delivery"]
+        assert wait_for(lambda: not journal.exists(), timeout=10)
+    finally:
+        again.stop()
+        receiver.shutdown()
+    assert len(Receiver.received) == 1

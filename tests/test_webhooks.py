@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -475,3 +476,70 @@ async def test_real_loopback_server_with_treq() -> None:
     finally:
         notifier.stop()
         await port.stopListening()
+
+
+# The journal: pending deliveries survive a restart.
+
+
+def journal_env(journal: Path, codes: list[int], **kw: Any) -> Env:
+    return make_env(codes=codes, journal=journal, **kw)
+
+
+def test_a_pending_delivery_is_sent_again_after_a_restart(tmp_path: Path) -> None:
+    """A delivery still failing when the notifier stops stays in the journal; a new notifier on the same journal sends it at start, with the same body and delivery id, and forgets it once delivered."""
+    journal = tmp_path / "webhooks"
+    first = journal_env(journal, codes=[503])
+    job = finished_job()
+    first.registry.change(job)
+    assert len(first.receiver.received) == 1
+    assert [p.name for p in journal.iterdir()] == [f"{job.id}.json"]
+    first.notifier.stop()
+    assert [p.name for p in journal.iterdir()] == [f"{job.id}.json"]
+
+    second = journal_env(journal, codes=[200])
+    # Sent from the reactor's next turn, not within start().
+    assert second.receiver.received == []
+    second.clock.advance(0)
+    [again] = second.receiver.received
+    [before] = first.receiver.received
+    assert again.body == before.body
+    assert json.loads(again.body) == job.to_json()
+    assert again.header(DELIVERY_HEADER) == before.header(DELIVERY_HEADER)
+    assert verify_signature(SECRET, again.body, again.header(SIGNATURE_HEADER))
+    assert second.notifier.pending == 0
+    assert list(journal.iterdir()) == []
+    # Announced again by the registry, the job is not called back twice.
+    second.registry.change(job)
+    assert len(second.receiver.received) == 1
+
+
+def test_delivered_and_given_up_deliveries_leave_no_entry(tmp_path: Path) -> None:
+    """An entry is removed once its delivery succeeds, and once it is given up."""
+    journal = tmp_path / "webhooks"
+    ok = journal_env(journal, codes=[200])
+    ok.registry.change(finished_job())
+    assert len(ok.receiver.received) == 1
+    assert list(journal.iterdir()) == []
+    failing = journal_env(journal, codes=[500], max_attempts=2, base_delay=1.0)
+    failing.registry.change(finished_job())
+    assert len(list(journal.iterdir())) == 1
+    failing.clock.advance(10)
+    assert len(failing.receiver.received) == 2
+    assert failing.notifier.pending == 0
+    assert list(journal.iterdir()) == []
+
+
+def test_unreadable_journal_entries_are_dropped(tmp_path: Path) -> None:
+    """Entries that are not JSON, not a delivery, or left half-written by a killed server are removed at start and send nothing."""
+    journal = tmp_path / "webhooks"
+    journal.mkdir()
+    (journal / f"{new_job_id()}.json").write_text("{not json")
+    (journal / f"{new_job_id()}.json").write_text(json.dumps({"job_id": "../../etc"}))
+    (journal / f"{new_job_id()}.json").write_text(
+        json.dumps({"job_id": new_job_id(), "url": "ftp://x/", "delivery_id": "d", "body": "{}"})
+    )
+    (journal / f"{new_job_id()}.json.partial").write_text("{")
+    env = journal_env(journal, codes=[200])
+    env.clock.advance(0)
+    assert env.receiver.received == []
+    assert list(journal.iterdir()) == []

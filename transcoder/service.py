@@ -245,7 +245,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
-    notifier = WebhookNotifier(reactor, registry, secret=secret.encode("utf-8") if secret else None)
+    notifier = WebhookNotifier(
+        reactor,
+        registry,
+        secret=secret.encode("utf-8") if secret else None,
+        journal=data_dir / "webhooks",
+    )
     sweeper = RetentionSweeper(reactor, registry, keep=options["keep-results"])
     root = build_root(
         reactor,

@@ -7,8 +7,11 @@ that does not get a 2xx answer is retried with exponential backoff and jitter,
 a bounded number of times.  Everything is asynchronous: the registry's
 notification only schedules work, and no error ever reaches the registry.
 
-Deliveries live in memory only: those still pending when the notifier stops
-are dropped (and logged).
+With a journal directory, each delivery is written there when it begins and
+removed once it is delivered or given up: deliveries still pending when the
+notifier stops (or the server is killed) are sent again at the next start,
+with the same body and delivery id, so a receiver can tell a repeat.  Without
+one, they live in memory only and are dropped (and logged) on stop.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -29,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from transcoder import __version__
-from transcoder.jobs import Job
+from transcoder.jobs import Job, is_job_id
 
 _log = Logger()
 
@@ -121,6 +126,8 @@ class WebhookNotifier:
         half and all of that, so that many failed deliveries do not retry in step.
     @param timeout: time limit of one attempt, from connecting to reading the answer.
     @param base_url: prefix of the URLs inside the job JSON (C{url}, C{result_url}).
+    @param journal: a directory where pending deliveries are kept across
+        restarts (see the module docstring); None keeps them in memory only.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class WebhookNotifier:
         timeout: float = 10.0,
         max_delay: float = 3600.0,
         base_url: str = "",
+        journal: Path | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -149,6 +157,7 @@ class WebhookNotifier:
         self._timeout = timeout
         self._max_delay = max_delay
         self._base_url = base_url
+        self._journal = journal
         self._random: Callable[[], float] = random.random
         self._unsubscribe: Callable[[], None] | None = None
         self._deliveries: set[_Delivery] = set()
@@ -162,9 +171,10 @@ class WebhookNotifier:
         return len(self._deliveries)
 
     def start(self) -> None:
-        """Follow the registry's changes."""
+        """Follow the registry's changes; send again what the journal holds."""
         if self._unsubscribe is None:
             self._unsubscribe = self._registry.subscribe(self._changed)
+            self._resume()
 
     def stop(self) -> None:
         """Stop following the registry; cancel every retry timer and request in flight."""
@@ -174,7 +184,8 @@ class WebhookNotifier:
         deliveries, self._deliveries = self._deliveries, set()
         if deliveries:
             _log.warn(
-                "dropping {count} undelivered webhooks on stop: {jobs}",
+                "{what} {count} undelivered webhooks on stop: {jobs}",
+                what="keeping for the next start" if self._journal else "dropping",
                 count=len(deliveries),
                 jobs=", ".join(sorted(d.job_id for d in deliveries)),
             )
@@ -230,7 +241,77 @@ class WebhookNotifier:
         body = json.dumps(job.to_json(self._base_url), separators=(",", ":")).encode("utf-8")
         delivery = _Delivery(job.id, url, body, str(uuid.uuid4()))
         self._deliveries.add(delivery)
+        self._record(delivery)
         self._attempt(delivery)
+
+    # The journal: one small JSON file per pending delivery.
+
+    def _entry(self, job_id: str) -> Path | None:
+        return None if self._journal is None else self._journal / f"{job_id}.json"
+
+    def _record(self, delivery: _Delivery) -> None:
+        path = self._entry(delivery.job_id)
+        if path is None:
+            return
+        entry = {
+            "job_id": delivery.job_id,
+            "url": delivery.url,
+            "delivery_id": delivery.delivery_id,
+            "body": delivery.body.decode("utf-8"),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(entry), encoding="utf-8")
+            # Whole or not at all: a restart never reads half an entry.
+            os.replace(partial, path)
+        except OSError as e:
+            _log.warn(
+                "webhook of job {job_id} kept in memory only: {error}",
+                job_id=delivery.job_id,
+                error=e,
+            )
+
+    def _forget(self, delivery: _Delivery) -> None:
+        path = self._entry(delivery.job_id)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                _log.warn("could not remove {path}: {error}", path=path, error=e)
+
+    def _resume(self) -> None:
+        if self._journal is None or not self._journal.is_dir():
+            return
+        for path in sorted(self._journal.iterdir()):
+            if path.suffix != ".json":
+                # A half-written entry of a server that was killed while writing it.
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                entry = json.loads(path.read_text(encoding="utf-8"))
+                delivery = _Delivery(
+                    str(entry["job_id"]),
+                    str(entry["url"]),
+                    str(entry["body"]).encode("utf-8"),
+                    str(entry["delivery_id"]),
+                )
+                if not is_job_id(delivery.job_id) or not is_callback_url(delivery.url):
+                    raise ValueError("not a delivery")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                _log.warn("dropping unreadable webhook entry {path}: {error}", path=path, error=e)
+                path.unlink(missing_ok=True)
+                continue
+            if delivery.job_id in self._handled:
+                continue
+            self._handled.add(delivery.job_id)
+            self._deliveries.add(delivery)
+            _log.info(
+                "sending the webhook of job {job_id} again, after a restart",
+                job_id=delivery.job_id,
+            )
+            # Not within start(): the service is still starting its other parts.
+            delivery.timer = self._reactor.callLater(0, self._attempt, delivery)
 
     def _headers(self, delivery: _Delivery) -> dict[str, str]:
         headers = {
@@ -286,6 +367,7 @@ class WebhookNotifier:
         where = _for_log(delivery.url)
         if isinstance(result, int) and 200 <= result < 300:
             self._deliveries.discard(delivery)
+            self._forget(delivery)
             _log.info(
                 "webhook of job {job_id} delivered to {url} (HTTP {code}, attempt {attempt})",
                 job_id=delivery.job_id,
@@ -302,6 +384,7 @@ class WebhookNotifier:
             reason = f"HTTP {result}"
         if delivery.attempts >= self._max_attempts:
             self._deliveries.discard(delivery)
+            self._forget(delivery)
             _log.error(
                 "giving up on the webhook of job {job_id} to {url} after {attempts} attempts;"
                 " last: {reason}",
