@@ -281,8 +281,9 @@ class SocketPump:
     def _pumpChunked(self, state: Chunked) -> PumpEnd:
         # One scattering receive a chunk, in the steady state: its data
         # straight into the buffer, and the framing around it (see
-        # _Framing.plan) into a small one.  The low-water mark stays at 1:
-        # a chunk is seldom bigger than what loopback delivers at once.
+        # _Framing.plan) into a small one.  Reads are never for more than a
+        # valid body surely holds, so the low-water mark can be the whole
+        # read: the thread wakes once a chunk, not once a segment.
         framing = _Framing(state)
         scratch = memoryview(bytearray(_SCRATCH))
         lf, tail = scratch[:1], scratch[1 : 1 + _AFTER_DATA]
