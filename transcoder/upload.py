@@ -782,7 +782,9 @@ class TranscoderRequest(server.Request):
             or not isinstance(decoder, _ChunkedTransferDecoder)
             # Taken over only between its reads, with nothing half-parsed:
             # otherwise a few more reads through the reactor, and again.
-            or getattr(decoder, "_buffer", None)
+            # (Its buffer is the decoder's own attribute, not its API: a
+            # Twisted without it gets no chunked pump.)
+            or getattr(decoder, "_buffer", b"unknown")
             or state not in ("BODY", "CRLF", "CHUNK_LENGTH")
         ):
             self._pumping = False
