@@ -195,3 +195,16 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
     spool.abort(cleanup=lambda: done.append(None))
     await settle(lambda: done)
     assert not path.exists()
+
+
+def test_uploads_in_a_crowd_each_hold_less() -> None:
+    """An upload alone may queue 4 MiB and use four staging buffers; with others in flight each holds less, down to 1 MiB and two buffers, so that the server's memory does not grow with the number of uploads at once."""
+    from transcoder.upload import spool_limits
+
+    assert spool_limits(1) == (4 << 20, 4)
+    limits = [spool_limits(n) for n in range(1, 40)]
+    assert limits == sorted(limits, reverse=True)
+    assert spool_limits(16) == (1 << 20, 2)
+    # What all of them may queue together: 6 MiB up to three, then 1 MiB each.
+    for n, (high, _) in enumerate(limits, 1):
+        assert high * n <= max(6 << 20, n << 20)

@@ -249,9 +249,11 @@ class _File:
         md5: bool,
         onError: Callable[[OSError], None],
         pwrite: PWrite,
+        stagingBuffers: int = STAGING_BUFFERS,
     ) -> None:
         self.path = path
         self._f = f
+        self._stagingBuffers = stagingBuffers
         self.size = 0
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5() if md5 else None
@@ -310,7 +312,7 @@ class _File:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        if self._made < STAGING_BUFFERS:
+        if self._made < self._stagingBuffers:
             self._made += 1
             return mmap.mmap(-1, STAGING_SIZE)
         return self._free.get()
@@ -366,8 +368,10 @@ class Spool:
         opener: Opener = _open,
         highWater: int = 4 << 20,
         pwrite: PWrite = os.pwrite,
+        stagingBuffers: int = STAGING_BUFFERS,
     ) -> None:
         self._reactor = reactor
+        self._stagingBuffers = stagingBuffers
         self._pwrite = pwrite
         self._errorReported = False
         self._onPressure = onPressure
@@ -493,7 +497,9 @@ class Spool:
                 try:
                     f = self._opener(item.path)
                     self._created.append(item.path)
-                    current = _File(item.path, f, item.md5, report, self._pwrite)
+                    current = _File(
+                        item.path, f, item.md5, report, self._pwrite, self._stagingBuffers
+                    )
                     if item.size and isinstance(f, io.FileIO):
                         _allocate(f.fileno(), item.size)
                 except OSError as e:
