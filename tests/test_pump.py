@@ -23,7 +23,7 @@ from test_spool import settle
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from transcoder import upload
+from transcoder import _pump, upload
 from transcoder._pump import ALIGN, PumpEnd, SocketPump
 from transcoder._spool import _Lent, _ParallelWriter
 from transcoder.jobs import JobState
@@ -190,6 +190,36 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
+def can_force_receive_buffer() -> bool:
+    """Whether this process may give a socket a receive buffer past rmem_max (root may)."""
+    with socket.socket() as s:
+        return _pump._bigReceiveBuffer(s)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pump_hashes_what_it_reads_where_its_receive_buffer_can_be_big(pair: Any) -> None:
+    """Given the file's hash objects, a pump whose socket may have a 32 MiB receive buffer (root) feeds them every byte it lends, in order, as it reads; where that is not allowed it does not even ask for them (the spool hashes)."""
+    a, b = pair
+    body = os.urandom(3 * MiB + 5)
+    h = hashlib.sha256()
+    asked: list[bool] = []
+
+    def hashes(stop: Callable[[], bool]) -> list[Any]:
+        asked.append(True)
+        return [h]
+
+    sink = Collector()
+    pump, ends = pump_for(a, len(body), sink, bufferSize=256 * KiB, buffers=2, hashes=hashes)
+    b.sendall(body)
+    await settle(lambda: ends, timeout=10)
+    assert sink.data == body
+    if can_force_receive_buffer():
+        assert pump.hashing and asked == [True]
+        assert h.hexdigest() == hashlib.sha256(body).hexdigest()
+    else:
+        assert not pump.hashing and asked == []
+
+
 # The parallel writer.
 
 
@@ -343,6 +373,40 @@ async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
     assert b'"status"' in second
     assert len(pumps) == 1
     assert pumps[0].received >= len(body) - upload.PUMP_TAIL - 64 * KiB
+
+
+@pytest.mark.parametrize("big_buffer", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_pumped_raw_body_is_hashed_right_either_way(
+    served: tuple[int, Path],
+    pumps: list[SocketPump],
+    monkeypatch: pytest.MonkeyPatch,
+    big_buffer: bool,
+) -> None:
+    """A 12 MiB PUT read by a pump gets the right SHA-256 whether the pump hashes it as it reads (where the socket may have a big receive buffer) or leaves that to the spool's thread (where it may not)."""
+    if not big_buffer:
+        monkeypatch.setattr(_pump, "_bigReceiveBuffer", lambda sock: False)
+    port, _ = served
+    body = os.urandom(12 * MiB + 777)
+    head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+    answer: list[bytes] = []
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head % len(body) + b"Connection: close\r\n\r\n" + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            answer.append(data)
+
+    t = threading.Thread(target=client)
+    t.start()
+    await settle(lambda: answer, timeout=30)
+    t.join()
+    assert answer[0].startswith(b"HTTP/1.1 201"), answer[0][:300]
+    assert hashlib.sha256(body).hexdigest().encode() in answer[0]
+    # Only root may force a socket's receive buffer past rmem_max.
+    assert len(pumps) == 1 and pumps[0].hashing is (big_buffer and can_force_receive_buffer())
 
 
 # The spool, fed as an upload feeds it: the reactor's first bytes, lent buffers, the reactor's tail.

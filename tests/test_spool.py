@@ -208,3 +208,51 @@ def test_uploads_in_a_crowd_each_hold_less() -> None:
     # What all of them may queue together: 6 MiB up to three, then 1 MiB each.
     for n, (high, _) in enumerate(limits, 1):
         assert high * n <= max(6 << 20, n << 20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lender_that_hashes_what_it_lends(tmp_path: Path) -> None:
+    """hashes() hands over the open file's SHA-256 and MD5 once every byte written before is in them; buffers lent as hashed are written but not hashed again, and bytes written after go in as usual: the digests are those of the whole file."""
+    import hashlib
+    import threading
+
+    spool, _, errors = make_spool()
+    path = tmp_path / "input"
+    spool.open(path, md5=True)
+    head, lent, tail = os.urandom(70_001), os.urandom(3 << 20), os.urandom(5)
+    spool.write(head)
+    got: list[list[object] | None] = []
+    # A lender asks from its own thread, and waits for the spool's thread.
+    asking = threading.Thread(target=lambda: got.append(spool.hashes(lambda: False)))
+    asking.start()
+    await settle(lambda: bool(got))
+    asking.join()
+    (objects,) = got
+    assert objects is not None and len(objects) == 2
+    for h in objects:
+        h.update(lent)  # type: ignore[attr-defined]
+    given: list[bool] = []
+    spool.lend(memoryview(bytearray(lent)), lambda: given.append(True), hashed=True)
+    spool.write(tail)
+    spool.closeFile()
+    (f,) = await spool.finish()
+    whole = head + lent + tail
+    assert path.read_bytes() == whole
+    assert f.sha256 == hashlib.sha256(whole).hexdigest()
+    assert f.md5 == hashlib.md5(whole).hexdigest()
+    assert given == [True] and errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_hashes_without_an_open_file_is_none(tmp_path: Path) -> None:
+    """With no file open (or the spool stopped while waiting), hashes() answers None: the lender leaves the hashing to the spool."""
+    import threading
+
+    spool, _, _ = make_spool()
+    got: list[object] = []
+    asking = threading.Thread(target=lambda: got.append(spool.hashes(lambda: False)))
+    asking.start()
+    await settle(lambda: bool(got))
+    asking.join()
+    assert got == [None]
+    spool.abort()

@@ -4,7 +4,7 @@ Writing a request body's files on threads beside the reactor.
 The reactor thread only parses HTTP and hands chunks over (or a
 L{transcoder._pump.SocketPump} lends whole buffers, from its own thread);
 hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
-thread, and writing on two writer threads (see L{_ParallelWriter}), all of
+thread (or on a pump's, see L{Spool.hashes}), and writing on two writer threads (see L{_ParallelWriter}), all of
 which release the GIL, so an upload can use both cores.  The backlog between
 the reactor and the spool is bounded: above C{highWater} bytes the reactor is
 told to stop reading from the socket, and told to resume once the thread has
@@ -90,11 +90,15 @@ class _Lent:
     written by a L{_ParallelWriter}, and given back once both are done.
     """
 
-    __slots__ = ("_holds", "_lock", "giveBack", "view")
+    __slots__ = ("_holds", "_lock", "giveBack", "hashed", "view")
 
-    def __init__(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+    def __init__(
+        self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False
+    ) -> None:
         self.view = view
         self.giveBack = giveBack
+        #: Hashed already, by the lender (see Spool.hashes).
+        self.hashed = hashed
         self._holds = 1
         self._lock = threading.Lock()
 
@@ -288,6 +292,8 @@ class _File:
             self.size += n
         else:
             self._stage(memoryview(data))
+        if lent is not None and lent.hashed:
+            return
         self.sha.update(data)
         if self.md5 is not None:
             self.md5.update(data)
@@ -347,6 +353,14 @@ class _File:
 _CLOSE = object()
 _FINISH = object()
 _ABORT = object()
+
+
+class _Hashes:
+    __slots__ = ("event", "objects")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.objects: list[Any] | None = None
 
 
 class Spool:
@@ -425,15 +439,31 @@ class Spool:
         if pause:
             self._onPressure(True)
 
-    def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+    def lend(self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False) -> None:
         """
         Write a buffer that stays its owner's: C{giveBack} is called once it
         is hashed and written (or dropped, after a failure), on the spool's
-        thread or a writer's, whichever finishes with it last.
+        thread or a writer's, whichever finishes with it last.  With
+        C{hashed}, the lender has hashed it already (see L{hashes}).
         Callable from any thread; the owner bounds how much it lends, so
         this does not count towards the pressure that pauses the reactor.
         """
-        self._queue.put(_Lent(view, giveBack))
+        self._queue.put(_Lent(view, giveBack, hashed))
+
+    def hashes(self, stop: Callable[[], bool]) -> list[Any] | None:
+        """
+        The open file's hash objects, once every byte written or lent before
+        has gone into them, for a lender on another thread to feed the bytes
+        it lends from then on (passing C{hashed}), until it stops lending.
+        Blocks until the spool's thread gets there; None if there is no open
+        file, or C{stop()} turns true meanwhile.
+        """
+        ready = _Hashes()
+        self._queue.put(ready)
+        while not ready.event.wait(0.25):
+            if stop() or self._ended:
+                return None
+        return ready.objects
 
     def closeFile(self) -> None:
         self._queue.put(_CLOSE)
@@ -505,6 +535,10 @@ class Spool:
                 except OSError as e:
                     failed = True
                     report(e)
+            elif isinstance(item, _Hashes):
+                if current is not None and not failed:
+                    item.objects = [current.sha] + ([current.md5] if current.md5 else [])
+                item.event.set()
             elif item is _CLOSE:
                 if current is not None:
                     done, current = current, None

@@ -344,6 +344,7 @@ class RawBody(_BaseBody):
         super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request))
         self.path = staging / f"input-{self.role}{extension(self.filename)}"
         self.spool.open(self.path, md5=self.md5 is not None, size=length)
+        self._pumpHashes = False
 
     def dataReceived(self, data: bytes) -> None:
         self._count(data)
@@ -351,7 +352,13 @@ class RawBody(_BaseBody):
 
     def lend(self, view: memoryview, giveBack: Callable[[], None]) -> None:
         """A L{SocketPump}'s buffer, on the pump's thread, written after what came before."""
-        self.spool.lend(view, giveBack)
+        self.spool.lend(view, giveBack, hashed=self._pumpHashes)
+
+    def hashes(self, stop: Callable[[], bool]) -> list[Any] | None:
+        """For a L{SocketPump} that hashes what it lends: see L{Spool.hashes}."""
+        objects = self.spool.hashes(stop)
+        self._pumpHashes = objects is not None
+        return objects
 
     def lent(self, nbytes: int) -> None:
         """Count what a pump lent, once it has stopped (its length was checked up front)."""
@@ -768,6 +775,7 @@ class TranscoderRequest(server.Request):
             self._timeOut,
             offset=self._received,
             fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
+            hashes=body.hashes if isinstance(body, RawBody) else None,
         )
         self._pump.start().addCallback(self._pumpEnded)
 
