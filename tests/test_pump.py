@@ -329,6 +329,28 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
     await registry.stop()
 
 
+async def exchanged(port: int, request: bytes) -> bytes:
+    """All the server answers to C{request}, sent on a connection of its own, until it closes."""
+    answer: list[bytes] = []
+
+    def client() -> None:
+        data = b""
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            try:
+                s.sendall(request)
+                while chunk := s.recv(65536):
+                    data += chunk
+            except OSError:
+                pass
+        answer.append(data)
+
+    t = threading.Thread(target=client)
+    t.start()
+    await settle(lambda: answer, timeout=30)
+    t.join()
+    return answer[0]
+
+
 @pytest.fixture
 def pumps(monkeypatch: pytest.MonkeyPatch) -> list[SocketPump]:
     """Every SocketPump the upload path makes, in order."""
@@ -353,21 +375,10 @@ async def test_pumped_body_then_a_pipelined_request_on_the_same_connection(
     head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(
         body
     )
-    answer: list[bytes] = []
-
-    def client() -> None:
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(head + body + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            answer.append(data)
-
-    t = threading.Thread(target=client)
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    first, _, second = answer[0].partition(b"HTTP/1.1 200")
+    answer = await exchanged(
+        port, head + body + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    first, _, second = answer.partition(b"HTTP/1.1 200")
     assert first.startswith(b"HTTP/1.1 201")
     assert hashlib.sha256(body).hexdigest().encode() in first
     assert b'"status"' in second
@@ -389,22 +400,9 @@ async def test_pumped_raw_body_is_hashed_right_either_way(
     port, _ = served
     body = os.urandom(12 * MiB + 777)
     head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-    answer: list[bytes] = []
-
-    def client() -> None:
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(head % len(body) + b"Connection: close\r\n\r\n" + body)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            answer.append(data)
-
-    t = threading.Thread(target=client)
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    assert answer[0].startswith(b"HTTP/1.1 201"), answer[0][:300]
-    assert hashlib.sha256(body).hexdigest().encode() in answer[0]
+    answer = await exchanged(port, head % len(body) + b"Connection: close\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    assert hashlib.sha256(body).hexdigest().encode() in answer
     # Only root may force a socket's receive buffer past rmem_max.
     assert len(pumps) == 1 and pumps[0].hashing is (big_buffer and can_force_receive_buffer())
 

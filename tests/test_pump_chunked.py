@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_pump import Collector, FailingExecutor, pumps, served  # noqa: F401
+from test_pump import Collector, FailingExecutor, exchanged, pumps, served  # noqa: F401
 from test_spool import settle
 
 from transcoder import upload
@@ -256,21 +256,6 @@ def chunked_request(chunks: list[bytes], tail: bytes = b"0\r\n\r\n") -> bytes:
     )
 
 
-def exchange(port: int, request: bytes, answer: list[bytes], close: bool = False) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        try:
-            s.sendall(request)
-        except OSError:
-            pass
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except OSError:
-            pass
-        answer.append(data)
-
-
 @pytest_twisted.ensureDeferred
 async def test_chunked_upload_read_by_a_pump_then_a_pipelined_request(
     served: tuple[int, Path],  # noqa: F811
@@ -286,12 +271,8 @@ async def test_chunked_upload_read_by_a_pump_then_a_pipelined_request(
     request = chunked_request(chunks) + (
         b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    answer: list[bytes] = []
-    t = threading.Thread(target=exchange, args=(port, request, answer))
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    first, _, second = answer[0].partition(b"HTTP/1.1 200")
+    answer = await exchanged(port, request)
+    first, _, second = answer.partition(b"HTTP/1.1 200")
     assert first.startswith(b"HTTP/1.1 201"), first[:300]
     assert hashlib.sha256(data).hexdigest().encode() in first
     assert b'"size": %d' % len(data) in first or b'"size":%d' % len(data) in first
@@ -303,12 +284,7 @@ async def test_chunked_upload_read_by_a_pump_then_a_pipelined_request(
 async def answer_to_8_mib_then(port: int, tail: bytes) -> bytes:
     """The answer to a chunked PUT of 8 MiB of curl-sized chunks followed by C{tail}."""
     chunks = [os.urandom(0xFFF4) for _ in range(8 * MiB // 0xFFF4 + 1)]
-    answer: list[bytes] = []
-    t = threading.Thread(target=exchange, args=(port, chunked_request(chunks, tail), answer))
-    t.start()
-    await settle(lambda: answer, timeout=30)
-    t.join()
-    return answer[0]
+    return await exchanged(port, chunked_request(chunks, tail))
 
 
 @pytest_twisted.ensureDeferred
