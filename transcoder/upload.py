@@ -759,10 +759,7 @@ class TranscoderRequest(server.Request):
         if self.body is not body or channel is None or self._disconnected or left < PUMP_MIN:
             # Refused already, gone, or the first reads brought most of the
             # body: the reactor reads the rest (or lingers), as without a pump.
-            self._pumping = False
-            _pumping.discard(self)
-            if channel is not None and not self._disconnected and not self._paused:
-                transport.resumeProducing()
+            self._noPump()
             return
         # The pump watches for an idle client itself; the channel's timer would
         # only see that the reactor stopped reading.
@@ -778,6 +775,14 @@ class TranscoderRequest(server.Request):
             hashes=body.hashes if isinstance(body, RawBody) else None,
         )
         self._pump.start().addCallback(self._pumpEnded)
+
+    def _noPump(self) -> None:
+        """A pump was readied but is not started: the reactor reads again."""
+        self._pumping = False
+        _pumping.discard(self)
+        if self.channel is not None and not self._disconnected and not self._paused:
+            transport: Any = self.transport
+            transport.resumeProducing()
 
     def _maybePumpChunks(self) -> None:
         """
@@ -819,13 +824,10 @@ class TranscoderRequest(server.Request):
             or getattr(decoder, "_buffer", b"unknown")
             or state not in ("BODY", "CRLF", "CHUNK_LENGTH")
         ):
-            self._pumping = False
-            _pumping.discard(self)
             if isinstance(body, RawBody) and isinstance(decoder, _ChunkedTransferDecoder):
                 if state != "TRAILER" and state != "FINISHED":
                     self._chunkedPumpAt = self._received + UPLOAD_READ_SIZE
-            if channel is not None and not self._disconnected and not self._paused:
-                self.transport.resumeProducing()  # type: ignore[union-attr]
+            self._noPump()
             return
         assert decoder is not None
         self._timeOut = channel.setTimeout(None)
