@@ -238,7 +238,6 @@ class SocketPump:
 
     def _pump(self) -> PumpEnd:
         sock = self._sock
-        idle = 0.0
         hashers: list[Any] = []
         if self._hashes is not None and _bigReceiveBuffer(sock):
             hashers = self._hashes(lambda: self._stop) or []
@@ -259,9 +258,6 @@ class SocketPump:
             why: str | None = None
             error: BaseException | None = None
             while filled < want:
-                if self._stop:
-                    why = "stopped"
-                    break
                 end = min(want, filled + piece)
                 # Wake this thread when a good part of the buffer has come,
                 # not for every segment: the wake-ups cost more than the
@@ -271,24 +267,13 @@ class SocketPump:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
                     self._lowat = lowat
                 try:
-                    n = sock.recv_into(view[filled:end], 0, socket.MSG_WAITALL)
-                except BlockingIOError:
-                    idle += _POLL
-                    if self._idle and idle >= self._idle:
-                        why = "idle"
-                        break
-                    continue
-                except OSError as e:
-                    why, error = "error", e
+                    n = self._readInto([view[filled:end]])
+                except _End as e:
+                    why, error = e.why, e.error
                     break
-                if n == 0:
-                    why = "eof"
-                    break
-                idle = 0.0
                 for h in hashers:
                     h.update(view[filled : filled + n])
                 filled += n
-                self.received += n
                 if filled < end:
                     # The receive timeout ended a short read: a slow client's
                     # bytes go on to the disk now rather than wait in memory.
