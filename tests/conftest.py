@@ -55,7 +55,8 @@ def ffprobe_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _ffmpeg(*args: str) -> None:
+def run_ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly on these arguments; fail the test if it fails."""
     subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", "-y", *args],
         check=True,
@@ -73,7 +74,7 @@ def _audio(seconds: float) -> list[str]:
 
 
 def _av(path: Path, seconds: float) -> Path:
-    _ffmpeg(
+    run_ffmpeg(
         *_video(seconds),
         *_audio(seconds),
         *("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"),
@@ -87,9 +88,9 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
     """The test clips, made once per session."""
     d = tmp_path_factory.mktemp("clips")
     flv_video = d / "video.flv"
-    _ffmpeg(*_video(3), "-c:v", "flv1", "-an", str(flv_video))
+    run_ffmpeg(*_video(3), "-c:v", "flv1", "-an", str(flv_video))
     mp3_audio = d / "audio.mp3"
-    _ffmpeg(*_audio(3), "-c:a", "libmp3lame", "-b:a", "64k", str(mp3_audio))
+    run_ffmpeg(*_audio(3), "-c:a", "libmp3lame", "-b:a", "64k", str(mp3_audio))
     noise = d / "noise.avi"
     noise.write_bytes(os.urandom(64 * 1024))
     return Clips(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import run_ffmpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,15 +53,6 @@ def _encode(profile: str, inputs: dict[str, Path], output: Path) -> None:
     )
 
 
-def _ffmpeg(*args: str) -> None:
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-y", *args],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def outputs(clips: Clips, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """What each built-in profile makes of the test clips, and a few other real files."""
@@ -78,10 +70,10 @@ def outputs(clips: Clips, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     _encode("mp4-h264", {"file": clips.av}, made["mp4-h264"])
     _encode("avi-mpeg4", {"file": clips.av}, made["avi-mpeg4"])
     _encode("mux-avi", {"video": clips.flv_video, "audio": clips.mp3_audio}, made["mux-avi"])
-    _ffmpeg("-i", str(clips.av), "-c", "copy", str(made["moov-last"]))
-    _ffmpeg("-i", str(clips.av), "-c:v", "mpeg4", "-c:a", "libmp3lame", str(made["ffmpeg-avi"]))
-    _ffmpeg("-i", str(clips.av), "-vn", "-c:a", "copy", str(made["audio-mp4"]))
-    _ffmpeg("-i", str(clips.av), "-c", "copy", str(made["mov"]))
+    run_ffmpeg("-i", str(clips.av), "-c", "copy", str(made["moov-last"]))
+    run_ffmpeg("-i", str(clips.av), "-c:v", "mpeg4", "-c:a", "libmp3lame", str(made["ffmpeg-avi"]))
+    run_ffmpeg("-i", str(clips.av), "-vn", "-c:a", "copy", str(made["audio-mp4"]))
+    run_ffmpeg("-i", str(clips.av), "-c", "copy", str(made["mov"]))
     return made
 
 
