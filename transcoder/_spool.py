@@ -6,10 +6,10 @@ L{transcoder._pump.SocketPump} lends whole buffers, from its own thread);
 hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
 thread (or on a pump's, see L{Spool.hashes}), and writing on two writer
 threads (see L{_ParallelWriter}), all of which release the GIL, so an upload
-can use both cores.  The backlog between
-the reactor and the spool is bounded: above C{highWater} bytes the reactor is
-told to stop reading from the socket, and told to resume once the thread has
-caught up, so a slow disk slows the client instead of growing memory.
+can use both cores.  The backlog between the reactor and the spool is
+bounded: above C{highWater} bytes the reactor is told to stop reading from
+the socket, and told to resume once the thread has caught up, so a slow disk
+slows the client instead of growing memory.
 """
 
 from __future__ import annotations
