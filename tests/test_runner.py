@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from zope.interface.verify import verifyObject
 
 from transcoder._progress import MencoderProgress
 from transcoder.jobs import JobState
-from transcoder.probe import MediaInfo, NotMediaError, StreamInfo
+from transcoder.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
 from transcoder.profiles import Profile
 from transcoder.runner import (
     IJobExecution,
     Outcome,
     _EncoderProtocol,
+    env_chdir,
     execute_job,
     looks_like_media,
 )
@@ -167,10 +169,47 @@ def h(tmp_path: Path) -> Harness:
     return harness
 
 
-def test_spawn_through_setsid(h: Harness) -> None:
-    """The encoder starts through setsid, in the job directory, with a small explicit env."""
+def test_spawn_through_setsid(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Where env takes -C, the encoder starts as C{env -C <job dir> setsid
+    <argv>}, with no working directory given to spawnProcess (so that Twisted
+    uses posix_spawn), and a small explicit environment.
+    """
+    monkeypatch.setattr("transcoder.runner.env_chdir", lambda: "/usr/bin/env")
     execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     verifyObject(IJobExecution, execution)
+    [spawned] = h.reactor.spawned
+    assert spawned["executable"] == "/usr/bin/env"
+    setsid = spawned["args"][3]
+    assert os.path.basename(setsid) == "setsid"
+    assert spawned["args"] == [
+        "env",
+        "-C",
+        str(h.job_dir),
+        setsid,
+        "mencoder",
+        str(h.job_dir / "in.mp4"),
+        *("-ovc", "lavc", "-lavcopts", "vbitrate=900", "-o"),
+        str(h.job_dir / "result.partial.avi"),
+    ]
+    assert spawned["path"] is None
+    env = spawned["env"]
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["HOME"] == str(h.job_dir)
+    assert env["LANG"] == "C.UTF-8"
+    assert set(env) == {"PATH", "HOME", "LANG"}
+    assert h.proto.transport.stdin_closed  # type: ignore[union-attr]
+    assert h.spawns == [90000]
+    assert execution.pid == 90000
+    assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_spawn_in_the_job_dir_without_env_chdir(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where env lacks -C, spawnProcess is given the job directory, and runs setsid there."""
+    monkeypatch.setattr("transcoder.runner.env_chdir", lambda: None)
+    h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     [spawned] = h.reactor.spawned
     assert os.path.basename(spawned["executable"]) == "setsid"
     assert spawned["args"] == [
@@ -181,15 +220,46 @@ def test_spawn_through_setsid(h: Harness) -> None:
         str(h.job_dir / "result.partial.avi"),
     ]
     assert spawned["path"] == str(h.job_dir)
-    env = spawned["env"]
-    assert env["PATH"] == os.environ["PATH"]
-    assert env["HOME"] == str(h.job_dir)
-    assert env["LANG"] == "C.UTF-8"
-    assert set(env) == {"PATH", "HOME", "LANG"}
-    assert h.proto.transport.stdin_closed  # type: ignore[union-attr]
-    assert h.spawns == [90000]
-    assert execution.pid == 90000
-    assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_env_chdir_runs_a_command_in_a_directory(tmp_path: Path) -> None:
+    """The env that env_chdir finds (this Debian's coreutils has one) starts a command in the directory given."""
+    env = env_chdir()
+    assert env is not None
+    out = subprocess.run(
+        [env, "-C", str(tmp_path), "pwd"], capture_output=True, check=True, env=tool_env()
+    )
+    assert out.stdout.decode().strip() == str(tmp_path)
+
+
+def test_probes_beside_the_encoder_run_one_after_another(h: Harness) -> None:
+    """Beside a running encoder, the second input's probe starts only once the first has answered."""
+    video: Deferred[MediaInfo] = Deferred()
+    audio: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"v.flv": video, "a.mp3": audio})
+    h.start(MUX, {"video": "v.flv", "audio": "a.mp3"})
+    assert len(h.reactor.spawned) == 1
+    assert h.probed == [h.job_dir / "v.flv"]
+    video.callback(_info(10.0))
+    assert h.probed == [h.job_dir / "v.flv", h.job_dir / "a.mp3"]
+    audio.callback(_info(10.0, "audio"))
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+
+
+def test_probes_before_the_encoder_run_together(h: Harness) -> None:
+    """With no encoder running yet (an input that does not look like media), every input is probed at once."""
+    video: Deferred[MediaInfo] = Deferred()
+    audio: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"v.flv": video, "a.mp3": audio})
+    h.start(MUX, {"video": "v.flv", "audio": "a.mp3"}, sniff=lambda path: False)
+    assert h.probed == [h.job_dir / "v.flv", h.job_dir / "a.mp3"]
+    assert h.reactor.spawned == []
+    audio.callback(_info(10.0, "audio"))
+    video.callback(_info(10.0))
+    assert len(h.reactor.spawned) == 1
 
 
 def test_spawn_waits_two_turns(h: Harness) -> None:

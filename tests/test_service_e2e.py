@@ -1,4 +1,4 @@
-"""The assembled service, as `transcoder serve` runs it: a job's webhook reaches its receiver, signed."""
+"""The assembled service, as `transcoder serve` runs it: a job's webhook reaches its receiver, signed; ffprobe runs under the library order learnt at start."""
 
 from __future__ import annotations
 
@@ -97,3 +97,33 @@ def test_a_webhook_pending_at_shutdown_is_sent_after_a_restart(tmp_path: Path) -
         again.stop()
         receiver.shutdown()
     assert len(Receiver.received) == 1
+
+
+def test_ffprobe_runs_with_the_library_order_learnt_at_start(tmp_path: Path, clips) -> None:  # type: ignore[no-untyped-def]
+    """
+    The server learns ffprobe's library order at start (and says so in its
+    log), and a two-input job probed under that order succeeds.
+    """
+    server = ServerProcess(tmp_path)
+    try:
+        assert wait_for(lambda: "libraries preloaded" in server.output, timeout=30), server.output
+        r = subprocess.run(
+            ["curl", "-sS", "-F", "profile=mux-avi", "-F", f"video=@{clips.flv_video}",
+             "-F", f"audio=@{clips.mp3_audio}", f"{server.url}/jobs"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        job = json.loads(r.stdout)
+        states: list[str] = []
+
+        def finished() -> bool:
+            r = subprocess.run(
+                ["curl", "-sS", f"{server.url}/jobs/{job['id']}?wait=30"],
+                capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+            states.append(json.loads(r.stdout)["state"])
+            return states[-1] not in ("queued", "running")
+
+        assert wait_for(finished, timeout=60), states
+        assert states[-1] == "succeeded", server.output
+    finally:
+        server.stop()

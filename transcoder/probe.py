@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,18 @@ class _ProbeProtocol(ProcessProtocol):
                 self._done.callback(info)
 
 
-def probe(reactor: IReactorProcess, path: Path, timeout: float = 60) -> Deferred[MediaInfo]:
+def probe(
+    reactor: IReactorProcess,
+    path: Path,
+    timeout: float = 60,
+    environment: Mapping[str, str] | None = None,
+) -> Deferred[MediaInfo]:
     """
     Run C{ffprobe} on C{path}.
 
     @param reactor: must also provide L{IReactorTime}.
+    @param environment: added to L{tool_env}'s (the service adds the library
+        order of L{transcoder._loadorder}).
     @return: fires with a L{MediaInfo}, or fails with L{NotMediaError}
         (L{ProbeTimeout} after killing an ffprobe that ran past C{timeout}).
         Cancelling it kills ffprobe.
@@ -190,7 +198,13 @@ def probe(reactor: IReactorProcess, path: Path, timeout: float = 60) -> Deferred
     argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     argv.append("file:" + str(Path(path).absolute()))
     try:
-        reactor.spawnProcess(proto, ffprobe, argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        reactor.spawnProcess(
+            proto,
+            ffprobe,
+            argv,
+            env={**env, **(environment or {})},
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
     except OSError as e:
         proto.timer.cancel()
         return fail(e)

@@ -24,6 +24,8 @@ before every input probe has answered, so even an encoder quicker than the
 probes (or one that "succeeds" on garbage) never makes garbage a result.
 What the early start costs is an encoder reading a file that is not media for
 the few tens of milliseconds of a probe; it reads untrusted files anyway.
+Beside an encoder the probes run one after another, so that together they
+take one core at most.
 
 Only inputs whose first bytes look like a media container (L{looks_like_media})
 start their encoder before the probe; anything else (random bytes, most of
@@ -35,10 +37,12 @@ polls' p99 from 129 to 160 ms (measured).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
 import signal
+import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -270,6 +274,31 @@ class _EncoderProtocol(ProcessProtocol):
         self.ended.callback(reason.value or ProcessTerminated())
 
 
+@functools.cache
+def env_chdir() -> str | None:
+    """
+    The path of an C{env} that takes C{-C DIR} (GNU coreutils 8.28 and later),
+    or C{None}.  Asked once, with a blocking run of a few milliseconds:
+    L{transcoder.service.makeService} asks before the reactor starts.
+    """
+    env = shutil.which("env", path=tool_env()["PATH"])
+    if env is None:
+        return None
+    try:
+        done = subprocess.run(
+            [env, "-C", "/", "true"],
+            env=tool_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return env if done.returncode == 0 else None
+
+
 def _enlarge_pipes(transport: object) -> bool:
     """
     Make the encoder's stdout and stderr pipes hold L{PIPE_SIZE} bytes; whether
@@ -444,7 +473,7 @@ class _Execution:
                 return self._failed(f"missing input: {role}")
         if not all(self._sniff(self._inputs[role]) for role in self._profile.inputs):
             # Not recognisably media: the probes answer before any encoder runs.
-            self._startProbes()
+            self._startProbes(together=True)
             try:
                 early = await self._interruptible(self._startedProbes())
             except CancelledError:
@@ -456,7 +485,7 @@ class _Execution:
             return ended
         if self._probing is None:
             # The probes run beside the encoder (see the module's docstring).
-            self._startProbes()
+            self._startProbes(together=False)
         status = await ended
         self.pid = None
         self._transport = None
@@ -505,8 +534,8 @@ class _Execution:
             )
         return await self._check_and_keep(probed[0].duration, last, hashing)
 
-    def _startProbes(self) -> None:
-        self._probing = Deferred.fromCoroutine(self._probe_inputs())
+    def _startProbes(self, together: bool) -> None:
+        self._probing = Deferred.fromCoroutine(self._probe_inputs(together))
         self._probing.addCallback(self._inputs_probed)
 
     def _startedProbes(self) -> Deferred[list[MediaInfo] | str]:
@@ -527,16 +556,26 @@ class _Execution:
         self._probing.addBoth(passOn)
         return d
 
-    async def _probe_inputs(self) -> list[MediaInfo] | str:
-        """Every input's L{MediaInfo}, in the profile's order, or why one is rejected."""
-        # All at once: each ffprobe costs tens of milliseconds.
-        probes = [
-            (role, maybeDeferred(self._probe, self._reactor, self._inputs[role]))
-            for role in self._profile.inputs
+    async def _probe_inputs(self, together: bool) -> list[MediaInfo] | str:
+        """
+        Every input's L{MediaInfo}, in the profile's order, or why one is rejected.
+
+        @param together: start every probe at once (nothing else runs: the
+            encoder waits for them), rather than one after another (beside an
+            encoder, on a machine of two cores, two probes at once slow it
+            down: mux-avi's 80 ms encode with its two probes took 93 ms one
+            way and 74 ms the other, measured with the preload of
+            L{transcoder._loadorder}).
+        """
+        probes: list[tuple[str, Deferred[MediaInfo] | None]] = [
+            (role, self._probeInput(role) if together else None) for role in self._profile.inputs
         ]
         infos: list[MediaInfo] = []
         try:
-            for role, probing in probes:
+            for i, (role, probing) in enumerate(probes):
+                if probing is None:
+                    probing = self._probeInput(role)
+                    probes[i] = (role, probing)
                 try:
                     infos.append(await probing)
                 except CancelledError:
@@ -547,11 +586,15 @@ class _Execution:
                     _log.failure("probing input {role}", Failure(), role=role)
                     return f"could not probe input {role}: {e}"
         finally:
-            for _, probing in probes:
-                if not probing.called:
-                    probing.cancel()
-                probing.addErrback(lambda _: None)
+            for _, started in probes:
+                if started is not None:
+                    if not started.called:
+                        started.cancel()
+                    started.addErrback(lambda _: None)
         return infos
+
+    def _probeInput(self, role: str) -> Deferred[MediaInfo]:
+        return maybeDeferred(self._probe, self._reactor, self._inputs[role])
 
     def _inputs_probed(self, probed: list[MediaInfo] | str) -> list[MediaInfo] | str:
         self._probed = probed
@@ -592,16 +635,25 @@ class _Execution:
             return self._failed(f"cannot write the encoder log: {e}")
         proto = _EncoderProtocol(log, self._log_limit, parser, self._report_progress, self._clock)
         self._tail = proto.tail
+        # util-linux setsid execs the encoder in place when its caller does
+        # not lead a process group (a freshly spawned child never does), so
+        # the pid we get is the encoder's and also its process group id.
+        executable, args = setsid, ["setsid", *argv]
+        cwd: str | None = str(self._job_dir)
+        chdir = env_chdir()
+        if chdir is not None:
+            # Given a working directory, Twisted forks, and the child runs
+            # Python until its exec: 5 to 6 ms from fork to setsid's exec here.
+            # Without one it uses posix_spawn, and GNU env sets the directory.
+            executable, args = chdir, ["env", "-C", str(self._job_dir), setsid, *argv]
+            cwd = None
         try:
-            # util-linux setsid execs the encoder in place when its caller does
-            # not lead a process group (a freshly spawned child never does), so
-            # the pid we get is the encoder's and also its process group id.
             transport = self._reactor.spawnProcess(
                 proto,
-                setsid,
-                ["setsid", *argv],
+                executable,
+                args,
                 env=env,
-                path=str(self._job_dir),
+                path=cwd,
                 childFDs={0: "w", 1: "r", 2: "r"},
             )
         except OSError as e:

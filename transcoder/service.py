@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,18 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python import usage
 
+from transcoder._loadorder import PreloadOrder
 from transcoder.auth import TokenAuth, TokenFileError
 from transcoder.metrics import Metrics
+from transcoder.probe import MediaInfo, probe
 from transcoder.profiles import ProfileError, load_profiles
 from transcoder.registry import JobRegistry
 from transcoder.retention import RetentionSweeper
+from transcoder.runner import env_chdir, execute_job
 from transcoder.store import SQLiteJobStore
 from transcoder.web import TranscoderSite, build_root
 from transcoder.webhooks import WebhookNotifier
@@ -233,6 +238,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     data_dir.mkdir(parents=True, exist_ok=True)
     profiles = options["profiles-loaded"]
     store = SQLiteJobStore(data_dir / "jobs.sqlite3", reactor)
+    env_chdir()  # a blocking check, made here rather than at the first job
+    # ffprobe starts sooner with its libraries preloaded in an order learnt
+    # at start-up (transcoder._loadorder); until then it runs as it is.
+    ffprobe_order = PreloadOrder(reactor, "ffprobe")
+
+    def probe_file(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+        return probe(reactor, path, environment=ffprobe_order.environment())
+
     registry = JobRegistry(
         reactor,
         store,
@@ -242,6 +255,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_queued=options["max-queued"],
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
+        executor=partial(execute_job, probe=probe_file),
     )
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
@@ -268,8 +282,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Before the registry starts, so that jobs its recovery ends are seen too.
         metrics.start()
         notifier.start()
+        ffprobe_order.learn().addErrback(
+            lambda f: log.failure("learning ffprobe's library order", f)
+        )
 
     def stop_hooks() -> None:
+        ffprobe_order.stop()
         notifier.stop()
         metrics.stop()
 
