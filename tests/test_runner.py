@@ -320,6 +320,19 @@ def test_progress_monotonic_below_100(h: Harness) -> None:
     assert h.progress == [10.0, 25.0, 99.9, 100.0]
 
 
+def test_output_read_after_the_exit_is_logged_not_parsed(h: Harness) -> None:
+    """Status lines drained from the pipes after the encoder exited go to the log, and move no progress."""
+    h.start(MENCODER, {"file": "in.mp4"})
+    h.proto.childDataReceived(1, _pos(1.0))
+    h.output()
+    h.proto.processExited(Failure(ProcessDone(0)))
+    h.proto.childDataReceived(1, _pos(5.0))
+    assert h.progress == [10.0]
+    h.proto.processEnded(Failure(ProcessDone(0)))
+    assert h.progress == [10.0, 100.0]
+    assert b"Pos:   5.0s" in (h.job_dir / "encoder.log").read_bytes()
+
+
 def test_progress_byte_figure_without_duration(h: Harness) -> None:
     """When the input's duration is unknown, mencoder's own percentage is used."""
     h.answers["in.mp4"] = _info(None)
@@ -656,6 +669,49 @@ def test_output_hashed_while_the_input_probes_finish(h: Harness) -> None:
     [outcome] = h.outcomes
     assert outcome.state is JobState.SUCCEEDED
     assert outcome.output is not None and outcome.output.sha256 == "ab" * 32
+
+
+def test_hash_starts_at_the_exit_before_the_pipes_are_drained(h: Harness) -> None:
+    """
+    The output is hashed from the encoder's exit (processExited), while its
+    last output is still read from the pipes; the outcome waits for both, and
+    keeps the lines read after the exit in the log tail.
+    """
+    h.answers["in.mp4"] = _info(10.0)
+    hashing: Deferred[str] = Deferred()
+    hashed: list[Path] = []
+
+    def hash_file(path: Path) -> Deferred[str]:
+        hashed.append(path)
+        return hashing
+
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    h.output()
+    h.proto.processExited(Failure(ProcessDone(0)))
+    assert hashed == [h.job_dir / "result.partial.avi"]
+    hashing.callback("cd" * 32)
+    assert h.outcomes == []
+    h.proto.childDataReceived(2, b"last words\n")
+    h.proto.processEnded(Failure(ProcessDone(0)))
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert outcome.output is not None and outcome.output.sha256 == "cd" * 32
+    assert outcome.log_tail is not None and "last words" in outcome.log_tail
+
+
+def test_no_hash_at_an_exit_that_failed(h: Harness) -> None:
+    """An encoder that exits non-zero has its output never hashed, and the job fails with the code."""
+    h.answers["in.mp4"] = _info(10.0)
+    hashed: list[Path] = []
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=lambda p: hashed.append(p) or succeed("0"))
+    h.output()
+    failed = Failure(ProcessTerminated(exitCode=1))
+    h.proto.processExited(failed)
+    h.proto.processEnded(failed)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.exit_code == 1
+    assert hashed == []
 
 
 @pytest.mark.parametrize("exit_code", [0, 1])

@@ -196,6 +196,9 @@ class _EncoderProtocol(ProcessProtocol):
         on_progress: Callable[[float], None],
         clock: IReactorTime,
     ) -> None:
+        # The process has exited (and been reaped); its pipes may still hold output.
+        self.exited: Deferred[BaseException] = Deferred()
+        # ... and its pipes are drained and closed.
         self.ended: Deferred[BaseException] = Deferred()
         self.tail = _Tail(TAIL_LINES)
         self._log: BinaryIO | None = log
@@ -211,7 +214,9 @@ class _EncoderProtocol(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self._write_log(data)
         self.tail.feed(childFD, data)
-        if childFD == 1 and self._parser is not None:
+        # After the exit the job's progress no longer moves: what is left in
+        # the pipes (on a short encode, all it printed) goes to the log and tail only.
+        if childFD == 1 and self._parser is not None and not self._exited:
             value = self._parser.feed(data)
             if value is not None:
                 self._on_progress(value)
@@ -240,6 +245,7 @@ class _EncoderProtocol(ProcessProtocol):
         if self._resting is not None:
             self._resting.cancel()
             self._wake()
+        self.exited.callback(reason.value or ProcessTerminated())
 
     def _write_log(self, data: bytes) -> None:
         if self._log is None:
@@ -268,6 +274,8 @@ class _EncoderProtocol(ProcessProtocol):
             self._log = None
 
     def processEnded(self, reason: Failure) -> None:
+        if not self.exited.called:
+            self.exited.callback(reason.value or ProcessTerminated())
         self.tail.flush()
         self.close_log()
         # The exception, not the Failure: a Failure would take the errback path.
@@ -480,13 +488,31 @@ class _Execution:
                 return self._stopped(None)
             if isinstance(early, str):
                 return self._rejected(early)
-        ended = self._spawn()
-        if isinstance(ended, Outcome):
-            return ended
+        proto = self._spawn()
+        if isinstance(proto, Outcome):
+            return proto
         if self._probing is None:
             # The probes run beside the encoder (see the module's docstring).
             self._startProbes(together=False)
-        status = await ended
+        hashing: Deferred[str] | None = None
+        if _exit_status(await proto.exited) == (0, None) and self._stop is None:
+            # An output to check.  Its digest is computed (on a thread) from
+            # the exit on, while the encoder's last output is read from its
+            # pipes (2 ms of status lines on mux-avi), the input probes finish
+            # and the output is checked.  A job that fails after all simply
+            # does not use it.
+            hashing = self._hash(self._partial)
+        try:
+            return await self._ended(proto, hashing)
+        finally:
+            if hashing is not None:
+                if not hashing.called:
+                    hashing.cancel()
+                hashing.addErrback(lambda _: None)
+
+    async def _ended(self, proto: _EncoderProtocol, hashing: Deferred[str] | None) -> Outcome:
+        """The outcome of an encoder whose process has exited: once its pipes are drained."""
+        status = await proto.ended
         self.pid = None
         self._transport = None
         if self._kill_timer is not None and self._kill_timer.active():
@@ -497,17 +523,9 @@ class _Execution:
             return self._stopped(exit_code)
         if sig is not None or exit_code != 0:
             return await self._judge(exit_code, sig, None)
-        # An output to check.  Its digest is computed (on a thread) from now,
-        # while the input probes finish and the output is checked: on a short
-        # job the probes often outlast the encoder.  A job that fails after
-        # all simply does not use it.
-        hashing = self._hash(self._partial)
-        try:
-            return await self._judge(exit_code, sig, hashing)
-        finally:
-            if not hashing.called:
-                hashing.cancel()
-            hashing.addErrback(lambda _: None)
+        if hashing is None:
+            hashing = self._hash(self._partial)
+        return await self._judge(exit_code, sig, hashing)
 
     async def _judge(
         self, exit_code: int | None, sig: int | None, hashing: Deferred[str] | None
@@ -605,7 +623,7 @@ class _Execution:
             self._parser.duration = probed[0].duration
         return probed
 
-    def _spawn(self) -> Deferred[BaseException] | Outcome:
+    def _spawn(self) -> _EncoderProtocol | Outcome:
         try:
             argv = self._profile.build_argv(
                 {role: str(path) for role, path in self._inputs.items()},
@@ -671,7 +689,7 @@ class _Execution:
                 _log.failure("on_spawn raised")
         if self._stop is not None:
             self._terminate()
-        return proto.ended
+        return proto
 
     async def _check_and_keep(
         self, duration: float | None, last: str | None, hashing: Deferred[str]
