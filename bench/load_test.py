@@ -416,10 +416,12 @@ def phase_queue(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sampling = threading.Event()
 
         def sample() -> None:
-            # setsid execs the encoder in place: "setsid" for an instant, then "ffmpeg".
+            # env execs setsid, which execs the encoder, all in place: "env" and
+            # "setsid" for an instant each, then "ffmpeg".
             while not sampling.wait(0.003):
                 try:
-                    running = [c for c in server.children() if c[1] in ("ffmpeg", "setsid")]
+                    stages = ("ffmpeg", "setsid", "env")
+                    running = [c for c in server.children() if c[1] in stages]
                 except OSError:
                     return
                 samples[0] += 1
