@@ -10,7 +10,7 @@ import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_twisted
@@ -161,9 +161,22 @@ def test_main_prints_nothing_for_a_missing_tool(
 
 
 class Learning:
-    """A PreloadOrder on a fake reactor; the test plays the learner process."""
+    """
+    A PreloadOrder on a fake reactor, for a tool and two libraries that are
+    files in a temporary directory; the test plays the learner process.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        self.tool = bin_dir / "ffprobe"
+        self.tool.write_text("#!/bin/sh\n")
+        self.tool.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        self.libs = [tmp_path / "liba.so", tmp_path / "libc.so.6"]
+        for lib in self.libs:
+            lib.write_bytes(b"ELF")
+        self.order_text = " ".join(map(str, self.libs))
         self.reactor = FakeReactor()
         self.killed: list[tuple[int, int]] = []
         self.order = PreloadOrder(
@@ -171,46 +184,103 @@ class Learning:
         )
         self.result: list[str | None] = []
         self.order.learn().addCallback(self.result.append)
-        [self.spawned] = self.reactor.spawned
 
-    def end(self, out: bytes, ok: bool = True) -> None:
+    @property
+    def spawned(self) -> dict[str, Any]:
+        spawned: dict[str, Any] = self.reactor.spawned[-1]
+        return spawned
+
+    def end(self, out: bytes | None = None, ok: bool = True) -> None:
         proto = self.spawned["proto"]
-        proto.childDataReceived(1, out)
+        proto.childDataReceived(1, self.order_text.encode() + b"\n" if out is None else out)
         proto.processEnded(Failure(ProcessDone(0) if ok else ProcessTerminated(exitCode=1)))
 
 
-def test_the_learner_runs_in_a_process_group_of_its_own() -> None:
+def test_the_learner_runs_in_a_process_group_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """PreloadOrder runs this module's main through setsid, and keeps the order it prints."""
-    learning = Learning()
+    learning = Learning(monkeypatch, tmp_path)
     args = learning.spawned["args"]
     assert args[0] == "setsid"
     assert args[2:] == ["-m", "transcoder._loadorder", "ffprobe"]
     assert learning.order.environment() == {}
-    learning.end(b"/lib/liba.so /lib/libc.so.6\n")
-    assert learning.result == ["/lib/liba.so /lib/libc.so.6"]
-    assert learning.order.value == "/lib/liba.so /lib/libc.so.6"
-    assert learning.order.environment() == {"LD_PRELOAD": "/lib/liba.so /lib/libc.so.6"}
+    learning.end()
+    assert learning.result == [learning.order_text]
+    assert learning.order.value == learning.order_text
+    assert learning.order.environment() == {"LD_PRELOAD": learning.order_text}
 
 
-def test_no_order_printed_or_a_failed_learner() -> None:
+def test_no_order_printed_or_a_failed_learner(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """A learner that prints nothing, or fails, leaves the tool to run as it is."""
-    learning = Learning()
+    learning = Learning(monkeypatch, tmp_path)
     learning.end(b"")
     assert learning.result == [None]
     assert learning.order.environment() == {}
-    failed = Learning()
-    failed.end(b"/lib/liba.so\n", ok=False)
+    failed = Learning(monkeypatch, tmp_path)
+    failed.end(ok=False)
     assert failed.result == [None]
     assert failed.order.environment() == {}
 
 
-def test_stop_kills_the_learner_group() -> None:
+def test_an_order_naming_a_missing_library_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An order with a library that is no longer there when it arrives is dropped."""
+    learning = Learning(monkeypatch, tmp_path)
+    learning.libs[1].unlink()
+    learning.end()
+    assert learning.result == [None]
+    assert learning.order.environment() == {}
+
+
+@pytest.mark.parametrize("changed", ["tool", "library"])
+def test_a_changed_tool_or_library_is_learnt_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, changed: str
+) -> None:
+    """
+    When the tool or a library of the order is replaced (an upgrade under a
+    running server), the order is dropped at the next check, at most 5 s
+    later, and learnt again.
+    """
+    learning = Learning(monkeypatch, tmp_path)
+    learning.end()
+    target = learning.tool if changed == "tool" else learning.libs[0]
+    replacement = target.with_name("new")
+    replacement.write_bytes(b"ELF, upgraded")
+    replacement.rename(target)
+    # Not checked again before 5 s have passed.
+    assert learning.order.environment() == {"LD_PRELOAD": learning.order_text}
+    learning.reactor.advance(5)
+    assert learning.order.environment() == {}
+    assert len(learning.reactor.spawned) == 2
+    # Asked again while learning: no second learner.
+    learning.reactor.advance(5)
+    assert learning.order.environment() == {}
+    assert len(learning.reactor.spawned) == 2
+    learning.end()
+    assert learning.order.environment() == {"LD_PRELOAD": learning.order_text}
+
+
+def test_unchanged_files_keep_the_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Checks that find every file as it was keep the order, and start no learner."""
+    learning = Learning(monkeypatch, tmp_path)
+    learning.end()
+    for _ in range(3):
+        learning.reactor.advance(5)
+        assert learning.order.environment() == {"LD_PRELOAD": learning.order_text}
+    assert len(learning.reactor.spawned) == 1
+
+
+def test_stop_kills_the_learner_group(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Stopping while the learner runs kills its process group, and what it printed is not kept."""
-    learning = Learning()
+    learning = Learning(monkeypatch, tmp_path)
     learning.order.stop()
     pid = learning.spawned["proto"].transport.pid
     assert learning.killed == [(pid, signal.SIGKILL)]
-    learning.end(b"/lib/liba.so\n", ok=False)
+    learning.end(ok=False)
     assert learning.result == [None]
     assert learning.order.value is None
     # And nothing is learnt any more.
@@ -220,9 +290,9 @@ def test_stop_kills_the_learner_group() -> None:
     assert len(learning.reactor.spawned) == 1
 
 
-def test_a_learner_that_hangs_is_killed() -> None:
+def test_a_learner_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A learner still running after two minutes is killed."""
-    learning = Learning()
+    learning = Learning(monkeypatch, tmp_path)
     learning.reactor.advance(119)
     assert learning.killed == []
     learning.reactor.advance(1)

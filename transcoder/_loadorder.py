@@ -53,8 +53,12 @@ Binding = tuple[bytes, bytes, bytes]
 # (None: none), or None if the tool failed.
 Reporter = Callable[[str | None], bytes | None]
 
+Fingerprint = tuple[tuple[int, int, int], ...]
+
 _BINDING = re.compile(rb"binding file (\S+) \[\d+\] to (\S+) \[\d+\]: (.*)$", re.MULTILINE)
 ATTEMPTS = 4
+# Seconds between two checks that the tool and its libraries are unchanged.
+RECHECK = 5.0
 _RUN_TIMEOUT = 20.0
 # The learner's whole run, its tool's runs included.
 _LEARN_TIMEOUT = 120.0
@@ -99,6 +103,18 @@ def mend_order(
             mended.insert(j, mended.pop(i))
             moved = True
     return mended if moved else None
+
+
+def fingerprint(paths: Sequence[str]) -> Fingerprint | None:
+    """Each file's inode, size and mtime; C{None} if one is missing."""
+    prints = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        prints.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(prints)
 
 
 def learn(report: Reporter) -> str | None:
@@ -192,6 +208,12 @@ class PreloadOrder:
     Learns, once, in a process of its own, the C{LD_PRELOAD} value that
     starts one tool soonest.
 
+    A Debian upgrade under a running server can replace the tool and its
+    libraries (new sonames), and the order would then name the old ones: so
+    the tool and every library in the order are checked (C{stat}, at most
+    every few seconds, when the order is asked for), and any change drops
+    the order and learns a new one.
+
     @ivar value: the value learnt, or C{None} until then and if there is none.
     """
 
@@ -204,23 +226,42 @@ class PreloadOrder:
         self._reactor = reactor
         self._tool = tool
         self._killpg = killpg
+        self._clock = IReactorTime(reactor)
         self._pid: int | None = None
+        self._learning = False
         self._stopped = False
+        self._executable: str | None = None
+        # What the files the order depends on were when it was learnt.
+        self._files: list[str] = []
+        self._fingerprint: Fingerprint | None = None
+        self._checked = 0.0
         self.value: str | None = None
 
     def environment(self) -> dict[str, str]:
         """What to add to the tool's environment: the preload once learnt, else nothing."""
-        return {"LD_PRELOAD": self.value} if self.value else {}
+        if not self.value:
+            return {}
+        now = self._clock.seconds()
+        if now - self._checked >= RECHECK:
+            self._checked = now
+            if fingerprint(self._files) != self._fingerprint:
+                _log.info("{tool} or its libraries changed: learning again", tool=self._tool)
+                self.value = None
+                self.learn().addErrback(lambda f: _log.failure("learning again", f))
+                return {}
+        return {"LD_PRELOAD": self.value}
 
     def learn(self) -> Deferred[str | None]:
         """
         Run the learner; fires with the value it printed (also kept as
         L{value}), or C{None}.
         """
-        if self._stopped:
+        if self._stopped or self._learning:
             return succeed(None)
         done: Deferred[str | None] = Deferred()
         env = tool_env()
+        executable = shutil.which(self._tool, path=env["PATH"])
+        before = fingerprint([executable]) if executable else None
         # The learner imports this package from wherever the server does.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         setsid = shutil.which("setsid", path=env["PATH"])
@@ -239,15 +280,26 @@ class PreloadOrder:
             _log.warn("cannot learn {tool}'s library order: {error}", tool=self._tool, error=e)
             return succeed(None)
         transport.closeStdin()
+        self._learning = True
         self._pid = transport.pid if setsid else None
         timer = IReactorTime(self._reactor).callLater(_LEARN_TIMEOUT, self._kill)
 
         def learnt(value: str | None) -> str | None:
             self._pid = None
+            self._learning = False
             if timer.active():
                 timer.cancel()
             if self._stopped:
                 return None
+            if value is not None and executable is not None:
+                files = [executable, *value.split()]
+                now = fingerprint(files)
+                if now is None or now[:1] != before:
+                    # Changed while learning (or a library is already gone).
+                    value = None
+                else:
+                    self._files, self._fingerprint = files, now
+                    self._checked = self._clock.seconds()
             self.value = value
             if value is None:
                 _log.info("{tool}: run as it is (no library order learnt)", tool=self._tool)
