@@ -123,6 +123,18 @@ class Harness:
             )
 
 
+@dataclass
+class HeldHash:
+    """A C{hash_file} that records what it was asked to hash, and answers when the test fires C{digest}."""
+
+    digest: Deferred[str] = field(default_factory=Deferred)
+    paths: list[Path] = field(default_factory=list)
+
+    def __call__(self, path: Path) -> Deferred[str]:
+        self.paths.append(path)
+        return self.digest
+
+
 MENCODER = Profile(
     name="t-mencoder",
     description="",
@@ -651,19 +663,13 @@ def test_output_hashed_while_the_input_probes_finish(h: Harness) -> None:
     """
     pending: Deferred[MediaInfo] = Deferred()
     h.answers["in.mp4"] = pending
-    hashing: Deferred[str] = Deferred()
-    hashed: list[Path] = []
-
-    def hash_file(path: Path) -> Deferred[str]:
-        hashed.append(path)
-        return hashing
-
-    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    hashing = HeldHash()
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hashing)
     h.output()
     h.end(0)
-    assert hashed == [h.job_dir / "result.partial.avi"]
+    assert hashing.paths == [h.job_dir / "result.partial.avi"]
     assert h.outcomes == []
-    hashing.callback("ab" * 32)
+    hashing.digest.callback("ab" * 32)
     assert h.outcomes == []
     pending.callback(_info(10.0))
     [outcome] = h.outcomes
@@ -678,18 +684,12 @@ def test_hash_starts_at_the_exit_before_the_pipes_are_drained(h: Harness) -> Non
     keeps the lines read after the exit in the log tail.
     """
     h.answers["in.mp4"] = _info(10.0)
-    hashing: Deferred[str] = Deferred()
-    hashed: list[Path] = []
-
-    def hash_file(path: Path) -> Deferred[str]:
-        hashed.append(path)
-        return hashing
-
-    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    hashing = HeldHash()
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hashing)
     h.output()
     h.proto.processExited(Failure(ProcessDone(0)))
-    assert hashed == [h.job_dir / "result.partial.avi"]
-    hashing.callback("cd" * 32)
+    assert hashing.paths == [h.job_dir / "result.partial.avi"]
+    hashing.digest.callback("cd" * 32)
     assert h.outcomes == []
     h.proto.childDataReceived(2, b"last words\n")
     h.proto.processEnded(Failure(ProcessDone(0)))
