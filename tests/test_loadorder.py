@@ -27,6 +27,7 @@ from transcoder._loadorder import (
     mend_order,
     parse_bindings,
     rank_providers,
+    reporter,
 )
 from transcoder.probe import probe, tool_env
 
@@ -58,6 +59,33 @@ def test_parse_bindings_counts_each_binding() -> None:
     bindings = parse_bindings(PLAIN + _line("/lib/liba.so", "/lib/liba.so", "a1"))
     assert bindings[(b"/lib/liba.so", b"/lib/liba.so", b"normal symbol `a1' [GLIBC_2.2.5]")] == 2
     assert sum(bindings.values()) == 6
+
+
+def test_rank_providers_leaves_out_the_program_itself() -> None:
+    """A program can define what is bound (libpulse binds ffprobe's main) but is no library to preload."""
+    bindings = parse_bindings(PLAIN + _line("/usr/lib/libpulse.so.0", "/usr/bin/ffprobe", "main"))
+    assert b"/usr/bin/ffprobe" not in rank_providers(bindings)
+
+
+def test_the_reporter_asks_for_every_binding(tmp_path: Path) -> None:
+    """
+    The tool runs with LD_DEBUG=bindings and LD_BIND_NOW=1 (so that the
+    libraries bound lazily report too), the preload asked for, and its
+    stderr is the report; a tool that fails gives none.
+    """
+    tool = tmp_path / "tool"
+    tool.write_text('#!/bin/sh\necho "$LD_DEBUG $LD_BIND_NOW [$LD_PRELOAD] $*" >&2\n')
+    tool.chmod(0o755)
+    report = reporter(str(tool), ["-version"])
+    plain = report(None)
+    # The loader's own lines (the shell is dynamically linked), then the tool's.
+    assert plain is not None and parse_bindings(plain)
+    assert plain.splitlines()[-1] == b"bindings 1 [] -version"
+    preloaded = report("/lib/x86_64-linux-gnu/libc.so.6")
+    assert preloaded is not None
+    assert preloaded.splitlines()[-1] == b"bindings 1 [/lib/x86_64-linux-gnu/libc.so.6] -version"
+    tool.write_text("#!/bin/sh\nexit 1\n")
+    assert report(None) is None
 
 
 def test_rank_providers_most_bindings_first_without_the_vdso() -> None:
@@ -112,7 +140,17 @@ def test_learn_keeps_an_order_that_binds_the_same() -> None:
     moved = PLAIN.replace(b"to /lib/libm.so.6", b"to /lib/libc.so.6")
     reports = Reports(PLAIN, moved, PLAIN)
     mended = "/lib/liba.so /lib/libm.so.6 /lib/libc.so.6"
-    assert learn(reports) == mended
+    learnt = learn(reports)
+    assert learnt is not None
+    assert learnt.preload == mended
+    # Everything the loader named, referencing or defining, but the vDSO.
+    assert learnt.files == (
+        "/bin/tool",
+        "/lib/liba.so",
+        "/lib/libb.so",
+        "/lib/libc.so.6",
+        "/lib/libm.so.6",
+    )
     assert reports.asked == [None, "/lib/liba.so /lib/libc.so.6 /lib/libm.so.6", mended]
 
 
@@ -166,24 +204,36 @@ class Learning:
     files in a temporary directory; the test plays the learner process.
     """
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+        setsid: bool = True,
+        no_group: bool = False,
+    ) -> None:
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         self.tool = bin_dir / "ffprobe"
         self.tool.write_text("#!/bin/sh\n")
         self.tool.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}" if setsid else str(bin_dir)
+        monkeypatch.setenv("PATH", path)
+        # killpg raising ProcessLookupError: the learner is not yet through setsid().
+        self.no_group = no_group
         self.libs = [tmp_path / "liba.so", tmp_path / "libc.so.6"]
         for lib in self.libs:
             lib.write_bytes(b"ELF")
         self.order_text = " ".join(map(str, self.libs))
         self.reactor = FakeReactor()
         self.killed: list[tuple[int, int]] = []
-        self.order = PreloadOrder(
-            self.reactor, "ffprobe", killpg=lambda pid, sig: self.killed.append((pid, sig))
-        )
+        self.order = PreloadOrder(self.reactor, "ffprobe", killpg=self.killpg)
         self.result: list[str | None] = []
         self.order.learn().addCallback(self.result.append)
+
+    def killpg(self, pid: int, sig: int) -> None:
+        if self.no_group:
+            raise ProcessLookupError(pid)
+        self.killed.append((pid, sig))
 
     @property
     def spawned(self) -> dict[str, Any]:
@@ -192,7 +242,10 @@ class Learning:
 
     def end(self, out: bytes | None = None, ok: bool = True) -> None:
         proto = self.spawned["proto"]
-        proto.childDataReceived(1, self.order_text.encode() + b"\n" if out is None else out)
+        if out is None:
+            watched = [str(self.tool), *map(str, self.libs)]
+            out = f"{self.order_text}\n{' '.join(watched)}\n".encode()
+        proto.childDataReceived(1, out)
         proto.processEnded(Failure(ProcessDone(0) if ok else ProcessTerminated(exitCode=1)))
 
 
@@ -202,8 +255,10 @@ def test_the_learner_runs_in_a_process_group_of_its_own(
     """PreloadOrder runs this module's main through setsid, and keeps the order it prints."""
     learning = Learning(monkeypatch, tmp_path)
     args = learning.spawned["args"]
+    assert os.path.basename(learning.spawned["executable"]) == "setsid"
     assert args[0] == "setsid"
-    assert args[2:] == ["-m", "transcoder._loadorder", "ffprobe"]
+    # -P: the package from the server's path, never from its working directory.
+    assert args[2:] == ["-P", "-m", "transcoder._loadorder", "ffprobe"]
     assert learning.order.environment() == {}
     learning.end()
     assert learning.result == [learning.order_text]
@@ -290,6 +345,47 @@ def test_stop_kills_the_learner_group(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert len(learning.reactor.spawned) == 1
 
 
+def test_stop_before_setsid_kills_the_learner_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Stopped before its setsid() ran (no group of its own yet), the learner process itself is killed."""
+    learning = Learning(monkeypatch, tmp_path, no_group=True)
+    learning.order.stop()
+    assert learning.killed == []
+    assert learning.spawned["proto"].transport.signals == ["KILL"]
+
+
+def test_without_setsid_the_learner_is_killed_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where there is no setsid, the learner runs directly, and stopping kills that process."""
+    learning = Learning(monkeypatch, tmp_path, setsid=False)
+    assert learning.spawned["args"][1:] == ["-P", "-m", "transcoder._loadorder", "ffprobe"]
+    learning.order.stop()
+    assert learning.killed == []
+    assert learning.spawned["proto"].transport.signals == ["KILL"]
+
+
+def test_a_learning_without_order_starts_again_when_the_tool_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After a learning that gave no order (an upgrade half done, say), a change of the tool starts another."""
+    learning = Learning(monkeypatch, tmp_path)
+    learning.end(b"")
+    learning.reactor.advance(5)
+    assert learning.order.environment() == {}
+    assert len(learning.reactor.spawned) == 1
+    replacement = learning.tool.with_name("new")
+    replacement.write_text("#!/bin/sh\n# upgraded\n")
+    replacement.chmod(0o755)
+    replacement.rename(learning.tool)
+    learning.reactor.advance(5)
+    assert learning.order.environment() == {}
+    assert len(learning.reactor.spawned) == 2
+    learning.end()
+    assert learning.order.environment() == {"LD_PRELOAD": learning.order_text}
+
+
 def test_a_learner_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A learner still running after two minutes is killed."""
     learning = Learning(monkeypatch, tmp_path)
@@ -312,10 +408,11 @@ async def test_learnt_order_binds_ffprobe_as_before(clips: Clips) -> None:
     assert value is not None
     libraries = value.split()
     assert len(libraries) > 10
-    assert all(os.path.isabs(lib) for lib in libraries)
+    assert all(os.path.isabs(lib) and ".so" in os.path.basename(lib) for lib in libraries)
 
     def bindings(extra: dict[str, str]) -> Counter[tuple[bytes, bytes, bytes]]:
-        env = {**tool_env(), "LD_DEBUG": "bindings", **extra}
+        # Every reference, those of libraries bound lazily too.
+        env = {**tool_env(), "LD_DEBUG": "bindings", "LD_BIND_NOW": "1", **extra}
         run = subprocess.run(["ffprobe", "-version"], env=env, capture_output=True, check=True)
         return parse_bindings(run.stderr)
 

@@ -9,9 +9,13 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from serverproc import ServerProcess, wait_for
+
+if TYPE_CHECKING:
+    from conftest import Clips
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -27,7 +31,7 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def test_finished_job_is_posted_to_its_callback_signed(tmp_path: Path, clips) -> None:  # type: ignore[no-untyped-def]
+def test_finished_job_is_posted_to_its_callback_signed(tmp_path: Path, clips: Clips) -> None:
     """A job created with callback_url is POSTed there once it succeeds, with an HMAC-SHA256 of the body under --webhook-secret."""
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
@@ -99,10 +103,11 @@ def test_a_webhook_pending_at_shutdown_is_sent_after_a_restart(tmp_path: Path) -
     assert len(Receiver.received) == 1
 
 
-def test_ffprobe_runs_with_the_library_order_learnt_at_start(tmp_path: Path, clips) -> None:  # type: ignore[no-untyped-def]
+def test_ffprobe_runs_with_the_library_order_learnt_at_start(tmp_path: Path, clips: Clips) -> None:
     """
     The server learns ffprobe's library order at start (and says so in its
-    log), and a two-input job probed under that order succeeds.
+    log), and a two-input job, whose probes then run under it, succeeds.
+    (That the registry's probes get the order is checked in test_probe.)
     """
     server = ServerProcess(tmp_path)
     try:

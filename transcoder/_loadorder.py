@@ -2,15 +2,19 @@
 A shared-library order that makes a dynamically linked tool start sooner.
 
 Debian's ffprobe links about 215 shared libraries and is built with
-C{BIND_NOW}, so each of its 42,000 symbol references is resolved at start by
+C{BIND_NOW}, so 42,000 symbol references are resolved at start, each by
 walking the libraries in the loader's breadth-first order until one defines
 it.  perf put two thirds of its 45 ms start in that walk (C{do_lookup_x}),
 and starting ffprobe is most of what probing a short input costs.  Naming
 the libraries in C{LD_PRELOAD}, those that resolve the most references
-first, makes most walks short: the same start took 29 ms.
+first, makes most walks short: the same start took 29 to 34 ms against 45
+to 55.
 
 The order is learnt from the loader itself (C{LD_DEBUG=bindings}), and kept
-only if every reference binds to the very library it binds to without it.
+only if every reference binds to the very library it binds to without it:
+every one, since the learner also sets C{LD_BIND_NOW}, for the 86 libraries
+that are not built to bind at start and would otherwise bind some
+references only at their first call, out of the report's sight.
 Where two libraries define one symbol (libc's and libm's C{frexp}, a C++
 template instance in libstdc++ and in libjack), the one that won before must
 still win: each such reference that moved makes its old provider go just
@@ -33,10 +37,11 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -69,16 +74,35 @@ def parse_bindings(report: bytes) -> Counter[Binding]:
     return Counter(_BINDING.findall(report))
 
 
+def _is_library(name: bytes) -> bool:
+    # Not the kernel's vDSO (no file), nor the program itself (libpulse binds
+    # its "main"): a program cannot be preloaded, and the loader says so on
+    # stderr each time it is asked to.
+    return name.startswith(b"/") and b".so" in os.path.basename(name)
+
+
 def rank_providers(bindings: Counter[Binding]) -> list[bytes]:
     """
-    The objects that define what is bound, those that resolve the most
-    references first; the kernel's vDSO, which is no file, left out.
+    The shared libraries that define what is bound, those that resolve the
+    most references first.
     """
     counts: Counter[bytes] = Counter()
     for (_, provider, _), n in bindings.items():
-        if provider.startswith(b"/"):
+        if _is_library(provider):
             counts[provider] += n
     return [provider for provider, _ in counts.most_common()]
+
+
+def loaded_files(bindings: Counter[Binding]) -> list[bytes]:
+    """Every file the loader names, referencing or defining: what the order depends on."""
+    return sorted(
+        {
+            name
+            for user, provider, _ in bindings
+            for name in (user, provider)
+            if name.startswith(b"/")
+        }
+    )
 
 
 def mend_order(
@@ -117,7 +141,15 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint | None:
     return tuple(prints)
 
 
-def learn(report: Reporter) -> str | None:
+@dataclass(frozen=True)
+class Learnt:
+    """An order that binds as the plain start does, and the files it was learnt from."""
+
+    preload: str
+    files: tuple[str, ...]
+
+
+def learn(report: Reporter) -> Learnt | None:
     """
     The C{LD_PRELOAD} value under which the tool C{report} runs binds every
     reference as its plain start does, or C{None}.
@@ -140,7 +172,7 @@ def learn(report: Reporter) -> str | None:
             return None
         bindings = parse_bindings(got)
         if bindings == wanted:
-            return candidate
+            return Learnt(candidate, tuple(map(os.fsdecode, loaded_files(wanted))))
         order = mend_order(order, wanted, bindings)
         if order is None:
             return None
@@ -148,10 +180,17 @@ def learn(report: Reporter) -> str | None:
 
 
 def reporter(executable: str, args: Sequence[str]) -> Reporter:
-    """Runs C{executable} with C{args} under C{LD_DEBUG=bindings}, in L{tool_env}."""
+    """
+    Runs C{executable} with C{args} under C{LD_DEBUG=bindings}, in L{tool_env}.
+
+    With C{LD_BIND_NOW} too: ffprobe is built to bind everything at start,
+    but 86 of the libraries it loads are not, and their references are bound
+    at their first call, which a report of the start would never show (two
+    of them moved under an order learnt without it).
+    """
 
     def report(preload: str | None) -> bytes | None:
-        env = {**tool_env(), "LD_DEBUG": "bindings"}
+        env = {**tool_env(), "LD_DEBUG": "bindings", "LD_BIND_NOW": "1"}
         if preload is not None:
             env["LD_PRELOAD"] = preload
         try:
@@ -179,40 +218,42 @@ def main(argv: Sequence[str]) -> int:
     executable = shutil.which(argv[0], path=tool_env()["PATH"])
     if executable is None:
         return 0
-    value = learn(reporter(executable, list(argv[1:]) or ["-version"]))
-    if value is not None:
-        print(value)
+    learnt = learn(reporter(executable, list(argv[1:]) or ["-version"]))
+    if learnt is not None:
+        print(learnt.preload)
+        print(" ".join(learnt.files))
     return 0
 
 
 class _Learner(ProcessProtocol):
-    def __init__(self, done: Deferred[str | None]) -> None:
+    def __init__(self, done: Deferred[Learnt | None]) -> None:
         self._done = done
         self._out = bytearray()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        # An order of a few hundred paths; stderr (a traceback at worst) is dropped.
+        # Two lines of a few hundred paths; stderr (a traceback at worst) is dropped.
         if childFD == 1 and len(self._out) < 1024 * 1024:
             self._out += data
 
     def processEnded(self, reason: Failure) -> None:
-        if isinstance(reason.value, ProcessDone):
-            value = os.fsdecode(bytes(self._out)).strip()
-            self._done.callback(value or None)
+        lines = os.fsdecode(bytes(self._out)).splitlines()
+        if isinstance(reason.value, ProcessDone) and len(lines) == 2 and lines[0].strip():
+            self._done.callback(Learnt(lines[0].strip(), tuple(lines[1].split())))
         else:
             self._done.callback(None)
 
 
 class PreloadOrder:
     """
-    Learns, once, in a process of its own, the C{LD_PRELOAD} value that
-    starts one tool soonest.
+    Learns, in a process of its own, the C{LD_PRELOAD} value that starts one
+    tool soonest.
 
     A Debian upgrade under a running server can replace the tool and its
-    libraries (new sonames), and the order would then name the old ones: so
-    the tool and every library in the order are checked (C{stat}, at most
-    every few seconds, when the order is asked for), and any change drops
-    the order and learns a new one.
+    libraries (new sonames), and the order would then name the old ones.  So
+    the tool and every file the loader named while learning are checked
+    (C{stat}, at most every L{RECHECK} seconds, when the order is asked for),
+    and a change drops the order and learns again; after a learning that
+    gave no order, a change of the tool starts another.
 
     @ivar value: the value learnt, or C{None} until then and if there is none.
     """
@@ -227,11 +268,10 @@ class PreloadOrder:
         self._tool = tool
         self._killpg = killpg
         self._clock = IReactorTime(reactor)
-        self._pid: int | None = None
-        self._learning = False
+        self._learner: IProcessTransport | None = None
+        self._group = False
         self._stopped = False
-        self._executable: str | None = None
-        # What the files the order depends on were when it was learnt.
+        # The files the last learning depended on, and what they were then.
         self._files: list[str] = []
         self._fingerprint: Fingerprint | None = None
         self._checked = 0.0
@@ -239,37 +279,35 @@ class PreloadOrder:
 
     def environment(self) -> dict[str, str]:
         """What to add to the tool's environment: the preload once learnt, else nothing."""
-        if not self.value:
-            return {}
         now = self._clock.seconds()
-        if now - self._checked >= RECHECK:
+        if self._files and self._learner is None and now - self._checked >= RECHECK:
             self._checked = now
             if fingerprint(self._files) != self._fingerprint:
                 _log.info("{tool} or its libraries changed: learning again", tool=self._tool)
                 self.value = None
                 self.learn().addErrback(lambda f: _log.failure("learning again", f))
-                return {}
-        return {"LD_PRELOAD": self.value}
+        return {"LD_PRELOAD": self.value} if self.value else {}
 
     def learn(self) -> Deferred[str | None]:
         """
         Run the learner; fires with the value it printed (also kept as
         L{value}), or C{None}.
         """
-        if self._stopped or self._learning:
+        if self._stopped or self._learner is not None:
             return succeed(None)
-        done: Deferred[str | None] = Deferred()
+        done: Deferred[Learnt | None] = Deferred()
         env = tool_env()
         executable = shutil.which(self._tool, path=env["PATH"])
         before = fingerprint([executable]) if executable else None
-        # The learner imports this package from wherever the server does.
+        # The learner imports this package from wherever the server does (-P:
+        # and not from the server's working directory first).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         setsid = shutil.which("setsid", path=env["PATH"])
-        learner = [sys.executable, "-m", "transcoder._loadorder", self._tool]
+        learner = [sys.executable, "-P", "-m", "transcoder._loadorder", self._tool]
         # Its own process group, so that stop() ends the tool it runs too.
         args = ["setsid", *learner] if setsid else learner
         try:
-            transport = self._reactor.spawnProcess(
+            self._learner = self._reactor.spawnProcess(
                 _Learner(done),
                 setsid or sys.executable,
                 args,
@@ -279,37 +317,34 @@ class PreloadOrder:
         except OSError as e:
             _log.warn("cannot learn {tool}'s library order: {error}", tool=self._tool, error=e)
             return succeed(None)
-        transport.closeStdin()
-        self._learning = True
-        self._pid = transport.pid if setsid else None
-        timer = IReactorTime(self._reactor).callLater(_LEARN_TIMEOUT, self._kill)
+        self._learner.closeStdin()
+        self._group = setsid is not None
+        timer = self._clock.callLater(_LEARN_TIMEOUT, self._kill)
 
-        def learnt(value: str | None) -> str | None:
-            self._pid = None
-            self._learning = False
+        def learnt(result: Learnt | None) -> str | None:
+            self._learner = None
             if timer.active():
                 timer.cancel()
             if self._stopped:
                 return None
-            if value is not None and executable is not None:
-                files = [executable, *value.split()]
+            self._checked = self._clock.seconds()
+            self._files = [executable] if executable else []
+            self._fingerprint = before
+            if result is not None and executable is not None:
+                files = [executable, *result.files]
                 now = fingerprint(files)
-                if now is None or now[:1] != before:
-                    # Changed while learning (or a library is already gone).
-                    value = None
-                else:
+                # Nothing changed while learning, and nothing is gone.
+                if now is not None and now[:1] == before:
                     self._files, self._fingerprint = files, now
-                    self._checked = self._clock.seconds()
-            self.value = value
-            if value is None:
-                _log.info("{tool}: run as it is (no library order learnt)", tool=self._tool)
-            else:
-                _log.info(
-                    "{tool}: {n} libraries preloaded, in the order that binds soonest",
-                    tool=self._tool,
-                    n=len(value.split()),
-                )
-            return value
+                    self.value = result.preload
+                    _log.info(
+                        "{tool}: {n} libraries preloaded, in the order that binds soonest",
+                        tool=self._tool,
+                        n=len(result.preload.split()),
+                    )
+                    return self.value
+            _log.info("{tool}: run as it is (no library order learnt)", tool=self._tool)
+            return None
 
         return done.addCallback(learnt)
 
@@ -319,11 +354,22 @@ class PreloadOrder:
         self._kill()
 
     def _kill(self) -> None:
-        if self._pid is not None:
+        learner = self._learner
+        if learner is None or learner.pid is None:
+            return
+        if self._group:
             try:
-                self._killpg(self._pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                self._killpg(learner.pid, signal.SIGKILL)
+                return
+            except ProcessLookupError:
+                # Not yet through setsid(): no group of its own to signal.
                 pass
+            except PermissionError:
+                return
+        try:
+            learner.signalProcess("KILL")
+        except (ProcessExitedAlready, OSError):
+            pass
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,3 +211,18 @@ def probe(
     if proto.transport is not None:
         proto.transport.closeStdin()
     return done
+
+
+def probing_with(
+    environment: Callable[[], Mapping[str, str]],
+) -> Callable[[IReactorProcess, Path], Deferred[MediaInfo]]:
+    """
+    L{probe}, with C{environment()} added to each ffprobe run's environment,
+    asked anew for each run (the service's library order is learnt after
+    start-up, and can be dropped).
+    """
+
+    def probe_with(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+        return probe(reactor, path, environment=environment())
+
+    return probe_with

@@ -524,8 +524,9 @@ class _Execution:
             return self._stopped(exit_code)
         if sig is not None or exit_code != 0:
             return await self._judge(exit_code, sig, None)
-        if hashing is None:
-            hashing = self._hash(self._partial)
+        # Exit 0 and no stop at processExited too (its status is this one):
+        # the hash has been under way since then.
+        assert hashing is not None
         return await self._judge(exit_code, sig, hashing)
 
     async def _judge(
@@ -582,9 +583,9 @@ class _Execution:
         @param together: start every probe at once (nothing else runs: the
             encoder waits for them), rather than one after another (beside an
             encoder, on a machine of two cores, two probes at once slow it
-            down: mux-avi's 80 ms encode with its two probes took 93 ms one
-            way and 74 ms the other, measured with the preload of
-            L{transcoder._loadorder}).
+            down: mux-avi's 80 ms encode with its two probes took 93 ms with
+            the probes at once, 74 ms with one after the other, measured
+            with the preload of L{transcoder._loadorder}).
         """
         probes: list[tuple[str, Deferred[MediaInfo] | None]] = [
             (role, self._probeInput(role) if together else None) for role in self._profile.inputs

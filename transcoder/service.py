@@ -16,14 +16,13 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python import usage
 
 from transcoder._loadorder import PreloadOrder
 from transcoder.auth import TokenAuth, TokenFileError
 from transcoder.metrics import Metrics
-from transcoder.probe import MediaInfo, probe
+from transcoder.probe import probing_with
 from transcoder.profiles import ProfileError, load_profiles
 from transcoder.registry import JobRegistry
 from transcoder.retention import RetentionSweeper
@@ -243,9 +242,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # at start-up (transcoder._loadorder); until then it runs as it is.
     ffprobe_order = PreloadOrder(reactor, "ffprobe")
 
-    def probe_file(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
-        return probe(reactor, path, environment=ffprobe_order.environment())
-
     registry = JobRegistry(
         reactor,
         store,
@@ -255,7 +251,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_queued=options["max-queued"],
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
-        executor=partial(execute_job, probe=probe_file),
+        executor=partial(execute_job, probe=probing_with(ffprobe_order.environment)),
     )
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
