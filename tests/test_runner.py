@@ -699,6 +699,35 @@ def test_hash_starts_at_the_exit_before_the_pipes_are_drained(h: Harness) -> Non
     assert outcome.log_tail is not None and "last words" in outcome.log_tail
 
 
+def test_output_changed_after_the_exit_is_hashed_again(h: Harness) -> None:
+    """
+    An output that changed between the encoder's exit and its pipes' end (a
+    child of the encoder still writing it) is hashed again, and the result's
+    digest is the second one, of the final bytes.
+    """
+    h.answers["in.mp4"] = _info(10.0)
+    hashes: list[Deferred[str]] = []
+
+    def hash_file(path: Path) -> Deferred[str]:
+        hashes.append(Deferred())
+        return hashes[-1]
+
+    h.start(MENCODER, {"file": "in.mp4"}, hash_file=hash_file)
+    h.output(b"first part")
+    h.proto.processExited(Failure(ProcessDone(0)))
+    assert len(hashes) == 1
+    with (h.job_dir / "result.partial.avi").open("ab") as f:
+        f.write(b", and the rest")
+    h.proto.processEnded(Failure(ProcessDone(0)))
+    assert len(hashes) == 2
+    assert hashes[0].called  # cancelled; its CancelledError is handled
+    hashes[1].callback("ef" * 32)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
+    assert outcome.output is not None and outcome.output.sha256 == "ef" * 32
+    assert (h.job_dir / "result.avi").read_bytes() == b"first part, and the rest"
+
+
 def test_no_hash_at_an_exit_that_failed(h: Harness) -> None:
     """An encoder that exits non-zero has its output never hashed, and the job fails with the code."""
     h.answers["in.mp4"] = _info(10.0)

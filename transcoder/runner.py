@@ -340,6 +340,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file that changed from one that did not (inode, size, mtime), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _exit_status(ended: BaseException) -> tuple[int | None, int | None]:
     """(exit code, signal) of an ended process; one of them is None."""
     if isinstance(ended, ProcessTerminated):
@@ -448,6 +457,9 @@ class _Execution:
         # What probing the inputs found: their infos, or why one was rejected
         # (the error message); None while the probes run.
         self._probed: list[MediaInfo] | str | None = None
+        # The output's digest under way, and the output's state when it began.
+        self._hashing: Deferred[str] | None = None
+        self._hashed_as: tuple[int, int, int] | None = None
         self._probing: Deferred[list[MediaInfo] | str] | None = None
 
     # Public
@@ -495,23 +507,26 @@ class _Execution:
         if self._probing is None:
             # The probes run beside the encoder (see the module's docstring).
             self._startProbes(together=False)
-        hashing: Deferred[str] | None = None
         if _exit_status(await proto.exited) == (0, None) and self._stop is None:
             # An output to check.  Its digest is computed (on a thread) from
             # the exit on, while the encoder's last output is read from its
             # pipes (2 ms of status lines on mux-avi), the input probes finish
             # and the output is checked.  A job that fails after all simply
             # does not use it.
-            hashing = self._hash(self._partial)
+            self._startHash()
         try:
-            return await self._ended(proto, hashing)
+            return await self._ended(proto)
         finally:
-            if hashing is not None:
-                if not hashing.called:
-                    hashing.cancel()
-                hashing.addErrback(lambda _: None)
+            if self._hashing is not None:
+                if not self._hashing.called:
+                    self._hashing.cancel()
+                self._hashing.addErrback(lambda _: None)
 
-    async def _ended(self, proto: _EncoderProtocol, hashing: Deferred[str] | None) -> Outcome:
+    def _startHash(self) -> None:
+        self._hashed_as = _file_state(self._partial)
+        self._hashing = self._hash(self._partial)
+
+    async def _ended(self, proto: _EncoderProtocol) -> Outcome:
         """The outcome of an encoder whose process has exited: once its pipes are drained."""
         status = await proto.ended
         self.pid = None
@@ -525,9 +540,15 @@ class _Execution:
         if sig is not None or exit_code != 0:
             return await self._judge(exit_code, sig, None)
         # Exit 0 and no stop at processExited too (its status is this one):
-        # the hash has been under way since then.
-        assert hashing is not None
-        return await self._judge(exit_code, sig, hashing)
+        # the hash has been under way since then.  Unless the output changed
+        # since: the pipes close when the last process holding them ends, and
+        # a profile's encoder might have left a child writing the output.
+        assert self._hashing is not None
+        if _file_state(self._partial) != self._hashed_as:
+            self._hashing.cancel()
+            self._hashing.addErrback(lambda _: None)
+            self._startHash()
+        return await self._judge(exit_code, sig, self._hashing)
 
     async def _judge(
         self, exit_code: int | None, sig: int | None, hashing: Deferred[str] | None
