@@ -61,7 +61,8 @@ Reporter = Callable[[str | None], bytes | None]
 Fingerprint = tuple[tuple[int, int, int], ...]
 
 _BINDING = re.compile(rb"binding file (\S+) \[\d+\] to (\S+) \[\d+\]: (.*)$", re.MULTILINE)
-ATTEMPTS = 4
+# Orders tried at most (two were needed on this machine; each try is a quarter second).
+ATTEMPTS = 8
 # Seconds between two checks that the tool and its libraries are unchanged.
 RECHECK = 5.0
 _RUN_TIMEOUT = 20.0
