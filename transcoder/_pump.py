@@ -237,9 +237,8 @@ class SocketPump:
             self._reactor.callFromThread(self._done.callback, end)
 
     def _pump(self) -> PumpEnd:
-        sock = self._sock
         hashers: list[Any] = []
-        if self._hashes is not None and _bigReceiveBuffer(sock):
+        if self._hashes is not None and _bigReceiveBuffer(self._sock):
             hashers = self._hashes(lambda: self._stop) or []
             if self._stop:
                 return PumpEnd("stopped", self.received)
@@ -262,10 +261,7 @@ class SocketPump:
                 # Wake this thread when a good part of the buffer has come,
                 # not for every segment: the wake-ups cost more than the
                 # copying.  No more than is asked for, which surely comes.
-                lowat = max(1, min(end - filled, len(buf) // 4))
-                if lowat != self._lowat:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                    self._lowat = lowat
+                self._setLowat(max(1, min(end - filled, len(buf) // 4)))
                 try:
                     n = self._readInto([view[filled:end]])
                 except _End as e:
@@ -318,10 +314,7 @@ class SocketPump:
                     if size and room >= size + _AFTER_DATA:
                         # The steady state: the size line's LF, the whole
                         # chunk into place, and the 7 bytes after it.
-                        lowat = size if size >= _WAKE_AT else 1
-                        if lowat != self._lowat:
-                            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                            self._lowat = lowat
+                        self._setLowat(size if size >= _WAKE_AT else 1)
                         data = view[filled : filled + size]
                         got = self._readInto([lf, data, tail])
                         if got == size + 1 + _AFTER_DATA and lf[0] == 10:
@@ -368,10 +361,7 @@ class SocketPump:
                     # Wake when a whole chunk has come (a valid body brings
                     # every byte asked for), not for each segment of it; but
                     # a few bytes of framing come at once, or after a pause.
-                    lowat = asked if asked >= _WAKE_AT else 1
-                    if lowat != self._lowat:
-                        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                        self._lowat = lowat
+                    self._setLowat(asked if asked >= _WAKE_AT else 1)
                     got = self._readInto(parts)
                     out = bytearray()
                     left = got
@@ -404,6 +394,12 @@ class SocketPump:
                 return end
             if framing.last:
                 return PumpEnd("complete", self.received, leftover=bytes(framing.pending))
+
+    def _setLowat(self, lowat: int) -> None:
+        """Wake this thread's receives once C{lowat} bytes are there (set only when it changes)."""
+        if lowat != self._lowat:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self._lowat = lowat
 
     def _readInto(self, parts: list[memoryview]) -> int:
         """
