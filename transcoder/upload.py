@@ -753,26 +753,34 @@ class TranscoderRequest(server.Request):
         self._watchRate(channel)
 
     def _startPump(self, body: RawBody | MultipartBody, length: int) -> None:
-        channel: Any = self.channel
-        transport: Any = self.transport
         left = length - self._received - PUMP_TAIL
-        if self.body is not body or channel is None or self._disconnected or left < PUMP_MIN:
+        if self.body is not body or self.channel is None or self._disconnected or left < PUMP_MIN:
             # Refused already, gone, or the first reads brought most of the
             # body: the reactor reads the rest (or lingers), as without a pump.
             self._noPump()
             return
+        self._runPump(
+            body,
+            left,
+            fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
+            hashes=body.hashes if isinstance(body, RawBody) else None,
+        )
+
+    def _runPump(self, body: RawBody | MultipartBody, length: int, **options: Any) -> None:
+        """Start a L{SocketPump} reading C{length} bytes (0: a chunked body) into C{body}."""
+        channel: Any = self.channel
+        transport: Any = self.transport
         # The pump watches for an idle client itself; the channel's timer would
         # only see that the reactor stopped reading.
         self._timeOut = channel.setTimeout(None)
         self._pump = SocketPump(
             body.reactor,
             transport.socket,
-            left,
+            length,
             body.lend,
             self._timeOut,
             offset=self._received,
-            fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
-            hashes=body.hashes if isinstance(body, RawBody) else None,
+            **options,
         )
         self._pump.start().addCallback(self._pumpEnded)
 
@@ -796,11 +804,11 @@ class TranscoderRequest(server.Request):
             return
         channel: Any = self.channel
         site: Any = getattr(channel, "site", None)
+        # Asked once: from here on, a pump or the reactor reads the rest.
+        self._chunkedPumpAt = None
         if len(_pumping) >= MAX_PUMPS or getattr(site, "uploads", None) != {self}:
             # Not alone (any more): the reactor reads, as for any upload beside others.
-            self._chunkedPumpAt = None
             return
-        self._chunkedPumpAt = None
         self._pumping = True
         _pumping.add(self)
         transport: Any = self.transport
@@ -830,21 +838,15 @@ class TranscoderRequest(server.Request):
             self._noPump()
             return
         assert decoder is not None
-        self._timeOut = channel.setTimeout(None)
-        self._pump = SocketPump(
-            body.reactor,
-            self.transport.socket,  # type: ignore[union-attr]
+        self._runPump(
+            body,
             0,
-            body.lend,
-            self._timeOut,
-            offset=self._received,
             chunked=Chunked(
                 left=decoder.length if state == "BODY" else 0,
                 crlf=state in ("BODY", "CRLF"),
                 limit=body.room(),
             ),
         )
-        self._pump.start().addCallback(self._pumpEnded)
 
     def _pumpEnded(self, end: PumpEnd) -> None:
         """On the reactor: count the pumped bytes where the channel counts them; read again."""
