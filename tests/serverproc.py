@@ -109,6 +109,12 @@ class ServerProcess:
         self.proc.wait()
 
 
+def no_uploads_left(data_dir: Path) -> bool:
+    """Whether nothing of an upload in progress is left in a server's data dir."""
+    uploads = data_dir / "uploads"
+    return not uploads.exists() or not any(uploads.iterdir())
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while time.monotonic() < end:

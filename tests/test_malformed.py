@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from serverproc import ServerProcess, wait_for
+from serverproc import ServerProcess, no_uploads_left, wait_for
 
 JOB = "{job}"  # replaced by a real job's id
 MISSING = "0123456789abcdef0123456789abcdef"
@@ -486,8 +486,7 @@ def _jobs_on_disk(server: ServerProcess) -> set[str]:
 
 
 def _uploads_empty(server: ServerProcess) -> bool:
-    uploads = server.data_dir / "uploads"
-    return not uploads.exists() or not any(uploads.iterdir())
+    return no_uploads_left(server.data_dir)
 
 
 def _check_stored(server: ServerProcess, reply: Reply) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from fakes import FakeExecutor, FakeOutcome
+from serverproc import no_uploads_left
 from test_spool import settle
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -565,6 +566,5 @@ async def test_multipart_refused_on_the_pumps_thread_answers_and_leaves_nothing(
     assert answers[0].startswith(b"HTTP/1.1 422"), answers[0][:300]
     assert b'"unknown_input"' in answers[0]
     assert [end.reason for end in ends] == ["failed"]
-    uploads = data_dir / "uploads"
-    await settle(lambda: not uploads.exists() or not any(uploads.iterdir()))
-    assert not uploads.exists() or not any(uploads.iterdir())
+    await settle(lambda: no_uploads_left(data_dir))
+    assert no_uploads_left(data_dir)

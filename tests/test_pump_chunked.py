@@ -21,7 +21,14 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_pump import Collector, FailingExecutor, exchanged, pumps, served  # noqa: F401
+from serverproc import no_uploads_left
+from test_pump import (  # noqa: F401
+    Collector,
+    FailingExecutor,
+    exchanged,
+    pumps,
+    served,
+)
 from test_spool import settle
 
 from transcoder import upload
@@ -298,8 +305,7 @@ async def test_broken_chunk_mid_body_gets_a_json_400_and_leaves_nothing(
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert b'"bad_request"' in answer and b"malformed chunked body" in answer
     assert len(pumps) == 1
-    uploads = data_dir / "uploads"
-    await settle(lambda: not uploads.exists() or not any(uploads.iterdir()), timeout=10)
+    await settle(lambda: no_uploads_left(data_dir), timeout=10)
 
 
 @pytest_twisted.ensureDeferred
@@ -324,5 +330,4 @@ async def test_chunked_body_past_the_maximum_while_pumped_gets_413(
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b'"too_large"' in answer
     assert len(pumps) == 1 and resource_max
-    uploads = data_dir / "uploads"
-    await settle(lambda: not uploads.exists() or not any(uploads.iterdir()), timeout=10)
+    await settle(lambda: no_uploads_left(data_dir), timeout=10)
