@@ -66,6 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from transcoder._container import header_duration
+from transcoder._loadorder import Fingerprint, fingerprint
 from transcoder._progress import FfmpegProgress, MencoderProgress
 from transcoder.jobs import JobState, OutputFile
 from transcoder.probe import MediaInfo, NotMediaError, tool_env
@@ -340,15 +341,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_state(path: Path) -> tuple[int, int, int] | None:
-    """What tells a file that changed from one that did not (inode, size, mtime), or None."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _abandon(d: Deferred[_T]) -> None:
     """Cancel C{d} if it is still waiting, and swallow whatever it ends with."""
     if not d.called:
@@ -466,7 +458,7 @@ class _Execution:
         self._probed: list[MediaInfo] | str | None = None
         # The output's digest under way, and the output's state when it began.
         self._hashing: Deferred[str] | None = None
-        self._hashed_as: tuple[int, int, int] | None = None
+        self._hashed_as: Fingerprint | None = None
         self._probing: Deferred[list[MediaInfo] | str] | None = None
 
     # Public
@@ -528,7 +520,7 @@ class _Execution:
                 _abandon(self._hashing)
 
     def _startHash(self) -> None:
-        self._hashed_as = _file_state(self._partial)
+        self._hashed_as = fingerprint([str(self._partial)])
         self._hashing = self._hash(self._partial)
 
     async def _ended(self, proto: _EncoderProtocol) -> Outcome:
@@ -549,7 +541,7 @@ class _Execution:
         # since: the pipes close when the last process holding them ends, and
         # a profile's encoder might have left a child writing the output.
         assert self._hashing is not None
-        if _file_state(self._partial) != self._hashed_as:
+        if fingerprint([str(self._partial)]) != self._hashed_as:
             _abandon(self._hashing)
             self._startHash()
         return await self._judge(exit_code, sig, self._hashing)
