@@ -44,12 +44,18 @@ MTIME = 1_750_000_000
         ("bytes=50-5000", 100, (50, 50)),
         ("bytes=99-99", 100, (99, 1)),
         ("bytes = 0 - 9", 100, (0, 10)),
+        # Positions longer than Python converts (4300 digits) are past any file.
+        ("bytes=0-" + "9" * 5000, 100, (0, 100)),
+        ("bytes=-" + "9" * 5000, 100, (0, 100)),
+        ("bytes=" + "0" * 5000 + "5-9", 100, (5, 5)),
         # Ignored: malformed, several ranges, other units, end before start.
         ("bytes=0-1,5-6", 100, None),
         ("items=0-9", 100, None),
         ("bytes=-", 100, None),
         ("bytes=9-0", 100, None),
         ("bytes=abc", 100, None),
+        # Digits of other scripts, which int() would take.
+        ("bytes=\u0661-\u0669", 100, None),
     ],
 )
 def test_parse_range(header: str, size: int, expected: tuple[int, int] | None) -> None:
@@ -65,6 +71,7 @@ def test_parse_range(header: str, size: int, expected: tuple[int, int] | None) -
         ("bytes=-0", 100),
         ("bytes=0-", 0),
         ("bytes=-1", 0),
+        ("bytes=" + "1" * 5000 + "-", 100),
     ],
 )
 def test_parse_range_unsatisfiable(header: str, size: int) -> None:
@@ -165,12 +172,27 @@ async def test_single_range(served_file: Path, header: str, start: int, end: int
 
 
 @pytest_twisted.ensureDeferred
+async def test_range_with_a_5000_digit_end(served_file: Path) -> None:
+    """An end past what Python's int() converts is past the file: the rest of it, not a 500."""
+    code, headers, body = await fetch(
+        stub_for(served_file), headers={"Range": "bytes=5-" + "9" * 5000}
+    )
+    assert code == 206
+    assert body == CONTENT[5:]
+    assert headers["content-range"] == f"bytes 5-{len(CONTENT) - 1}/{len(CONTENT)}"
+
+
+@pytest_twisted.ensureDeferred
 async def test_unsatisfiable_range_is_json_416(served_file: Path) -> None:
-    """A range past the end is a JSON 416 with Content-Range: bytes */size, not an HTML page."""
+    """
+    A range past the end is a JSON 416 with Content-Range: bytes */size, not
+    an HTML page, and not labelled as the file's attachment.
+    """
     code, headers, body = await fetch(stub_for(served_file), headers={"Range": "bytes=20000-"})
     assert code == 416
     assert headers["content-range"] == f"bytes */{len(CONTENT)}"
     assert headers["content-type"] == "application/json"
+    assert "content-disposition" not in headers
     assert json.loads(body)["error"]["code"] == "range_not_satisfiable"
 
 

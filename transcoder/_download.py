@@ -30,7 +30,7 @@ log = Logger()
 # system call whatever the write's size; a bigger read only saves reads.
 CHUNK_SIZE = 1 << 20
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 
 
 @implementer(IPullProducer)
@@ -128,13 +128,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | APIError | None:
     if not first and not last:
         return None
     if not first:
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             return _unsatisfiable(size)
         length = min(suffix, size)
         return size - length, length
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if last and end < start:
         # Syntactically invalid (RFC 9110 14.1.1): ignored.
         return None
@@ -142,6 +142,19 @@ def parse_range(header: str, size: int) -> tuple[int, int] | APIError | None:
         return _unsatisfiable(size)
     end = min(end, size - 1)
     return start, end - start + 1
+
+
+def _position(digits: str) -> int:
+    """
+    A byte position, capped far past any file: Python refuses to convert
+    more than 4300 digits, and a client may send more.
+    """
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+# More than any file holds (an exabyte).
+_MAX_DIGITS = 18
 
 
 def _unsatisfiable(size: int) -> APIError:
@@ -216,11 +229,6 @@ class FileResource(JSONResource):
             request.finish()
             return server.NOT_DONE_YET
 
-        request.setHeader(b"Content-Type", self._media_type.encode("ascii"))
-        if self._filename is not None:
-            request.setHeader(
-                b"Content-Disposition", content_disposition(self._filename).encode("ascii")
-            )
         offset, length = 0, size
         status = http.OK
         wanted = self._range(request, last_modified)
@@ -236,6 +244,11 @@ class FileResource(JSONResource):
                     b"Content-Range", b"bytes %d-%d/%d" % (offset, offset + length - 1, size)
                 )
         request.setResponseCode(status)
+        request.setHeader(b"Content-Type", self._media_type.encode("ascii"))
+        if self._filename is not None:
+            request.setHeader(
+                b"Content-Disposition", content_disposition(self._filename).encode("ascii")
+            )
         request.setHeader(b"Content-Length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
             f.close()
