@@ -326,6 +326,24 @@ def test_declared_length_above_maximum_gets_413_without_100_continue(server: Ser
     assert body["error"]["code"] == "too_large"
 
 
+@pytest.mark.parametrize("method", ["PUT /jobs?profile=avi-mpeg4", "GET /health"])
+def test_content_length_of_5000_digits_gets_413(server: ServerProcess, method: str) -> None:
+    """
+    A Content-Length longer than Python's int() converts (4300 digits) is
+    answered 413 too_large like any length past the maximum, not dropped
+    with an unhandled error.
+    """
+    data, s = raw_request(
+        server,
+        f"{method} HTTP/1.1\nHost: x\nContent-Length: {'9' * 5000}\nExpect: 100-continue",
+    )
+    s.close()
+    assert b"100 Continue" not in data
+    status, _, body = parse_response(data)
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    assert leftovers(server.data_dir) == []
+
+
 def test_chunked_body_past_maximum_is_stopped_with_413(
     server: ServerProcess, tmp_path: Path
 ) -> None:

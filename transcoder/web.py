@@ -790,6 +790,10 @@ def build_root(
     return root
 
 
+# A Content-Length of 19 digits: more than any upload the server takes.
+_PAST_ANY_LIMIT = b"9" * 19
+
+
 class _Channel(HTTPChannel):
     """
     An HTTP channel whose every answer is JSON, down to a malformed request's,
@@ -826,6 +830,15 @@ class _Channel(HTTPChannel):
         transport: Any = self.transport
         transport.write(raw_response(error))
         self.loseConnection()
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # HTTPChannel int()s the length, and Python refuses more than 4300
+        # digits: an unhandled error and no answer.  A length that long is past
+        # any limit, so it is read as the largest (the request refuses it).
+        if header == b"Content-Length" and data.isdigit() and len(data.lstrip(b"0")) > 18:
+            data = _PAST_ANY_LIMIT
+        result: bool = super()._maybeChooseTransferDecoder(header, data)
+        return result
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._answerAndClose(APIError(400, "bad_request", "malformed HTTP request"))
