@@ -496,6 +496,126 @@ def test_content_md5_is_checked(server: ServerProcess, small: Path) -> None:
     assert (status, body["error"]["code"]) == (400, "digest_mismatch")
 
 
+def form_body(tmp_path: Path, name: str, fields: dict[str, str], file: Path) -> Path:
+    """A multipart/form-data body (boundary XyZ) with C{fields}, then C{file} as the "file" part."""
+    out = tmp_path / name
+    with open(out, "wb") as f:
+        for key, value in fields.items():
+            f.write(
+                f'--XyZ\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+            )
+        f.write(b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.flv"\r\n\r\n')
+        f.write(file.read_bytes())
+        f.write(b"\r\n--XyZ--\r\n")
+    return out
+
+
+def send_form(server: ServerProcess, body: Path, *headers: str) -> tuple[int, dict[str, object]]:
+    args = ["-H", "Content-Type: multipart/form-data; boundary=XyZ", "-H", "Expect:"]
+    for header in headers:
+        args += ["-H", header]
+    status, answer, _ = curl(*args, "--data-binary", f"@{body}", f"{server.url}/jobs")
+    return status, answer
+
+
+@pytest.mark.parametrize("size", [3 * MiB + 12345, 9 * MiB + 7])
+def test_whole_body_digests_of_a_multipart_upload_are_checked(
+    server: ServerProcess, tmp_path: Path, size: int
+) -> None:
+    """
+    Content-MD5 and Repr-Digest on a multipart upload are the whole body's
+    (every part and delimiter), through the reactor and (above 4 MiB) the
+    pump alike: matching ones are accepted, a mismatch answers 400 and
+    keeps nothing.
+    """
+    clip = make_file(tmp_path / "clip.flv", size)
+    body = form_body(tmp_path, "form.bin", {"profile": "avi-mpeg4"}, clip)
+    data = body.read_bytes()
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    status, job = send_form(server, body, f"Content-MD5: {md5}", f"Repr-Digest: sha-256=:{sha}:")
+    assert status == 201
+    assert job["inputs"][0]["sha256"] == sha256_file(clip)  # type: ignore[index]
+    before = stored_files(server.data_dir)
+    wrong_md5 = base64.b64encode(bytes(16)).decode()
+    wrong_sha = base64.b64encode(bytes(32)).decode()
+    for header in (f"Content-MD5: {wrong_md5}", f"Repr-Digest: sha-256=:{wrong_sha}:"):
+        status, answer = send_form(server, body, header)
+        assert (status, answer["error"]["code"]) == (400, "digest_mismatch")  # type: ignore[index]
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+    assert stored_files(server.data_dir) == before
+
+
+def test_input_digests_name_the_profiles_inputs(server: ServerProcess, small: Path) -> None:
+    """
+    ?sha256.<input> checks that input of a raw upload; a digest for an input
+    the profile does not have is refused (400 bad_digest) before the body,
+    raw or multipart, rather than silently not checked.
+    """
+    url = f"{server.url}/jobs?profile=avi-mpeg4"
+    status, _, _ = curl("-T", str(small), f"{url}&sha256.file={sha256_file(small)}")
+    assert status == 201
+    before = stored_files(server.data_dir)
+    status, body, _ = curl("-T", str(small), f"{url}&sha256.file={'0' * 64}")
+    assert (status, body["error"]["code"]) == (400, "digest_mismatch")
+    status, body, _ = curl("-T", str(small), f"{url}&sha256.video={'0' * 64}")
+    assert (status, body["error"]["code"]) == (400, "bad_digest")
+    status, body, _ = curl(
+        "-F", "profile=avi-mpeg4", "-F", f"sha256.zzz={'0' * 64}", "-F", f"file=@{small}",
+        f"{server.url}/jobs",
+    )  # fmt: skip
+    assert (status, body["error"]["code"]) == (400, "bad_digest")
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+    assert stored_files(server.data_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "url"),
+    [
+        ([], "/jobs?profile=avi-mpeg4&vbitrate=500&vbitrate=900"),
+        (["-F", "profile=avi-mpeg4"], "/jobs?profile=mp4-h264"),
+        (["-F", "profile=avi-mpeg4", "-F", "profile=mp4-h264"], "/jobs"),
+        (["-F", "profile=avi-mpeg4", "-F", "vbitrate=500", "-F", "vbitrate=900"], "/jobs"),
+    ],
+)
+def test_a_field_given_two_values_is_refused(
+    server: ServerProcess, small: Path, args: list[str], url: str
+) -> None:
+    """
+    A field given twice with different values, in the query, in the form, or
+    one in each, is refused with 400 conflicting_fields rather than one of
+    them winning silently; nothing is kept.
+    """
+    before = stored_files(server.data_dir)
+    send = [*args, "-F", f"file=@{small}"] if args else ["-T", str(small)]
+    status, body, _ = curl(*send, f"{server.url}{url}")
+    assert (status, body["error"]["code"]) == (400, "conflicting_fields")
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+    assert stored_files(server.data_dir) == before
+
+
+def test_a_field_repeated_with_one_value_is_accepted(server: ServerProcess, small: Path) -> None:
+    """The same value given twice (query and form) is no conflict: the upload is taken."""
+    status, job, _ = curl(
+        "-F", "profile=avi-mpeg4", "-F", "vbitrate=700", "-F", f"file=@{small}",
+        f"{server.url}/jobs?profile=avi-mpeg4&vbitrate=700",
+    )  # fmt: skip
+    assert status == 201
+    assert job["profile"] == "avi-mpeg4"
+    assert job["params"]["vbitrate"] == 700  # type: ignore[index]
+
+
+def test_empty_file_part_gets_400(server: ServerProcess, tmp_path: Path) -> None:
+    """A file part with no bytes is an empty input, as an empty raw body is: 400 empty_body."""
+    empty = tmp_path / "empty.flv"
+    empty.write_bytes(b"")
+    before = stored_files(server.data_dir)
+    status, body, _ = curl("-F", "profile=avi-mpeg4", "-F", f"file=@{empty}", f"{server.url}/jobs")
+    assert (status, body["error"]["code"]) == (400, "empty_body")
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+    assert stored_files(server.data_dir) == before
+
+
 @pytest.mark.parametrize(
     ("fields", "code"),
     [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 import shutil
@@ -126,13 +127,17 @@ class Submission:
 
 
 def _arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
-    values = args.get(name.encode("ascii"))
+    values = args.get(name.encode("utf-8"))
     if not values:
         return None
+    if any(v != values[0] for v in values):
+        raise APIError(
+            400, "conflicting_fields", f"query parameter {name[:64]!r} is given different values"
+        )
     try:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError(400, "bad_query", f"query parameter {name!r} is not UTF-8") from None
+        raise APIError(400, "bad_query", f"query parameter {name[:64]!r} is not UTF-8") from None
 
 
 def query_fields(args: Mapping[bytes, list[bytes]]) -> dict[str, str]:
@@ -176,31 +181,61 @@ def _check_callback(url: str | None) -> str | None:
     return url
 
 
-def _digest_expectations(request: server.Request, single_role: str | None) -> dict[str, str]:
+def _input_digests(control: Mapping[str, str], profile: Profile) -> dict[str, str]:
     """
-    SHA-256 digests the client announced, by input role, from C{?sha256=} and
-    C{Repr-Digest}/C{Content-Digest} (raw bodies: C{single_role} set).
+    The SHA-256 digests the client gave for the profile's inputs, by role:
+    C{sha256.<role>}, or plain C{sha256} where there is one input.  A digest
+    for an input the profile does not have is refused rather than ignored: the
+    client meant something to be checked.
     """
     out: dict[str, str] = {}
-    q = _arg(request.args or {}, "sha256")
-    if q is not None and single_role is not None:
-        if not _HEX64.match(q):
-            raise APIError(400, "bad_digest", "sha256 must be 64 hexadecimal digits")
-        out[single_role] = q.lower()
-    if single_role is not None:
-        for header in (b"repr-digest", b"content-digest"):
-            for value in request.requestHeaders.getRawHeaders(header, []):
-                m = re.search(rb"sha-256=:([A-Za-z0-9+/=]+):", value)
-                if m is None:
-                    continue
-                try:
-                    digest = base64.b64decode(m.group(1), validate=True)
-                except binascii.Error:
-                    digest = b""
-                if len(digest) != 32:
-                    raise APIError(400, "bad_digest", f"{header.decode()} sha-256 is malformed")
-                out[single_role] = digest.hex()
+    for name, value in control.items():
+        if name == "sha256":
+            if len(profile.inputs) != 1:
+                raise APIError(
+                    400,
+                    "bad_digest",
+                    f"profile {profile.name} takes several inputs: name each digest "
+                    f"sha256.<input> ({', '.join(profile.inputs)})",
+                )
+            role = profile.inputs[0]
+        elif name.startswith("sha256."):
+            role = name[len("sha256.") :]
+            if role not in profile.inputs:
+                raise APIError(
+                    400,
+                    "bad_digest",
+                    f"{name[:64]!r} names no input of profile {profile.name} "
+                    f"({', '.join(profile.inputs)})",
+                )
+        else:
+            continue
+        if not _HEX64.match(value):
+            raise APIError(400, "bad_digest", f"{name[:64]} must be 64 hexadecimal digits")
+        if out.get(role, value.lower()) != value.lower():
+            raise APIError(400, "conflicting_fields", f"two different digests for input {role!r}")
+        out[role] = value.lower()
     return out
+
+
+def _body_sha256(request: server.Request) -> str | None:
+    """The SHA-256 of the whole body that C{Repr-Digest} or C{Content-Digest} gives, if any."""
+    found: str | None = None
+    for header in (b"repr-digest", b"content-digest"):
+        for value in request.requestHeaders.getRawHeaders(header, []):
+            m = re.search(rb"sha-256=:([A-Za-z0-9+/=]+):", value)
+            if m is None:
+                continue
+            try:
+                digest = base64.b64decode(m.group(1), validate=True)
+            except binascii.Error:
+                digest = b""
+            if len(digest) != 32:
+                raise APIError(400, "bad_digest", f"{header.decode()} sha-256 is malformed")
+            if found is not None and found != digest.hex():
+                raise APIError(400, "conflicting_fields", "Repr-Digest and Content-Digest differ")
+            found = digest.hex()
+    return found
 
 
 def _content_md5(request: server.Request) -> str | None:
@@ -339,7 +374,14 @@ class RawBody(_BaseBody):
         self.callback_url = _check_callback(control.get("callback_url"))
         self.role = profile.inputs[0]
         self.filename = sanitise_filename(control.get("filename"), default="input")
-        self.expected = _digest_expectations(request, self.role)
+        self.expected = _input_digests(control, profile)
+        whole = _body_sha256(request)
+        if whole is not None:
+            if self.expected.get(self.role, whole) != whole:
+                raise APIError(
+                    400, "conflicting_fields", "the body's SHA-256 is given two different values"
+                )
+            self.expected[self.role] = whole
         self.md5 = _content_md5(request)
         super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request))
         self.path = staging / f"input-{self.role}{extension(self.filename)}"
@@ -424,6 +466,15 @@ class MultipartBody(_BaseBody):
             )
         except multipart.MultipartError as e:
             raise APIError(400, "bad_multipart", f"bad multipart boundary: {e}") from None
+        # Digests of the whole body (every part and delimiter), as the
+        # headers mean them; hashed only when given.
+        self._bodyDigests: list[tuple[Any, str, str]] = []
+        sha = _body_sha256(request)
+        if sha is not None:
+            self._bodyDigests.append((hashlib.sha256(), sha, "Repr-Digest"))
+        md5 = _content_md5(request)
+        if md5 is not None:
+            self._bodyDigests.append((hashlib.md5(), md5, "Content-MD5"))
         super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request))
         self.files: dict[str, tuple[str, Path]] = {}
         self._segment: Any = None
@@ -472,6 +523,10 @@ class MultipartBody(_BaseBody):
                 value = self._fieldValue.decode("utf-8")
             except UnicodeDecodeError:
                 raise APIError(400, "bad_multipart", f"field {name[:64]!r} is not UTF-8") from None
+            if self.fields.get(name, value) != value:
+                raise APIError(
+                    400, "conflicting_fields", f"field {name[:64]!r} is given different values"
+                )
             self.fields[name] = value
             if name == "profile" and self.profile is None:
                 self.profile = _profile_for(self.profiles, value)
@@ -508,6 +563,8 @@ class MultipartBody(_BaseBody):
             return
         self._count(data)
         self._bodyAt += len(data)
+        for h, _, _ in self._bodyDigests:
+            h.update(data)
         self._feed(data)
 
     def _inFileBody(self) -> bool:
@@ -534,6 +591,8 @@ class MultipartBody(_BaseBody):
         """
         n = len(view)
         self._bodyAt += n
+        for h, _, _ in self._bodyDigests:
+            h.update(view)
         if not self._inFileBody():
             try:
                 data = bytes(view)
@@ -593,15 +652,10 @@ class MultipartBody(_BaseBody):
             control, raw_params = _split_fields(self.fields)
             params = profile.validate_params(raw_params)
             callback = _check_callback(control.get("callback_url"))
-            expected: dict[str, str] = {}
-            for role in profile.inputs:
-                value = control.get(f"sha256.{role}")
-                if value is None and len(profile.inputs) == 1:
-                    value = control.get("sha256")
-                if value is not None:
-                    if not _HEX64.match(value):
-                        raise APIError(400, "bad_digest", "sha256 must be 64 hexadecimal digits")
-                    expected[role] = value.lower()
+            expected = _input_digests(control, profile)
+            for h, want, header in self._bodyDigests:
+                if h.hexdigest() != want:
+                    raise APIError(400, "digest_mismatch", f"the body does not match its {header}")
         except APIError as e:
             return fail(e)
 
@@ -611,6 +665,8 @@ class MultipartBody(_BaseBody):
             for role in profile.inputs:
                 filename, path = self.files[role]
                 f = by_path[path]
+                if f.size == 0:
+                    raise APIError(400, "empty_body", f"input {role!r} is empty")
                 if role in expected and expected[role] != f.sha256:
                     raise APIError(
                         400, "digest_mismatch", f"input {role!r}: SHA-256 does not match"
