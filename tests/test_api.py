@@ -397,6 +397,31 @@ async def test_upload_errors(make_api: Callable[..., Api]) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_client_errors_come_before_queue_full_and_short_disk(
+    make_api: Callable[..., Api],
+) -> None:
+    """
+    With the queue full, or the disk short, a request that could never
+    succeed (unknown profile, bad parameter) still gets its own 422, not a
+    503 or 507 that would tell it to retry; a good one gets the 503 or 507.
+    """
+    api = make_api(max_queued=1, min_free_disk=1 << 30)
+    await api.upload()  # runs
+    await api.upload()  # waits: the queue is full
+    for target, code in [
+        ("/jobs?profile=nope", "unknown_profile"),
+        ("/jobs?profile=mp4-h264&crf=99", "invalid_parameter"),
+    ]:
+        reply = await api.call("PUT", target, data=b"x")
+        assert (reply.code, reply.json()["error"]["code"]) == (422, code)
+    reply = await api.call("PUT", "/jobs?profile=mp4-h264", data=b"x")
+    assert (reply.code, reply.json()["error"]["code"]) == (503, "queue_full")
+    api.free_disk[0] = 1 << 20
+    reply = await api.call("PUT", "/jobs?profile=nope", data=b"x")
+    assert (reply.code, reply.json()["error"]["code"]) == (422, "unknown_profile")
+
+
+@pytest_twisted.ensureDeferred
 async def test_upload_of_other_multipart_is_415(make_api: Callable[..., Api]) -> None:
     """A multipart/mixed body is 415 unsupported_media_type, as the spec says.  (411 needs a request with no Content-Length at all, which treq never sends: tests/test_upload.py sends one on a socket.)"""
     api = make_api()

@@ -170,6 +170,57 @@ def test_max_queued_refuses_before_the_body(
         server.stop()
 
 
+def test_max_queued_counts_uploads_in_flight(
+    tmp_path: Path, paced_profiles: Path, three_s_clip: Path
+) -> None:
+    """
+    With --workers 1 --max-queued 1 and one job running, an upload still
+    arriving holds the one queue place: a second upload that starts meanwhile
+    gets 503 queue_full before its body, and the first, once complete, is
+    queued.  (The check runs before each body, so without counting uploads in
+    flight both would pass and the queue would hold two.)
+    """
+    data = tmp_path / "data"
+    server = serve(
+        data,
+        tmp_path / "server.log",
+        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
+    )
+    clip = three_s_clip.read_bytes()
+    try:
+        first = upload(server.url, three_s_clip, PACED_PROFILE)
+        assert first["state"] == "running"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as arriving:
+            arriving.sendall(
+                f"PUT /jobs?profile={PACED_PROFILE} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(clip)}\r\nConnection: close\r\n\r\n".encode()
+                + clip[:1000]
+            )
+            # The server has the first bytes: this upload is in flight.
+            deadline = time.monotonic() + 10
+            while not list((data / "uploads").glob("*/input-*")):
+                assert time.monotonic() < deadline, "the upload never started"
+                time.sleep(0.02)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as second:
+                second.sendall(
+                    f"PUT /jobs?profile={PACED_PROFILE} HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Length: {len(clip)}\r\nExpect: 100-continue\r\n\r\n".encode()
+                )
+                answer = _read_response(second)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "queue_full"
+            assert b"100 Continue" not in answer
+            arriving.sendall(clip[1000:])
+            head, _, body = _read_response(arriving).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 201 "), head
+        queued = json.loads(body)
+        assert queued["state"] == "queued"
+        jobs = get_json(server.url + "/jobs")["jobs"]
+        assert sorted(j["id"] for j in jobs) == sorted([first["id"], queued["id"]])
+    finally:
+        server.stop()
+
+
 def _stored_jobs(data_dir: Path) -> dict[str, Job]:
     """The jobs as the stopped server left them in its database."""
     with sqlite3.connect(f"file:{data_dir / 'jobs.sqlite3'}?mode=ro", uri=True) as db:

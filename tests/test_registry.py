@@ -188,6 +188,24 @@ def test_outcomes_recorded(make_env: Callable[..., Env]) -> None:
     assert env.store.rows[bad.id]["state"] == "failed"
 
 
+def test_queue_cap_counts_uploads_that_will_wait(make_env: Callable[..., Env]) -> None:
+    """
+    Uploads still arriving count against max_queued, less those a free
+    worker will take at once: uploads at the same time cannot all pass.
+    """
+    env = make_env(workers=2, max_queued=1)
+    env.registry.check_capacity(arriving=2)  # both will find a worker
+    with pytest.raises(APIError) as e:
+        env.registry.check_capacity(arriving=3)  # the third would wait
+    assert (e.value.status, e.value.code) == (503, "queue_full")
+    add(env)
+    add(env)
+    assert env.registry.running_count == 2
+    env.registry.check_capacity()
+    with pytest.raises(APIError):
+        env.registry.check_capacity(arriving=1)
+
+
 def test_queue_cap(make_env: Callable[..., Env]) -> None:
     """With max_queued jobs waiting, check_capacity answers 503 with Retry-After."""
     env = make_env(workers=1, max_queued=2)

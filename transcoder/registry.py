@@ -202,19 +202,28 @@ class JobRegistry:
         self._stopped.addBoth(_chain_to(mine))
         return mine
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, arriving: int = 0) -> None:
         """
         Refuse a new job early, before its upload is read, when the queue is full.
 
-        @raise APIError: 503 with C{Retry-After} when C{max_queued} jobs already wait.
+        @param arriving: uploads still being received, each a job to come:
+            those that will not find a free worker count as waiting, so that
+            uploads at the same time cannot all pass the check (it is made
+            before each body, and L{add} does not apply it).
+        @raise APIError: 503 with C{Retry-After} when C{max_queued} jobs already
+            wait, or will once those uploads end.
         """
         if self._stopping:
             raise _shutting_down()
-        if self._max_queued is not None and self.queued_count >= self._max_queued:
+        if self._max_queued is None:
+            return
+        free = max(0, self._workers - len(self._running))
+        waiting = self.queued_count + max(0, arriving - free)
+        if waiting >= self._max_queued:
             raise APIError(
                 503,
                 "queue_full",
-                f"{self.queued_count} jobs are already waiting; try again later",
+                f"{waiting} jobs are already waiting or being uploaded; try again later",
                 {"Retry-After": str(self._retry_after())},
             )
 

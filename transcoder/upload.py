@@ -272,11 +272,16 @@ def spool_limits(crowd: int) -> tuple[int, int]:
     return (2 << 20) if crowd < 4 else (1 << 20), 2
 
 
-def _crowd(request: server.Request) -> int:
-    """Uploads in flight on the request's site, this one included."""
+def uploads_in_flight(request: server.Request) -> int:
+    """Uploads being received on the request's site (a L{TranscoderSite}), not counting it."""
     site = getattr(getattr(request, "channel", None), "site", None)
     uploads = getattr(site, "uploads", None)
-    return len(uploads) + 1 if uploads else 1
+    return len(uploads) if uploads else 0
+
+
+def _crowd(request: server.Request) -> int:
+    """Uploads in flight on the request's site, this one included."""
+    return uploads_in_flight(request) + 1
 
 
 class _BaseBody:
@@ -290,7 +295,15 @@ class _BaseBody:
         max_size: int,
         opener: Opener,
         crowd: int = 1,
+        admit: Callable[[], None] | None = None,
     ) -> None:
+        """
+        @param admit: raises the server's own refusals (queue full, disk
+            short), called once the request's own checks have passed and
+            before anything is created on disk.
+        """
+        if admit is not None:
+            admit()
         self.job_id = job_id
         self.reactor = reactor
         self.staging = staging
@@ -359,6 +372,7 @@ class RawBody(_BaseBody):
         max_size: int,
         opener: Opener = _open,
         length: int | None = None,
+        admit: Callable[[], None] | None = None,
     ) -> None:
         fields = query_fields(request.args or {})
         control, raw_params = _split_fields(fields)
@@ -383,7 +397,7 @@ class RawBody(_BaseBody):
                 )
             self.expected[self.role] = whole
         self.md5 = _content_md5(request)
-        super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request))
+        super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request), admit)
         self.path = staging / f"input-{self.role}{extension(self.filename)}"
         self.spool.open(self.path, md5=self.md5 is not None, size=length)
         self._pumpHashes = False
@@ -450,6 +464,7 @@ class MultipartBody(_BaseBody):
         length: int | None,
         max_size: int,
         opener: Opener = _open,
+        admit: Callable[[], None] | None = None,
     ) -> None:
         self.profiles = profiles
         self.fields = query_fields(request.args or {})
@@ -475,7 +490,7 @@ class MultipartBody(_BaseBody):
         md5 = _content_md5(request)
         if md5 is not None:
             self._bodyDigests.append((hashlib.md5(), md5, "Content-MD5"))
-        super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request))
+        super().__init__(reactor, staging, job_id, max_size, opener, _crowd(request), admit)
         self.files: dict[str, tuple[str, Path]] = {}
         self._segment: Any = None
         self._isFile = False

@@ -59,6 +59,7 @@ from transcoder.upload import (
     _profile_for,
     multipart_boundary,
     read_stock_body,
+    uploads_in_flight,
 )
 
 log = Logger()
@@ -300,10 +301,16 @@ class JobsResource(JSONResource):
                 "length_required",
                 "an upload needs Content-Length or Transfer-Encoding: chunked",
             )
-        self._registry.check_capacity()
-        self._check_disk(length)
         if length == 0:
             raise APIError(400, "empty_body", "the upload is empty")
+
+        def admit() -> None:
+            # The server's own limits come after the request's checks: a
+            # client told to retry later should not then learn that its
+            # request could never succeed.
+            self._registry.check_capacity(arriving=uploads_in_flight(request))
+            self._check_disk(length)
+
         boundary = multipart_boundary(request)
         job_id = new_job_id()
         staging = self._registry.uploads_dir / job_id
@@ -319,6 +326,7 @@ class JobsResource(JSONResource):
                 length,
                 self._max,
                 self._opener,
+                admit=admit,
             )
         else:
             profile = _profile_for(self._profiles, _arg(request.args or {}, "profile"))
@@ -331,6 +339,7 @@ class JobsResource(JSONResource):
                 self._max,
                 self._opener,
                 length=length,
+                admit=admit,
             )
         return body
 
