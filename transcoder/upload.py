@@ -251,6 +251,10 @@ def _content_md5(request: server.Request) -> str | None:
     return digest.hex()
 
 
+def _stalled(timeout: float | None) -> APIError:
+    return APIError(408, "too_slow", f"no byte of the body came in {timeout or 0:g} s")
+
+
 def _storage_error(error: BaseException) -> APIError:
     import errno
 
@@ -952,9 +956,8 @@ class TranscoderRequest(server.Request):
             decoder.contentLength -= end.received
         channel.setTimeout(self._timeOut)
         if end.reason == "idle":
-            channel.timeoutConnection()
-            return
-        if end.reason == "malformed":
+            self._failMidBody(_stalled(self._timeOut))
+        elif end.reason == "malformed":
             # The code the channel gives framing it refuses itself (see web._Channel).
             self._failMidBody(APIError(400, "bad_request", f"malformed chunked body: {end.error}"))
         elif end.reason == "too_large" and isinstance(self.body, RawBody):
@@ -971,6 +974,17 @@ class TranscoderRequest(server.Request):
         if not self._paused:
             transport: Any = self.transport
             transport.resumeProducing()
+
+    def bodyTimedOut(self) -> bool:
+        """
+        For the channel's idle timeout: mid-body, answer 408 too_slow, as
+        the body-rate check and a pump's idle end do, rather than let the
+        channel close without a word (True); otherwise False.
+        """
+        if self.body is None or self._refused or self.channel is None:
+            return False
+        self._failMidBody(_stalled(self.channel.timeOut))
+        return True
 
     def _bodyBytes(self) -> int:
         pump = self._pump

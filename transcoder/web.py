@@ -835,6 +835,12 @@ class _Channel(HTTPChannel):
         self._headDeadline = None
         self._answerAndClose(APIError(408, "request_timeout", "the request head came too slowly"))
 
+    def timeoutConnection(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, TranscoderRequest) and request.bodyTimedOut():
+            return
+        super().timeoutConnection()
+
     def _answerAndClose(self, error: APIError) -> None:
         transport: Any = self.transport
         transport.write(raw_response(error))
