@@ -247,6 +247,7 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], dict[str, object]]
         ("PUT", "/nowhere", 404, "not_found"),
         ("PUT", "/jobs/0123456789abcdef0123456789abcdef", 404, "not_found"),
         ("PUT", "/profiles", 405, "method_not_allowed"),
+        ("POST", "/metrics", 405, "method_not_allowed"),
         ("PUT", "/jobs?profile=no-such-profile", 422, "unknown_profile"),
         ("PUT", "/jobs", 422, "missing_profile"),
         ("PUT", "/jobs?profile=avi-mpeg4&vbitrate=-o%20/etc/passwd", 422, "invalid_parameter"),

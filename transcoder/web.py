@@ -44,7 +44,7 @@ from transcoder._http import (
 from transcoder._names import sanitise_filename
 from transcoder._spool import Opener, _open
 from transcoder.auth import TokenAuth
-from transcoder.errors import APIError, method_not_allowed, not_found
+from transcoder.errors import APIError, not_found
 from transcoder.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.profiles import Profile
 from transcoder.registry import JobRegistry
@@ -683,11 +683,14 @@ class GuardedResource(JSONResource):
     def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
         if request.postpath and request.postpath != [b""]:
             return write_error(request, not_found())
-        method = request.method.decode("ascii", "replace")
-        if method not in ("GET", "HEAD"):
-            return write_error(request, method_not_allowed(method, ["GET", "HEAD"]))
+        return super().render(request)
+
+    # Named, so that the Allow of a 405 (here, or before an upload's body) lists them.
+    def render_GET(self, request: server.Request) -> bytes | int:
         result: bytes | int = self._inner.render(request)
         return result
+
+    render_HEAD = render_GET
 
 
 class RootResource(JSONResource):
