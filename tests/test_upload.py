@@ -633,6 +633,25 @@ def test_a_field_repeated_with_one_value_is_accepted(server: ServerProcess, smal
     assert job["params"]["vbitrate"] == 700  # type: ignore[index]
 
 
+def test_a_422_after_the_body_has_its_reason_phrase(server: ServerProcess, tmp_path: Path) -> None:
+    """
+    A 422 found once the body is in (a form's bad parameter) says
+    "422 Unprocessable Entity" in its status line, not Twisted's "Unknown
+    Status" for a code it has no phrase for.
+    """
+    clip = make_file(tmp_path / "c.flv", 1000)
+    body = form_body(tmp_path, "form.bin", {"profile": "avi-mpeg4", "vbitrate": "99999"}, clip)
+    data, s = raw_request(
+        server,
+        "POST /jobs HTTP/1.1\nHost: x\nConnection: close\n"
+        f"Content-Type: multipart/form-data; boundary=XyZ\nContent-Length: {body.stat().st_size}",
+        body.read_bytes(),
+    )
+    s.close()
+    assert data.startswith(b"HTTP/1.1 422 Unprocessable Entity\r\n"), data[:200]
+    assert parse_response(data)[2]["error"]["code"] == "invalid_parameter"  # type: ignore[index]
+
+
 def test_empty_file_part_gets_400(server: ServerProcess, tmp_path: Path) -> None:
     """A file part with no bytes is an empty input, as an empty raw body is: 400 empty_body."""
     empty = tmp_path / "empty.flv"

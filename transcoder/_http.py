@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from twisted.web.resource import IResource, Resource
@@ -19,7 +20,12 @@ def json_body(obj: Any) -> bytes:
 
 def write_json(request: Request, status: int, obj: Any) -> bytes:
     """Set the status and type of a JSON answer; return the body for a render method."""
-    request.setResponseCode(status)
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    # Twisted knows no phrase for some codes (422 would go out as "Unknown Status").
+    request.setResponseCode(status, phrase.encode("ascii"))
     request.setHeader(b"Content-Type", JSON_TYPE)
     request.setHeader(b"Cache-Control", b"no-store")
     return json_body(obj)
