@@ -52,13 +52,20 @@ from transcoder.upload import IBodyReceiver
 from transcoder.web import MAX_TAIL, TranscoderSite, build_root, decode_cursor, tail_lines
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+API_MD = SPEC_PATH.parent / "api.md"
 SPEC = OpenAPI.from_file_path(str(SPEC_PATH))
-ERROR_SCHEMA = OAS31Validator(
-    {
-        "$ref": "#/components/schemas/Error",
-        "components": yaml.safe_load(SPEC_PATH.read_text())["components"],
-    }
-)
+SPEC_DICT: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text())
+
+
+def spec_validator(schema: dict[str, Any]) -> OAS31Validator:
+    """A validator for a schema of the spec, its $refs resolved against the spec's components."""
+    return OAS31Validator({**schema, "components": SPEC_DICT["components"]})
+
+
+ERROR_SCHEMA = spec_validator({"$ref": "#/components/schemas/Error"})
+# What every operation can answer, whatever its path (the spec's description says so).
+ANY_OPERATION = {"400", "408", "413", "414", "431", "500"}
+HTTP_METHODS = ("get", "head", "post", "put", "delete", "patch")
 HOST = "http://127.0.0.1:8080"
 TOKENS = "alice:alice-token\nbob:bob-token\n"
 PROFILES = load_profiles()
@@ -95,8 +102,33 @@ def conform(method: str, target: str, reply: Reply) -> None:
             raise
 
 
+def conform_component(name: str, reply: Reply) -> None:
+    """
+    Fail unless C{reply} is the spec's C{components/responses/<name>}: its
+    required headers there and matching their schemas, its body its JSON schema.
+    """
+    response = SPEC_DICT["components"]["responses"][name]
+    for header, declared in response.get("headers", {}).items():
+        value = reply.headers.get(header.lower())
+        if declared.get("required"):
+            assert value is not None, header
+        if value is not None:
+            spec_validator(declared["schema"]).validate(value)
+    ((media_type, content),) = response["content"].items()
+    assert reply.headers["content-type"] == media_type
+    spec_validator(content["schema"]).validate(reply.json())
+
+
 def conform_error(reply: Reply) -> None:
-    """For answers outside the spec's operations (405, unknown paths): the common error shape."""
+    """
+    For answers no operation of the spec can carry: a 405 (to a method no
+    operation is declared for; openapi-core finds no operation to check it
+    against) must be the spec's MethodNotAllowed response; anything else (an
+    unknown path) the common error shape.
+    """
+    if reply.code == 405:
+        conform_component("MethodNotAllowed", reply)
+        return
     assert reply.headers["content-type"] == "application/json"
     ERROR_SCHEMA.validate(reply.json())
 
@@ -236,11 +268,13 @@ def make_api(tmp_path: Path) -> Callable[..., Api]:
 
 
 @asynccontextmanager
-async def served(api: Api) -> AsyncIterator[int]:
-    """The API's tree behind the real L{TranscoderSite} on a loopback port."""
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        TranscoderSite(api.root, reactor=reactor, idle_timeout=10)
-    )
+async def served(
+    api: Api, idle_timeout: float = 10, site: TranscoderSite | None = None
+) -> AsyncIterator[int]:
+    """The API's tree behind the real L{TranscoderSite} (or C{site}) on a loopback port."""
+    if site is None:
+        site = TranscoderSite(api.root, reactor=reactor, idle_timeout=idle_timeout)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     try:
         yield port.getHost().port
     finally:
@@ -680,7 +714,7 @@ async def test_curl_saves_the_result_under_its_name(
 
 @pytest_twisted.ensureDeferred
 async def test_log_whole_and_tail(make_api: Callable[..., Api]) -> None:
-    """The log comes as text/plain; ?tail=N gives its last N lines, carriage returns counting as line ends."""
+    """The log comes as text/plain; ?tail=N gives its last N lines, carriage returns counting as line ends; ranges and If-Modified-Since work as for the result."""
     api = make_api()
     job = await api.upload()
     reply = await api.call("GET", f"/jobs/{job['id']}/log")
@@ -694,6 +728,15 @@ async def test_log_whole_and_tail(make_api: Callable[..., Api]) -> None:
     assert reply.body == b"frame=  30\nencoded 75 frames\n"
     reply = await api.call("GET", f"/jobs/{job['id']}/log?tail={MAX_TAIL + 1}")
     assert reply.code == 400
+    reply = await api.call("GET", f"/jobs/{job['id']}/log", headers={"Range": "bytes=0-5"})
+    assert (reply.code, reply.body) == (206, LOG[:6])
+    assert reply.headers["content-range"] == f"bytes 0-5/{len(LOG)}"
+    reply = await api.call("GET", f"/jobs/{job['id']}/log", headers={"Range": "bytes=5000-"})
+    assert (reply.code, reply.headers["content-range"]) == (416, f"bytes */{len(LOG)}")
+    mtime = (api.registry.job_dir(job["id"]) / "encoder.log").stat().st_mtime
+    since = formatdate(mtime + 10, usegmt=True)
+    reply = await api.call("GET", f"/jobs/{job['id']}/log", headers={"If-Modified-Since": since})
+    assert (reply.code, reply.body) == (304, b"")
 
 
 def test_tail_lines_reads_only_the_end(tmp_path: Path) -> None:
@@ -863,6 +906,285 @@ async def test_malformed_request_is_json_400(make_api: Callable[..., Api]) -> No
     assert code == 400
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+# -- error answers against the spec -------------------------------------------------
+
+
+def spec_operations() -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, item[method])
+        for path, item in SPEC_DICT["paths"].items()
+        for method in HTTP_METHODS
+        if method in item
+    ]
+
+
+def test_spec_lists_the_errors_of_every_operation() -> None:
+    """
+    Every operation lists the errors any request can get (400, 408, 413,
+    414, 431, 500); every operation that needs a token lists 401; every
+    response in components is used, but MethodNotAllowed, which the spec's
+    description explains.
+    """
+    public = {"/health", "/metrics"}
+    for path, method, operation in spec_operations():
+        statuses = set(operation["responses"])
+        assert ANY_OPERATION <= statuses, (method, path, ANY_OPERATION - statuses)
+        assert ("401" in statuses) == (path not in public), (method, path)
+    text = SPEC_PATH.read_text()
+    for name in SPEC_DICT["components"]["responses"]:
+        used = f'"#/components/responses/{name}"' in text
+        assert used == (name != "MethodNotAllowed"), name
+    assert "OperationNotFound" in SPEC_DICT["info"]["description"]
+
+
+def test_every_status_in_api_md_is_in_the_spec() -> None:
+    """Each status of docs/api.md's error table is declared by some operation, or (405) as the MethodNotAllowed response."""
+    in_spec = {status for _, _, op in spec_operations() for status in op["responses"]}
+    in_spec.add("405")
+    table = [line for line in API_MD.read_text().splitlines() if line.strip().startswith("| 4")] + [
+        line for line in API_MD.read_text().splitlines() if line.strip().startswith("| 5")
+    ]
+    documented = {
+        status.strip() for line in table for status in line.strip().split("|")[1].split("/")
+    }
+    assert {"400", "405", "414", "431", "503", "507"} <= documented
+    assert documented <= in_spec, documented - in_spec
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_undeclared_method_is_405_allowing_the_declared_ones(
+    make_api: Callable[..., Api],
+) -> None:
+    """
+    On each path of the spec, each method no operation is declared for gets
+    the spec's MethodNotAllowed answer, and its Allow names exactly the
+    declared methods (HEAD with GET).
+    """
+    api = make_api()
+    job = await api.upload()
+    # A result not ready yet answers 409 to every method, 405 included
+    # (transcoder/web.py routes it to an error before the method is looked at).
+    api.succeed(job["id"], b"result")
+    for path, item in SPEC_DICT["paths"].items():
+        declared = {m.upper() for m in HTTP_METHODS if m in item}
+        if "GET" in declared:
+            declared.add("HEAD")
+        target = path.replace("{id}", job["id"])
+        for method in {m.upper() for m in HTTP_METHODS} - declared:
+            reply = await api.call(method, target, spec=False)
+            assert reply.code == 405, (method, path)
+            assert reply.headers["allow"] == ", ".join(sorted(declared)), (method, path)
+
+
+async def exchange(port: int, request: bytes) -> Reply:
+    """Send C{request} as it is; the answer, once the server has closed the connection."""
+    raw = await connect_raw(port, request)
+    code, headers, body = split_response(await raw.closed)
+    return Reply(code, headers, body)
+
+
+def checked(method: str, target: str, reply: Reply, status: int, code: str) -> None:
+    assert (reply.code, reply.json()["error"]["code"]) == (status, code), reply.body
+    conform(method, target, reply)
+
+
+class Broken(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: object) -> bytes:
+        raise RuntimeError("a bug")
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_any_operation_can_give_conform(make_api: Callable[..., Api]) -> None:
+    """
+    Over a real server, the errors the spec lists for every operation are
+    what the spec says: 400 for a malformed header, 413 for a body where none
+    is taken, 414 and 431 for overlong lines, 408 for a head that stops
+    coming, 500 for a resource that fails.
+    """
+    api = make_api(metrics=Broken())
+    job = await api.upload()
+    async with served(api, idle_timeout=0.5) as port:
+        reply = await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        checked("GET", "/health", reply, 400, "bad_request")
+
+        reply = await exchange(
+            port,
+            b"GET /profiles HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"x" * 100_000,
+        )
+        checked("GET", "/profiles", reply, 413, "too_large")
+
+        target = "/jobs?limit=1&pad=" + "a" * 20_000
+        reply = await exchange(port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        checked("GET", target, reply, 414, "uri_too_long")
+
+        target = f"/jobs/{job['id']}/log"
+        reply = await exchange(
+            port, f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Pad: {'b' * 20_000}\r\n\r\n".encode()
+        )
+        checked("GET", target, reply, 431, "header_too_large")
+
+        target = f"/jobs/{job['id']}"
+        reply = await exchange(port, f"DELETE {target} HTTP/1.1\r\nHost: x\r\n".encode())
+        checked("DELETE", target, reply, 408, "request_timeout")
+
+        reply = await exchange(
+            port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        checked("GET", "/metrics", reply, 500, "internal")
+    # The DELETE never arrived whole: the job is still there.
+    assert api.registry.get(job["id"]) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_that_stalls_mid_body_is_408_too_slow(make_api: Callable[..., Api]) -> None:
+    """A client that stops sending halfway through its body gets the spec's 408 too_slow, and no job is made."""
+    api = make_api()
+    target = "/jobs?profile=mp4-h264"
+    async with served(api, idle_timeout=0.5) as port:
+        reply = await exchange(
+            port,
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+            + b"v" * 1000,
+        )
+    checked("PUT", target, reply, 408, "too_slow")
+    assert api.registry.jobs() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutting_down_is_503_with_retry_after(make_api: Callable[..., Api]) -> None:
+    """Once the site drains for shutdown, an upload gets the spec's 503 shutting_down with Retry-After."""
+    api = make_api()
+    site = TranscoderSite(api.root, reactor=reactor, idle_timeout=10)
+    assert await site.drain(0) == 0
+    target = "/jobs?profile=mp4-h264"
+    async with served(api, site=site) as port:
+        reply = await exchange(
+            port,
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode(),
+        )
+    checked("PUT", target, reply, 503, "shutting_down")
+    assert int(reply.headers["retry-after"]) >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_under_way_counts_against_max_queued(make_api: Callable[..., Api]) -> None:
+    """
+    With the one worker busy and room for one queued job, an upload still
+    arriving holds that room: another upload gets the spec's 503 queue_full
+    before sending its body; the first then becomes the queued job.
+    """
+    api = make_api(max_queued=1)
+    await api.upload()  # runs
+    target = "/jobs?profile=mp4-h264"
+    async with served(api) as port:
+        arriving = await connect_raw(
+            port,
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + b"a" * 1000,
+        )
+        await sleep(0.1)
+        reply = await exchange(
+            port,
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode(),
+        )
+        checked("PUT", target, reply, 503, "queue_full")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert b"100 Continue" not in reply.body
+        assert arriving.transport is not None
+        arriving.transport.write(b"a" * 1000)
+        code, headers, body = split_response(await arriving.closed)
+    first = Reply(code, headers, body)
+    assert first.code == 201, first.body
+    conform("PUT", target, first)
+    assert api.registry.get(first.json()["id"]).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "code"),
+    [
+        ("/jobs?profile=mp4-h264&crf=20&crf=21", {}, "conflicting_fields"),
+        ("/jobs?profile=mp4-h264&filename=a.mov&filename=b.mov", {}, "conflicting_fields"),
+        (
+            "/jobs?profile=mp4-h264",
+            {"Repr-Digest": f"sha-256=:{'A' * 43}=:", "Content-Digest": f"sha-256=:{'B' * 43}=:"},
+            "conflicting_fields",
+        ),
+        (f"/jobs?profile=mp4-h264&sha256.audio={'0' * 64}", {}, "bad_digest"),
+        (f"/jobs?profile=mp4-h264&sha256={'0' * 63}", {}, "bad_digest"),
+        ("/jobs?profile=mp4-h264", {"Content-MD5": "not base64"}, "bad_digest"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_conflicting_fields_and_bad_digests_are_400(
+    make_api: Callable[..., Api], target: str, headers: dict[str, str], code: str
+) -> None:
+    """A field given two values, two digests that differ, a digest that is malformed or names no input of the profile: 400, as the spec says, and no job."""
+    api = make_api()
+    reply = await api.call("PUT", target, headers=headers, data=b"video")
+    assert (reply.code, reply.json()["error"]["code"]) == (400, code)
+    assert api.registry.jobs() == []
+
+
+def form(*parts: tuple[str, bytes, str | None]) -> bytes:
+    """A multipart/form-data body (boundary XyZ) of (name, value, filename) parts."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--XyZ\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return out + b"--XyZ--\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_field_in_the_query_and_the_form_must_agree(make_api: Callable[..., Api]) -> None:
+    """A parameter in the query and again in the form: the same value is one field; two values are 400 conflicting_fields."""
+    api = make_api()
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    body = form(("profile", b"mp4-h264", None), ("crf", b"30", None), ("file", b"vid", "a.mov"))
+    reply = await api.call("POST", "/jobs?crf=31", headers=multipart, data=body)
+    assert (reply.code, reply.json()["error"]["code"]) == (400, "conflicting_fields")
+    reply = await api.call("POST", "/jobs?crf=30", headers=multipart, data=body)
+    assert reply.code == 201, reply.body
+    assert reply.json()["params"]["crf"] == 30
+
+
+@pytest_twisted.ensureDeferred
+async def test_multipart_digest_headers_cover_the_whole_body(
+    make_api: Callable[..., Api],
+) -> None:
+    """On a multipart upload, Content-MD5 and Repr-Digest are of the whole body as sent, not of the file in it."""
+    import base64
+
+    api = make_api()
+    video = b"\x00some video bytes\xff" * 50
+    body = form(("profile", b"mp4-h264", None), ("file", video, "a.mov"))
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+
+    def b64(digest: bytes) -> str:
+        return base64.b64encode(digest).decode()
+
+    for header, wrong, right in [
+        ("Content-MD5", b64(hashlib.md5(video).digest()), b64(hashlib.md5(body).digest())),
+        (
+            "Repr-Digest",
+            f"sha-256=:{b64(hashlib.sha256(video).digest())}:",
+            f"sha-256=:{b64(hashlib.sha256(body).digest())}:",
+        ),
+    ]:
+        reply = await api.call("POST", "/jobs", headers={**multipart, header: wrong}, data=body)
+        assert (reply.code, reply.json()["error"]["code"]) == (400, "digest_mismatch"), header
+        reply = await api.call("POST", "/jobs", headers={**multipart, header: right}, data=body)
+        assert reply.code == 201, (header, reply.body)
+        assert reply.json()["inputs"][0]["sha256"] == hashlib.sha256(video).hexdigest()
 
 
 @pytest_twisted.ensureDeferred

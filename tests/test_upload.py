@@ -650,6 +650,53 @@ def test_a_422_after_the_body_has_its_reason_phrase(server: ServerProcess, tmp_p
     s.close()
     assert data.startswith(b"HTTP/1.1 422 Unprocessable Entity\r\n"), data[:200]
     assert parse_response(data)[2]["error"]["code"] == "invalid_parameter"  # type: ignore[index]
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [
+        ("multipart/form-dataX; boundary=XyZ", 415),
+        ("multipart/form-data; xboundary=XyZ", 400),
+        ('multipart/form-data; boundary=""', 400),
+        ("multipart/form-data; boundary=\xe9t\xe9", 400),
+        ("multipart/form-data; boundary=" + "b" * 71, 400),
+        ('multipart/form-data; boundary="ends-in-space "', 400),
+    ],
+)
+def test_multipart_labels_and_boundaries_are_checked_before_the_body(
+    server: ServerProcess, ctype: str, status: int
+) -> None:
+    """
+    Only multipart/form-data is parsed (415 for another multipart type),
+    and its boundary must be one RFC 2046 allows: otherwise 400 before the
+    body, not after the client has sent it all.
+    """
+    data, s = raw_request(
+        server,
+        "POST /jobs?profile=avi-mpeg4 HTTP/1.1\nHost: x\nContent-Length: 104857600\n"
+        f"Content-Type: {ctype}\nExpect: 100-continue",
+    )
+    s.close()
+    assert b"100 Continue" not in data
+    got, _, body = parse_response(data)
+    assert (got, body["error"]["code"]) == (
+        status,
+        "unsupported_media_type" if status == 415 else "bad_multipart",
+    )
+    assert leftovers(server.data_dir) == []
+
+
+def test_boundary_is_the_boundary_parameter(server: ServerProcess, tmp_path: Path) -> None:
+    """The boundary comes from the parameter named boundary, not from one that ends in it."""
+    clip = make_file(tmp_path / "c.flv", 5000)
+    body = form_body(tmp_path, "form.bin", {"profile": "avi-mpeg4"}, clip)
+    status, job, _ = curl(
+        "-H", "Content-Type: multipart/form-data; xboundary=AAA; boundary=XyZ", "-H", "Expect:",
+        "--data-binary", f"@{body}", f"{server.url}/jobs",
+    )  # fmt: skip
+    assert status == 201
+    assert job["inputs"][0]["sha256"] == sha256_file(clip)  # type: ignore[index]
 
 
 def test_empty_file_part_gets_400(server: ServerProcess, tmp_path: Path) -> None:

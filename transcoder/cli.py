@@ -365,7 +365,11 @@ async def run_command(
     tells whether a failure is the consequence of the user's Ctrl-C.
     """
     # The HTTP client's modules only for client commands: `serve` never loads them.
-    from twisted.web.client import ResponseFailed
+    from twisted.web.client import (
+        RequestNotSent,
+        RequestTransmissionFailed,
+        ResponseFailed,
+    )
 
     from transcoder.client import Client, TranscoderError
 
@@ -380,7 +384,15 @@ async def run_command(
         where = f"server error {e.status}" if e.status else "error"
         print(f"transcoder: {where}: {e.code}: {e.message}", file=err)
         return EXIT_SERVER_ERROR
-    except (ConnectError, DNSLookupError, ResponseFailed, TimeoutError) as e:
+    except (
+        ConnectError,
+        DNSLookupError,
+        ResponseFailed,
+        # transcoder.client raises these as ResponseFailed; another client may not.
+        RequestTransmissionFailed,
+        RequestNotSent,
+        TimeoutError,
+    ) as e:
         progress.close()
         if interrupted():
             print("transcoder: interrupted", file=err)
@@ -398,10 +410,9 @@ async def run_command(
 
 
 def _describe(e: BaseException) -> str:
-    from twisted.web.client import ResponseFailed
-
-    if isinstance(e, ResponseFailed):
-        return "; ".join(str(r.value) for r in e.reasons) or "connection lost"
+    reasons = getattr(e, "reasons", None)
+    if isinstance(reasons, list):
+        return "; ".join(str(getattr(r, "value", r)) for r in reasons) or "connection lost"
     return str(e) or type(e).__name__
 
 

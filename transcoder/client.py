@@ -9,8 +9,10 @@ A treq client of the transcoding service.
 Every method returns a L{Deferred} (C{await} it under C{ensureDeferred}).
 Uploads stream from disk and downloads stream to disk, so memory stays flat
 whatever the file sizes.  Any error answer of the server raises
-L{TranscoderError}; failures to connect raise Twisted's own exceptions
-(L{twisted.internet.error.ConnectError}, L{twisted.web.client.ResponseFailed}).
+L{TranscoderError}; network failures raise Twisted's own exceptions:
+L{twisted.internet.error.ConnectError} (cannot connect) and
+L{twisted.web.client.ResponseFailed} (the connection broke, whether while the
+request was being sent or while the answer came).
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
@@ -218,16 +230,28 @@ class Client:
         timeout: float | None = None,
         unbuffered: bool = False,
     ) -> IResponse:
-        response: IResponse = await self._http.request(
-            method,
-            self._url(path, query),
-            headers=self._headers(headers),
-            data=body,
-            allow_redirects=False,
-            unbuffered=unbuffered,
-            timeout=timeout,
-            reactor=self._reactor,
-        )
+        try:
+            response: IResponse = await self._http.request(
+                method,
+                self._url(path, query),
+                headers=self._headers(headers),
+                data=body,
+                allow_redirects=False,
+                unbuffered=unbuffered,
+                timeout=timeout,
+                reactor=self._reactor,
+            )
+        except (
+            RequestGenerationFailed,
+            RequestTransmissionFailed,
+            RequestNotSent,
+            ResponseFailed,
+            ConnectingCancelledError,
+        ) as e:
+            translated = _network_failure(e)
+            if translated is e:
+                raise
+            raise translated from e
         if response.code >= 400:
             raise await _error_from(response)
         return response
@@ -484,6 +508,30 @@ class Client:
 
 async def _nothing() -> None:
     return None
+
+
+def _network_failure(e: Exception) -> BaseException:
+    """
+    What to raise for a failure of Twisted's HTTP client, so that callers
+    see the few exceptions the module documents rather than the many of
+    C{twisted.web._newclient}: a cancelled request (by the caller or a
+    timeout) as L{CancelledError}; a local error while producing the body
+    (a file that shrank, a read error) as itself; a connection lost or
+    unusable while the request was being sent as L{ResponseNeverReceived},
+    a L{ResponseFailed}: no answer came, as when it breaks while waiting.
+    """
+    if isinstance(e, ConnectingCancelledError):
+        return CancelledError()
+    reasons: list[Failure] = list(getattr(e, "reasons", None) or [])
+    if any(r.check(CancelledError) for r in reasons):
+        return CancelledError()
+    if isinstance(e, RequestGenerationFailed) and reasons:
+        return reasons[0].value
+    if isinstance(e, RequestTransmissionFailed):
+        return ResponseNeverReceived(reasons)
+    if isinstance(e, RequestNotSent):
+        return ResponseNeverReceived([Failure(e)])
+    return e
 
 
 def _header(response: IResponse, name: bytes) -> bytes | None:

@@ -704,14 +704,19 @@ class MultipartBody(_BaseBody):
         return self._finished_files(self.spool.finish()).addCallback(checked)
 
 
-_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+# RFC 2046's bchars, 1 to 70 of them, not ending in a space.
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
 
 
 def multipart_boundary(request: server.Request) -> str | None:
-    """The boundary if the request is C{multipart/form-data}; raise 400 if it has none."""
+    """
+    The boundary if the request is C{multipart/form-data}; raise 400 if it
+    has none, or one no body could use (checked before the body is sent).
+    """
     ctype = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
-    if not ctype.lower().startswith(b"multipart/form-data"):
-        if ctype.lower().startswith(b"multipart/"):
+    media, options = multipart.parse_options_header(ctype.decode("latin-1"))
+    if media != "multipart/form-data":
+        if media.startswith("multipart/"):
             # Any other body, whatever its label, is the video itself; a
             # multipart one is not, and no other kind of multipart is parsed.
             raise APIError(
@@ -720,10 +725,16 @@ def multipart_boundary(request: server.Request) -> str | None:
                 "multipart uploads must be multipart/form-data",
             )
         return None
-    m = _BOUNDARY.search(ctype)
-    if m is None:
+    boundary = options.get("boundary")
+    if boundary is None:
         raise APIError(400, "bad_multipart", "multipart/form-data without a boundary")
-    return m.group(1).decode("latin-1")
+    if not _BOUNDARY.match(boundary):
+        raise APIError(
+            400,
+            "bad_multipart",
+            "the boundary must be 1 to 70 letters, digits or '()+_,-./:=? (RFC 2046)",
+        )
+    return str(boundary)
 
 
 # Requests whose body a SocketPump reads (or is about to); reactor thread only.
