@@ -1082,14 +1082,18 @@ async def test_upload_under_way_counts_against_max_queued(make_api: Callable[...
     api = make_api(max_queued=1)
     await api.upload()  # runs
     target = "/jobs?profile=mp4-h264"
-    async with served(api) as port:
+    site = TranscoderSite(api.root, reactor=reactor, idle_timeout=10)
+    async with served(api, site=site) as port:
         arriving = await connect_raw(
             port,
             f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
             "Connection: close\r\n\r\n".encode()
             + b"a" * 1000,
         )
-        await sleep(0.1)
+        end = time.monotonic() + 5
+        while not site.uploads and time.monotonic() < end:
+            await sleep(0.01)
+        assert len(site.uploads) == 1
         reply = await exchange(
             port,
             f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
