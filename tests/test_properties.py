@@ -16,17 +16,19 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 
-from transcoder._names import MAX_NAME, extension, sanitise_filename
+from transcoder._names import MAX_NAME, content_disposition, extension, sanitise_filename
 from transcoder._progress import MAX_LINE, FfmpegProgress, MencoderProgress
 from transcoder.errors import APIError
 from transcoder.profiles import load_profiles
@@ -336,16 +338,47 @@ NAMES = st.one_of(
 @settings(max_examples=500)
 @given(NAMES, st.sampled_from(["upload", "file", "input"]))
 def test_sanitised_names_are_safe_and_stable(raw: str | bytes | None, default: str) -> None:
-    """Any name, text or bytes, comes out non-empty, at most 120 characters, of safe characters only: no path separator, NUL or control, no leading dot; as a path it stays in its directory; and sanitising it again changes nothing."""
+    """Any name, text or bytes, comes out non-empty, at most 120 characters, of safe characters only (letters, marks and digits of any script, and ._ ()+-): no path separator, NUL, control or direction override, no leading dot, NFC; as a path it stays in its directory; sanitising it again changes nothing; and its Content-Disposition is ASCII, naming it exactly."""
     name = sanitise_filename(raw, default=default)
     assert 0 < len(name) <= MAX_NAME
     assert not name.startswith(".")
     assert name not in (".", "..")
-    assert all(c.isascii() and (c.isalnum() or c in "._ ()+-") for c in name), name
+    assert all(c in "._ ()+-" or unicodedata.category(c)[0] in "LMN" for c in name), name
+    assert unicodedata.is_normalized("NFC", name)
+    header = content_disposition(name)
+    assert header.isascii()
+    star = re.search(r"filename\*=UTF-8''(\S+)$", header)
+    plain = re.match(r'attachment; filename="([^"]+)"', header)
+    assert plain is not None
+    assert (unquote(star.group(1)) if star else plain.group(1)) == name
     assert (Path("/jobs/x") / name).parent == Path("/jobs/x")
     assert sanitise_filename(name, default=default) == name
     ext = extension(name)
     assert ext == "" or name.lower().endswith(ext)
+
+
+@pytest.mark.parametrize(
+    ("raw", "name", "header"),
+    [
+        (
+            "видео.mp4",
+            "видео.mp4",
+            'attachment; filename="download.mp4"; '
+            "filename*=UTF-8''%D0%B2%D0%B8%D0%B4%D0%B5%D0%BE.mp4",
+        ),
+        (
+            "Cafe\u0301.mov",
+            "Café.mov",
+            "attachment; filename=\"Cafe.mov\"; filename*=UTF-8''Caf%C3%A9.mov",
+        ),
+        ("\u202eevil.mp4", "evil.mp4", 'attachment; filename="evil.mp4"'),
+        ("a\u00a0b.flv", "a_b.flv", 'attachment; filename="a_b.flv"'),
+    ],
+)
+def test_names_in_other_scripts_are_kept(raw: str, name: str, header: str) -> None:
+    """A name in another script keeps its letters and extension (NFC); its download header is ASCII with the name in filename*; spaces other than " " and direction overrides go."""
+    assert sanitise_filename(raw) == name
+    assert content_disposition(name) == header
 
 
 @given(

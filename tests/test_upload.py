@@ -218,6 +218,20 @@ def test_filenames_are_sanitised_never_paths(
     assert path.parent == server.data_dir / "jobs" / job["id"]
 
 
+def test_a_name_in_another_script_keeps_its_letters_and_extension(
+    server: ServerProcess, small: Path
+) -> None:
+    """?filename=видео.mp4 names the input видео.mp4, stored with its .mp4 extension."""
+    from urllib.parse import quote
+
+    status, job, _ = curl(
+        "-T", str(small), f"{server.url}/jobs?profile=avi-mpeg4&filename={quote('видео.mp4')}"
+    )
+    assert status == 201
+    assert job["inputs"][0]["filename"] == "видео.mp4"  # type: ignore[index]
+    assert job_input(server, job).name == "input-file.mp4"
+
+
 def raw_request(
     server: ServerProcess, head: str, body: bytes = b"", wait: float = 5.0
 ) -> tuple[bytes, socket.socket]:
