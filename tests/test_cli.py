@@ -11,15 +11,17 @@ import os
 import pty
 import select
 import signal
+import socket
 import struct
 import subprocess
 import termios
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import ServerProcess, serve, transcoder
+from _servers import ServerProcess, random_file, serve, transcoder
 from twisted.python import usage
 
 from transcoder.cli import (
@@ -263,3 +265,66 @@ def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any) -> No
     status = _run(server, "status", job_id)
     assert json.loads(status.stdout)["state"] in ("queued", "running", "succeeded")
     _run(server, "cancel", job_id)
+
+
+class _RawServer:
+    """
+    A loopback TCP server in a thread that answers nothing: it reads what
+    comes and, after C{cut} bytes of a connection, resets it (C{cut=None}:
+    keeps reading, never answers).
+    """
+
+    def __init__(self, cut: int | None) -> None:
+        self.cut = cut
+        self.received = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+        except OSError:
+            return
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            while chunk := conn.recv(65536):
+                self.received += len(chunk)
+                if self.cut is not None and self.received >= self.cut:
+                    # SO_LINGER 0: close with a reset, as a killed server's kernel does.
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    return
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def test_connection_lost_during_upload_exits_4(tmp_path: Path) -> None:
+    """
+    A server that drops the connection while the body is being sent: submit
+    says it cannot talk to the server and exits 4 (no traceback, not 1).
+    """
+    file = random_file(tmp_path / "big.nut", 32 << 20)
+    raw = _RawServer(cut=1 << 20)
+    try:
+        result = _run(None, "submit", str(file), "-p", "mp4-h264", "-q", "-s", raw.url)
+    finally:
+        raw.close()
+    assert raw.received >= 1 << 20
+    assert result.returncode == EXIT_CONNECTION, result.stderr
+    assert f"transcoder: cannot talk to {raw.url}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""

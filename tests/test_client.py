@@ -23,8 +23,10 @@ from _servers import ServerProcess, random_file, serve
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.web import server as web_server
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
@@ -413,6 +415,72 @@ async def test_download_continues_a_part_file_and_checks_the_digest(tmp_path: Pa
         assert e.value.code == "digest_mismatch"
         assert not (tmp_path / "bad.bin").exists()
         assert not (tmp_path / "bad.bin.part").exists()
+    finally:
+        await c.close()
+        await port.stopListening()
+
+
+# Connections that break or go silent while a body is sent.
+
+
+class _Swallow(Protocol):
+    """Reads a request, and aborts the connection after C{cut} bytes (never, if None)."""
+
+    def __init__(self, cut: int | None) -> None:
+        self.cut = cut
+        self.received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.cut is not None and self.received >= self.cut:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+async def _swallowing_server(cut: int | None) -> tuple[Any, str, list[_Swallow]]:
+    """A TCP server that takes what comes and never answers; returns port, URL, connections."""
+    made: list[_Swallow] = []
+
+    def build() -> _Swallow:
+        made.append(_Swallow(cut))
+        return made[-1]
+
+    port = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(build), interface="127.0.0.1"
+    )
+    return port, f"http://127.0.0.1:{port.getHost().port}", made
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_lost_while_uploading_is_a_response_failed(tmp_path: Path) -> None:
+    """
+    A server that drops the connection while the body is being sent makes
+    submit fail with ResponseFailed, the documented exception for a broken
+    connection, not with Twisted's RequestTransmissionFailed.
+    """
+    file = random_file(tmp_path / "big.bin", 16 * MiB)
+    port, url, made = await _swallowing_server(cut=MiB)
+    c = Client(url)
+    try:
+        with pytest.raises(ResponseFailed) as e:
+            await c.submit(file, "mp4-h264")
+        assert isinstance(e.value.__cause__, RequestTransmissionFailed)
+        assert made and made[0].received >= MiB
+    finally:
+        await c.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_that_shrinks_while_uploading_is_an_os_error(tmp_path: Path) -> None:
+    """A file cut short after submit began fails with the OSError saying so, not a wrapper."""
+    file = random_file(tmp_path / "f.bin", 2 * MiB)
+    port, url, _ = await _swallowing_server(cut=None)
+    c = Client(url)
+    try:
+        d = c.submit(file, "mp4-h264")
+        file.write_bytes(b"short")
+        with pytest.raises(OSError, match="shrank"):
+            await d
     finally:
         await c.close()
         await port.stopListening()

@@ -365,11 +365,8 @@ async def run_command(
     tells whether a failure is the consequence of the user's Ctrl-C.
     """
     # The HTTP client's modules only for client commands: `serve` never loads them.
-    from twisted.web.client import (
-        RequestNotSent,
-        RequestTransmissionFailed,
-        ResponseFailed,
-    )
+    from twisted.web._newclient import RequestNotSent
+    from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 
     from transcoder.client import Client, TranscoderError
 

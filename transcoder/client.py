@@ -31,11 +31,11 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     RequestGenerationFailed,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -525,7 +525,7 @@ def _network_failure(e: Exception) -> BaseException:
     reasons: list[Failure] = list(getattr(e, "reasons", None) or [])
     if any(r.check(CancelledError) for r in reasons):
         return CancelledError()
-    if isinstance(e, RequestGenerationFailed) and reasons:
+    if isinstance(e, RequestGenerationFailed) and reasons and reasons[0].value is not None:
         return reasons[0].value
     if isinstance(e, RequestTransmissionFailed):
         return ResponseNeverReceived(reasons)
