@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
 
 from transcoder._names import MAX_NAME, content_disposition, extension, sanitise_filename
 from transcoder._progress import MAX_LINE, FfmpegProgress, MencoderProgress
@@ -65,9 +66,10 @@ class ThreadReactor:
 
 
 class Query:
-    """A request as MultipartBody reads it: only its query arguments."""
+    """A request as MultipartBody reads it: its query arguments, and no headers."""
 
     args: dict[bytes, list[bytes]] = {}
+    requestHeaders = Headers()
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -179,7 +181,8 @@ def multipart_bodies(draw: st.DrawFn) -> tuple[str, bytes, dict[str, bytes], dic
         # A body whose content held the delimiter would be a different body.
         while delimiter in data:
             data = data.replace(delimiter, b"")
-        contents[role] = data
+        # An empty file part is refused (empty_body), like an empty raw body.
+        contents[role] = data or b"x"
     params: dict[str, int] = {}
     if profile == "avi-mpeg4" and draw(st.booleans()):
         params["vbitrate"] = draw(st.integers(100, 20000))
