@@ -119,6 +119,27 @@ def test_periodic_sweeps(env: Env) -> None:
     sweeper.stop()
 
 
+@pytest.mark.parametrize("keep", [3, 100, 7 * 86400])
+def test_default_interval_removes_a_job_at_most_a_tenth_late(env: Env, keep: float) -> None:
+    """
+    Without an interval, a job goes by keep + keep/10 (at least 1 s, at
+    most 5 minutes) after it finished: a short --keep-results is not
+    rounded up to 5 minutes.
+    """
+    job = env.add()
+    env.executor.finish(job)
+    sweeper = RetentionSweeper(env.clock, env.registry, keep=keep)
+    sweeper.start()
+    env.clock.advance(keep - 0.5)
+    assert env.registry.get(job.id) is job
+    late = min(300.0, max(1.0, keep / 10))
+    # Step by step, as a real clock would fire each sweep in turn.
+    for _ in range(int(late * 2) + 2):
+        env.clock.advance(0.5)
+    assert env.registry.get(job.id) is None
+    sweeper.stop()
+
+
 def test_first_sweep_at_start(env: Env) -> None:
     """Jobs that expired while no sweeper ran (e.g. across a restart) go when it starts."""
     job = env.add()

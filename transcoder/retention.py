@@ -2,7 +2,9 @@
 Retention: finished jobs, their files and their records are removed once
 they are older than C{--keep-results}.
 
-A L{LoopingCall} sweeps every C{interval} seconds.  Queued and running jobs are
+A L{LoopingCall} sweeps every C{interval} seconds (by default a tenth of
+C{keep}, between 1 s and 5 minutes, so that a job goes at most 10 % late, or
+5 minutes for a long C{keep}).  Queued and running jobs are
 never touched.  Sweeps never overlap, and a failure is logged without ending
 the loop.
 """
@@ -36,6 +38,15 @@ def _finished_since(job: Job) -> float | None:
     return job.finished_at if job.finished_at is not None else job.created_at
 
 
+def default_interval(keep: float) -> float:
+    """
+    Seconds between sweeps for C{keep}: a tenth of it, at least 1 s (a sweep
+    reads every job) and at most 5 minutes.  A job is removed by C{keep} plus
+    this after it finished.
+    """
+    return min(300.0, max(1.0, keep / 10))
+
+
 class RetentionSweeper:
     """
     Deletes finished jobs C{keep} seconds after they finished.
@@ -44,14 +55,21 @@ class RetentionSweeper:
     @param registry: the job registry; L{start} this after the registry, so that
         the first sweep sees the jobs it recovered.
     @param keep: how long a finished job is kept, in seconds.
-    @param interval: seconds between sweeps.
+    @param interval: seconds between sweeps; by default L{default_interval}.
     """
 
     def __init__(
-        self, reactor: IReactorTime, registry: _Registry, *, keep: float, interval: float = 300.0
+        self,
+        reactor: IReactorTime,
+        registry: _Registry,
+        *,
+        keep: float,
+        interval: float | None = None,
     ) -> None:
         if keep < 0:
             raise ValueError("keep must not be negative")
+        if interval is None:
+            interval = default_interval(keep)
         if interval <= 0:
             raise ValueError("interval must be positive")
         self._reactor = reactor

@@ -103,7 +103,13 @@ class Options(usage.Options):
             None,
             "Sign job-finished webhooks with HMAC-SHA256 and this secret.",
         ],
-        ["keep-results", None, "7d", "Remove finished jobs and their files after this long."],
+        [
+            "keep-results",
+            None,
+            "7d",
+            "Remove finished jobs and their files after this long "
+            "(up to a tenth later, at most 5 minutes).",
+        ],
         [
             "min-free-disk",
             None,
