@@ -576,6 +576,30 @@ def test_recovery_stops_leftover_encoder(make_env: Callable[..., Env]) -> None:
             p.wait()
 
 
+def test_recovery_stops_leftover_probes(make_env: Callable[..., Env]) -> None:
+    """
+    An ffprobe a killed server left on a job's input (in the server's
+    directory and process group, found by its file: argument) is killed at
+    start-up; a process naming another directory's file is left alone.
+    """
+    env = make_env(start=False)
+    registry = env.registry
+    job = stored_job(registry, 1, JobState.RUNNING, started_at=5.0)
+    env.store.rows = {job.id: job.to_record()}
+    sleep = ["python3", "-c", "import time; time.sleep(60)"]
+    probe = subprocess.Popen([*sleep, f"file:{registry.job_dir(job.id)}/input-file.mp4"])
+    other = subprocess.Popen([*sleep, f"file:{env.data_dir}/elsewhere.mp4"])
+    try:
+        registry.start()
+        assert probe.wait(timeout=5) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        for p in (probe, other):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 def test_recovery_with_dead_pid(make_env: Callable[..., Env]) -> None:
     """A stored running job whose encoder is gone is simply queued again."""
     env = make_env(start=False, workers=1)

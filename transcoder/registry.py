@@ -358,6 +358,7 @@ class JobRegistry:
                 groups.add(job.pid)
             for pgid in sorted(groups):
                 _stop_leftover_encoder(pgid, job_dir, job.id)
+            _stop_leftover_probes(job_dir, job.id)
             if job.state is JobState.RUNNING:
                 _remove_partials(job_dir)
                 _reset(job)
@@ -718,6 +719,33 @@ def _stop_leftover_encoder(pid: int, job_dir: Path, job_id: str) -> None:
                 return
             time.sleep(0.02)
     _log.error("leftover encoder {pid} of job {job_id} survived SIGKILL", pid=pid, job_id=job_id)
+
+
+def _stop_leftover_probes(job_dir: Path, job_id: str) -> None:
+    """
+    Kill the ffprobe runs a killed server left on the job's inputs.  They run
+    in the server's directory and process group (which may be this server's
+    too, when one shell started both), so they are found by the C{file:}
+    argument that names an input, and killed one by one.  A probe has no
+    children and nothing to save.
+    """
+    # As probe.probe names it (absolute), and as the kernel would (resolved).
+    targets = {b"file:" + os.fsencode(p) + b"/" for p in (job_dir.absolute(), job_dir.resolve())}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.startswith(t) for arg in argv for t in targets):
+            _log.warn(
+                "stopping leftover probe {pid} of job {job_id}", pid=entry.name, job_id=job_id
+            )
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _groups_working_in(job_dir: Path) -> list[int]:
