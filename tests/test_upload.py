@@ -713,6 +713,28 @@ def test_boundary_is_the_boundary_parameter(server: ServerProcess, tmp_path: Pat
     assert job["inputs"][0]["sha256"] == sha256_file(clip)  # type: ignore[index]
 
 
+def test_a_part_header_not_utf8_is_named_without_python_objects(server: ServerProcess) -> None:
+    """A part whose headers are not UTF-8 gets 400 bad_multipart in plain words, not a repr."""
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="profile"\r\n\r\navi-mpeg4\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="\xff\xfe.flv"\r\n\r\n'
+        b"abc\r\n--XyZ--\r\n"
+    )
+    data, s = raw_request(
+        server,
+        "POST /jobs HTTP/1.1\nHost: x\nConnection: close\n"
+        f"Content-Type: multipart/form-data; boundary=XyZ\nContent-Length: {len(body)}",
+        body,
+    )
+    s.close()
+    status, _, answer = parse_response(data)
+    error = answer["error"]
+    assert (status, error["code"]) == (400, "bad_multipart")  # type: ignore[index]
+    message = error["message"]  # type: ignore[index]
+    assert "Error(" not in message and "b'" not in message and "\\x" not in message, message
+    assert wait_for(lambda: leftovers(server.data_dir) == [])
+
+
 def test_empty_file_part_gets_400(server: ServerProcess, tmp_path: Path) -> None:
     """A file part with no bytes is an empty input, as an empty raw body is: 400 empty_body."""
     empty = tmp_path / "empty.flv"

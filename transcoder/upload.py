@@ -251,6 +251,15 @@ def _content_md5(request: server.Request) -> str | None:
     return digest.hex()
 
 
+def _reason(error: Exception) -> str:
+    """
+    The parser's own words, without the exception it may carry beside them
+    (a UnicodeDecodeError's repr would show the client a Python object).
+    """
+    first = error.args[0] if error.args else None
+    return first if isinstance(first, str) else type(error).__name__
+
+
 def _stalled(timeout: float | None) -> APIError:
     return APIError(408, "too_slow", f"no byte of the body came in {timeout or 0:g} s")
 
@@ -572,9 +581,11 @@ class MultipartBody(_BaseBody):
                     if len(self._fieldValue) > _MAX_FIELD:
                         raise APIError(400, "bad_multipart", "a form field is too long")
         except multipart.ParserLimitReached as e:
-            raise APIError(400, "bad_multipart", f"multipart limit reached: {e}") from None
+            raise APIError(400, "bad_multipart", f"multipart limit reached: {_reason(e)}") from None
         except multipart.MultipartError as e:
-            raise APIError(400, "bad_multipart", f"malformed multipart body: {e}") from None
+            raise APIError(
+                400, "bad_multipart", f"malformed multipart body: {_reason(e)}"
+            ) from None
 
     def dataReceived(self, data: bytes) -> None:
         if not data:
