@@ -44,7 +44,7 @@ from transcoder._http import (
 from transcoder._names import sanitise_filename
 from transcoder._spool import Opener, _open
 from transcoder.auth import TokenAuth
-from transcoder.errors import APIError, not_found
+from transcoder.errors import APIError, method_not_allowed, not_found
 from transcoder.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.profiles import Profile
 from transcoder.registry import JobRegistry
@@ -492,6 +492,10 @@ class JobResource(JSONResource):
         if path == b"log":
             return LogResource(self._registry.job_dir(job.id) / job.log_path)
         if path == b"result":
+            method = request.method.decode("ascii", "replace")
+            if method not in ("GET", "HEAD"):
+                # Whatever the job's state: no other method will ever work here.
+                return ErrorResource(method_not_allowed(method, ["GET", "HEAD"]))
             if job.state is not JobState.SUCCEEDED or job.output is None:
                 return ErrorResource(_NotReady(job))
             return FileResource(
