@@ -22,6 +22,9 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.bench-installed
 
 PYTEST_ARGS ?=
+# make run's address and data directory: make run LISTEN=tcp:8081:interface=127.0.0.1
+LISTEN ?= tcp:8080:interface=127.0.0.1
+DATA_DIR ?= ./data
 SIZE_MIB ?= 1024
 ROUNDS ?= 5
 
@@ -58,7 +61,7 @@ endef
 .PHONY: help setup sysdeps venv run test lint bench bench-deps
 
 help:
-	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data"
+	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data (LISTEN=..., DATA_DIR=...)"
 	@echo "make test    set up, then lint and run pytest (extra arguments: PYTEST_ARGS='...')"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make bench   uploads against nginx, aiohttp and stock twisted.web, the job engine's"
@@ -92,7 +95,7 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	touch $@
 
 run: setup
-	$(VENV)/bin/transcoder serve --listen tcp:8080:interface=127.0.0.1 --data-dir ./data
+	$(VENV)/bin/transcoder serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
 # Lint first: it takes seconds, and type or format slips fail here as in review.
 test: setup lint
