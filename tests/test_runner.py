@@ -30,6 +30,7 @@ from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
 from transcoder.profiles import Profile
 from transcoder.runner import (
+    PROBE_BUDGET,
     IJobExecution,
     Outcome,
     _EncoderProtocol,
@@ -259,6 +260,29 @@ def test_probes_beside_the_encoder_run_one_after_another(h: Harness) -> None:
     h.end(0)
     [outcome] = h.outcomes
     assert outcome.state is JobState.SUCCEEDED
+
+
+def test_probes_share_one_time_budget(h: Harness) -> None:
+    """
+    The input probes share one budget (PROBE_BUDGET): with the first taking
+    40 s of it, the second is stopped 20 s later, not 60, and the job is
+    rejected saying so; its encoder is killed.
+    """
+    video: Deferred[MediaInfo] = Deferred()
+    audio: Deferred[MediaInfo] = Deferred()
+    h.answers.update({"v.flv": video, "a.mp3": audio})
+    h.start(MUX, {"video": "v.flv", "audio": "a.mp3"})
+    h.reactor.advance(40)
+    video.callback(_info(10.0))
+    h.reactor.advance(PROBE_BUDGET - 40 - 0.5)
+    assert not audio.called
+    h.reactor.advance(0.5)
+    assert audio.called, "the second probe was cancelled (which kills its ffprobe)"
+    assert h.killed[-1][1] == signal.SIGKILL
+    h.end(sig=signal.SIGKILL)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == f"probing the inputs took more than {PROBE_BUDGET:g} s"
 
 
 def test_probes_before_the_encoder_run_together(h: Harness) -> None:

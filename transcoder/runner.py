@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -76,6 +77,9 @@ from transcoder.profiles import ParamValue, Profile
 LOG_NAME = "encoder.log"
 LOG_LIMIT = 16 * 1024 * 1024
 TAIL_LINES = 20
+# Seconds all of a job's input probes may take together (each ffprobe also
+# has its own limit: see probe.probe).
+PROBE_BUDGET = 60.0
 # Progress stays below this until the output has been checked.
 _BEFORE_DONE = 99.9
 # Durations are checked relatively, but never tighter than a few frames, so a
@@ -605,16 +609,23 @@ class _Execution:
             with the preload of L{transcoder._loadorder}).
         """
         roles = self._profile.inputs
+        # One budget for all of them: one after another, each with ffprobe's
+        # own limit, two stuck probes would take twice as long.
+        deadline = self._clock.seconds() + PROBE_BUDGET
         started = [self._probeInput(role) for role in roles] if together else []
         infos: list[MediaInfo] = []
         try:
             for i, role in enumerate(roles):
                 if i == len(started):
                     started.append(self._probeInput(role))
+                waiting = started[i]
+                waiting.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
                 try:
-                    infos.append(await started[i])
+                    infos.append(await waiting)
                 except CancelledError:
                     raise
+                except DeferredTimeoutError:
+                    return f"probing the inputs took more than {PROBE_BUDGET:g} s"
                 except NotMediaError:
                     return f"not a recognised media file: {role}"
                 except Exception as e:
