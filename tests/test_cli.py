@@ -16,6 +16,7 @@ import struct
 import subprocess
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,9 @@ def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path
     assert "100%" in text
 
 
-def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any) -> None:
-    """SIGINT during --wait exits 130 saying so; the job goes on running on the server."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any, sig: int) -> None:
+    """SIGINT or SIGTERM during --wait exits 130 saying so; the job goes on running on the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
     proc = subprocess.Popen(
         [
@@ -258,10 +260,10 @@ def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any) -> No
     )
     assert proc.stdout is not None
     job_id = proc.stdout.readline().strip()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_INTERRUPTED
-    assert "interrupted" in stderr
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "transcoder: interrupted" in stderr
     status = _run(server, "status", job_id)
     assert json.loads(status.stdout)["state"] in ("queued", "running", "succeeded")
     _run(server, "cancel", job_id)
@@ -271,11 +273,13 @@ class _RawServer:
     """
     A loopback TCP server in a thread that answers nothing: it reads what
     comes and, after C{cut} bytes of a connection, resets it (C{cut=None}:
-    keeps reading, never answers).
+    keeps reading, never answers).  With C{read=False} it accepts
+    connections and reads nothing, as a stopped server's kernel does.
     """
 
-    def __init__(self, cut: int | None) -> None:
+    def __init__(self, cut: int | None, read: bool = True) -> None:
         self.cut = cut
+        self.read = read
         self.received = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
@@ -287,7 +291,8 @@ class _RawServer:
             while True:
                 conn, _ = self._listener.accept()
                 self._conns.append(conn)
-                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+                if self.read:
+                    threading.Thread(target=self._read, args=(conn,), daemon=True).start()
         except OSError:
             return
 
@@ -328,3 +333,169 @@ def test_connection_lost_during_upload_exits_4(tmp_path: Path) -> None:
     assert f"transcoder: cannot talk to {raw.url}" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+class _StallingDownloads:
+    """
+    A loopback HTTP server in a thread for C{download}: it describes a
+    succeeded job, and answers its result with the headers and the first
+    C{sent} of C{size} bytes, then goes silent.
+    """
+
+    JOB_ID = "b" * 32
+
+    def __init__(self, size: int, sent: int) -> None:
+        self.size = size
+        self.sent = sent
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        except OSError:
+            return
+
+    def _answer(self, conn: socket.socket) -> None:
+        buffered = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                head, buffered = buffered.split(b"\r\n\r\n", 1)
+                path = head.split(b" ")[1].split(b"?")[0]
+                if path.endswith(b"/result"):
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size
+                        + os.urandom(self.sent)
+                    )
+                    return  # and never a byte more
+                job = {"id": self.JOB_ID, "profile": "p", "state": "succeeded", "progress": 100}
+                body = json.dumps(job).encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
+    return subprocess.Popen(
+        [transcoder(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+
+
+def _await_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
+    """What C{proc} wrote on stderr up to a line that starts with C{prefix}."""
+    assert proc.stderr is not None
+    # Straight from the pipe: a buffered readline could hold the line wanted
+    # while select waits for more.
+    fd = proc.stderr.fileno()
+    text = ""
+    while not any(
+        line.startswith(prefix) and line.endswith("\n") for line in text.splitlines(keepends=True)
+    ):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no {prefix!r} line in {timeout} s: {text!r}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"stderr ended without a {prefix!r} line: {text!r}"
+        text += chunk.decode()
+    return text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_upload_exits_130(tmp_path: Path, sig: int) -> None:
+    """
+    SIGINT or SIGTERM while a body is being sent (to a server that stopped
+    reading) exits 130 saying interrupted, with no job id on stdout.
+    """
+    file = random_file(tmp_path / "big.nut", 32 << 20)
+    raw = _RawServer(cut=None, read=False)
+    try:
+        proc = _start("submit", str(file), "-p", "mp4-h264", "-s", raw.url)
+        _await_line(proc, "upload:")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        raw.close()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "transcoder: interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_download_exits_130(tmp_path: Path, sig: int) -> None:
+    """
+    SIGINT or SIGTERM while a result streams in exits 130 saying
+    interrupted; the bytes received stay in OUT.part for a later download
+    to resume, and OUT is not created.
+    """
+    fake = _StallingDownloads(size=8 << 20, sent=1 << 20)
+    out = tmp_path / "out.bin"
+    try:
+        proc = _start("download", fake.JOB_ID, "-o", str(out), "-s", fake.url)
+        _await_line(proc, "download: 10%")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        fake.close()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "transcoder: interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    # At least the tenth the progress line counted, at most what was sent.
+    assert (8 << 20) // 10 <= (tmp_path / "out.bin.part").stat().st_size <= 1 << 20
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process C{pid} has a handler for C{sig} (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def test_signal_as_the_command_starts_exits_130() -> None:
+    """
+    SIGTERM as soon as the command handles it (from the start of main(),
+    while it imports, parses its options and starts the reactor) exits 130
+    saying interrupted, not 143 or 0.
+    """
+    raw = _RawServer(cut=None, read=False)
+    try:
+        proc = _start("jobs", "-s", raw.url)
+        deadline = time.monotonic() + 30
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        raw.close()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "transcoder: interrupted" in stderr
+    assert "Traceback" not in stderr

@@ -7,7 +7,8 @@ L{transcoder.client}.
 
 Exit codes (see docs/client.md): 0 done; 1 the job failed or was cancelled;
 2 bad usage (options, a missing file); 3 the server answered with an error;
-4 the server could not be reached or the connection broke; 130 interrupted.
+4 the server could not be reached or the connection broke; 70 a bug (a
+traceback follows); 130 interrupted (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
@@ -19,21 +20,29 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from transcoder import __version__
-from transcoder.service import Options as ServeOptions
+
+if TYPE_CHECKING:
+    from transcoder.service import Options as ServeOptions
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SERVER_ERROR = 3
 EXIT_CONNECTION = 4
+EXIT_BUG = 70  # EX_SOFTWARE
 EXIT_INTERRUPTED = 130
+# After SIGINT or SIGTERM, the time the command has to wind down (close its
+# connections) before it exits anyway; a second signal exits at once.
+INTERRUPT_GRACE = 5.0
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -176,7 +185,7 @@ class JobsOptions(_ClientOptions):
 class Options(usage.Options):
     synopsis = "transcoder COMMAND [options]"
     subCommands = [
-        ["serve", None, ServeOptions, "Run the transcoding service."],
+        ["serve", None, lambda: _serve_options(), "Run the transcoding service."],
         ["submit", None, SubmitOptions, "Upload a video and create a job."],
         ["status", None, StatusOptions, "Show a job."],
         ["wait", None, WaitOptions, "Wait for a job to finish."],
@@ -192,6 +201,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("name a command")
+
+
+def _serve_options() -> ServeOptions:
+    # Imported only for `serve`: the client commands start faster without the
+    # service's modules, and their signal handlers are in place sooner.
+    from transcoder.service import Options as ServeOptions
+
+    return ServeOptions()
 
 
 def serve(options: ServeOptions, reactor: Any = None) -> int:
@@ -362,7 +379,8 @@ async def run_command(
     """
     Run client command C{name} with its parsed C{options}; return the exit
     code.  Errors are reported on C{err}, results on C{out}.  C{interrupted}
-    tells whether a failure is the consequence of the user's Ctrl-C.
+    tells whether a failure is the consequence of the user's Ctrl-C or
+    SIGTERM (on which the caller cancels this coroutine's L{Deferred}).
     """
     # The HTTP client's modules only for client commands: `serve` never loads them.
     from twisted.web._newclient import RequestNotSent
@@ -376,30 +394,39 @@ async def run_command(
     progress = _Progress(err, options["quiet"])
     try:
         return await _dispatch(client, name, options, progress, out, err)
-    except TranscoderError as e:
-        progress.close()
-        where = f"server error {e.status}" if e.status else "error"
-        print(f"transcoder: {where}: {e.code}: {e.message}", file=err)
-        return EXIT_SERVER_ERROR
-    except (
-        ConnectError,
-        DNSLookupError,
-        ResponseFailed,
-        # transcoder.client raises these as ResponseFailed; another client may not.
-        RequestTransmissionFailed,
-        RequestNotSent,
-        TimeoutError,
-    ) as e:
+    except Exception as e:
         progress.close()
         if interrupted():
+            # Whatever the cancellation broke (an upload, a long-poll, a pause
+            # between polls, a download) is its consequence, not a failure.
             print("transcoder: interrupted", file=err)
             return EXIT_INTERRUPTED
-        print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)
-        return EXIT_CONNECTION
-    except OSError as e:
-        progress.close()
-        print(f"transcoder: {e}", file=err)
-        return EXIT_USAGE
+        if isinstance(e, TranscoderError):
+            where = f"server error {e.status}" if e.status else "error"
+            print(f"transcoder: {where}: {e.code}: {e.message}", file=err)
+            return EXIT_SERVER_ERROR
+        if isinstance(e, CancelledError):
+            # What a request that timed out raises.
+            print(f"transcoder: no answer from {options['server']} in time", file=err)
+            return EXIT_CONNECTION
+        if isinstance(
+            e,
+            (
+                ConnectError,
+                DNSLookupError,
+                ResponseFailed,
+                # transcoder.client raises these as ResponseFailed; another client may not.
+                RequestTransmissionFailed,
+                RequestNotSent,
+                TimeoutError,
+            ),
+        ):
+            print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)
+            return EXIT_CONNECTION
+        if isinstance(e, OSError):
+            print(f"transcoder: {e}", file=err)
+            return EXIT_USAGE
+        raise
     finally:
         progress.close()
         if own_client:
@@ -457,49 +484,105 @@ async def _dispatch(
     raise usage.UsageError(f"unknown command {name}")
 
 
-def _react_main(reactor: Any, name: str, options: usage.Options) -> Deferred[None]:
+class _Interrupted(BaseException):
+    """A signal before the reactor runs: nothing has been sent yet, so just stop."""
+
+
+def _stop_now(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+def _catch_signals(handler: Callable[[int, FrameType | None], None]) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # An ignored signal stays ignored, as for a command started with `&`
+        # from a script (SIGINT) or under a supervisor that means it.
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
+def _run_client(name: str, options: usage.Options) -> int:
+    """
+    Run a client command on the reactor; return its exit code.
+
+    The reactor runs without its own signal handlers: they would stop it on
+    SIGTERM under the command, which would then end with nothing said and
+    exit 0.  Instead SIGINT and SIGTERM cancel the command, which winds down
+    (closing its connections) and exits 130; a second signal, or
+    C{INTERRUPT_GRACE} seconds, ends it at once.
+    """
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
     interrupted: list[int] = []
+    running: list[Any] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if interrupted:
+            _exit_now()
+        interrupted.append(signum)
+        # The one reactor call that is safe from a signal handler.
+        reactor.callFromThread(cancel)
+
+    def cancel() -> None:
+        reactor.callLater(INTERRUPT_GRACE, _exit_now)
+        for d in running:
+            d.cancel()
+
+    _catch_signals(interrupt)
+    result = {"code": EXIT_OK}
     d = ensureDeferred(
         run_command(
             reactor, name, options, sys.stdout, sys.stderr, interrupted=lambda: bool(interrupted)
         )
     )
+    running.append(d)
 
-    def interrupt(signum: int, frame: Any) -> None:
-        interrupted.append(signum)
-        reactor.callFromThread(d.cancel)
-
-    # After the reactor's own handlers (react calls this once running), so that
-    # Ctrl-C cancels the request instead of stopping the reactor under it.
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-
-    def finish(code: int) -> None:
-        if interrupted:
+    def finished(code: int) -> None:
+        if interrupted and code != EXIT_INTERRUPTED:
+            # The signal came as the command ended (or it ignored it).
+            print("transcoder: interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
-        if code:
-            raise SystemExit(code)
+        result["code"] = code
 
-    def cancelled(f: Any) -> None:
-        f.trap(CancelledError)
+    def failed(f: Failure) -> None:
         if interrupted:
             print("transcoder: interrupted", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED)
-        # treq gives up on a request by cancelling it.
-        print(f"transcoder: no answer from {options['server']} in time", file=sys.stderr)
-        raise SystemExit(EXIT_CONNECTION)
+            result["code"] = EXIT_INTERRUPTED
+            return
+        print("transcoder: internal error (a bug):", file=sys.stderr)
+        f.printTraceback(file=sys.stderr)
+        result["code"] = EXIT_BUG
 
-    return d.addCallbacks(finish, cancelled)
+    d.addCallbacks(finished, failed)
+    d.addBoth(lambda _: reactor.callWhenRunning(reactor.stop))
+    reactor.run(installSignalHandlers=False)
+    return result["code"]
+
+
+def _exit_now() -> None:
+    print("transcoder: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """
-    Entry point.  C{serve} returns its exit code; the client commands run
-    under L{twisted.internet.task.react}, which exits the process.
-    """
+    """Entry point: run the command in C{argv}; return its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["serve"]:
+        # A client command: from now on SIGINT and SIGTERM end it with 130.
+        # Until the reactor runs nothing has been sent, so they simply stop it.
+        _catch_signals(_stop_now)
+    try:
+        return _main(argv)
+    except _Interrupted:
+        print("transcoder: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     options = Options()
     try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        options.parseOptions(argv)
     except usage.UsageError as e:
         command = options.subCommand or ""
         synopsis = getattr(getattr(options, "subOptions", None), "synopsis", None)
@@ -510,10 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if options.subCommand == "serve":
         return serve(options.subOptions)
-    from twisted.internet.task import react
-
-    react(_react_main, [options.subCommand, options.subOptions])
-    return EXIT_OK  # react() does not return
+    assert options.subCommand is not None  # postOptions
+    return _run_client(options.subCommand, options.subOptions)
 
 
 if __name__ == "__main__":
