@@ -21,10 +21,11 @@ import pytest
 import pytest_twisted
 from _servers import ServerProcess, random_file, serve
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, Cooperator
+from twisted.python.failure import Failure
 from twisted.web import server as web_server
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.iweb import IBodyProducer
@@ -484,3 +485,167 @@ async def test_file_that_shrinks_while_uploading_is_an_os_error(tmp_path: Path) 
     finally:
         await c.close()
         await port.stopListening()
+
+
+class _Mute(Protocol):
+    """
+    A server connection that never answers.  C{read=False}: it reads nothing
+    either, as a stopped server; C{headers}: once a request's headers are in,
+    it sends these and then nothing more; C{burst}: it reads 1 MiB every
+    C{burst} seconds (a slow but moving upload), and answers C{answer} once
+    C{expect} bytes have come.
+    """
+
+    def __init__(
+        self,
+        read: bool = True,
+        headers: bytes | None = None,
+        burst: float | None = None,
+        expect: int = 0,
+        answer: bytes = b"",
+    ) -> None:
+        self.read, self.headers, self.burst = read, headers, burst
+        self.expect, self.answer = expect, answer
+        self.received = b""
+        self.count = 0
+        self._in_burst = 0
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        if not self.read:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _resume(self) -> None:
+        self._in_burst = 0
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+        self._in_burst += len(data)
+        if self.burst is not None and self._in_burst >= MiB:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self._timer = reactor.callLater(self.burst, self._resume)  # type: ignore[attr-defined]
+        if self.headers is not None and b"\r\n\r\n" not in self.received:
+            self.received += data
+            if b"\r\n\r\n" in self.received:
+                self.transport.write(self.headers)  # type: ignore[union-attr]
+        if self.expect and self.count >= self.expect and self.answer:
+            self.transport.write(self.answer)  # type: ignore[union-attr]
+            self.answer = b""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+
+async def _mute_server(**kw: Any) -> tuple[Any, str, list[_Mute]]:
+    made: list[_Mute] = []
+
+    def build() -> _Mute:
+        made.append(_Mute(**kw))
+        return made[-1]
+
+    port = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(build), interface="127.0.0.1"
+    )
+    return port, f"http://127.0.0.1:{port.getHost().port}", made
+
+
+async def _closed(port: Any, made: list[_Mute]) -> None:
+    for conn in made:
+        if conn.transport is not None:
+            conn.transport.abortConnection()  # type: ignore[attr-defined]
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_to_a_server_that_stopped_reading_times_out(tmp_path: Path) -> None:
+    """
+    An upload to a server that accepted the connection but reads nothing (a
+    stopped process) fails with TimeoutError once nothing has been sent for
+    idle_timeout, instead of hanging.
+    """
+    file = random_file(tmp_path / "big.bin", 48 * MiB)
+    port, url, made = await _mute_server(read=False)
+    c = Client(url, idle_timeout=0.5, request_timeout=30)
+    sent: list[int] = []
+    started = reactor.seconds()  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(TimeoutError, match=r"no progress for 0\.5 s"):
+            await c.submit(file, "mp4-h264", on_progress=lambda s, t: sent.append(s))
+    finally:
+        await c.close()
+        await _closed(port, made)
+    assert 0 < sent[-1] < file.stat().st_size
+    assert reactor.seconds() - started < 10  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_answer_after_the_upload_times_out(tmp_path: Path) -> None:
+    """A server that takes the whole body and never answers: TimeoutError after request_timeout."""
+    file = random_file(tmp_path / "f.bin", MiB)
+    port, url, made = await _mute_server()
+    c = Client(url, idle_timeout=30, request_timeout=0.5)
+    try:
+        with pytest.raises(TimeoutError, match=r"no answer 0\.5 s after the upload"):
+            await c.submit(file, "mp4-h264")
+    finally:
+        await c.close()
+        await _closed(port, made)
+    assert made[0].count > MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_polls_time_out_without_an_answer() -> None:
+    """
+    get and wait give up with TimeoutError after request_timeout (plus the
+    long-poll's wait) on a server that never answers, or that sends the
+    headers of an answer and never its body.
+    """
+    silent = await _mute_server()
+    half = await _mute_server(
+        headers=b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    try:
+        for _, url, made in (silent, half):
+            c = Client(url, request_timeout=0.3)
+            try:
+                with pytest.raises(TimeoutError):
+                    await c.get("a" * 32)
+                with pytest.raises(TimeoutError):
+                    await c.wait("a" * 32, poll=0.2)
+            finally:
+                await c.close()
+            assert made
+    finally:
+        for port, _, made in (silent, half):
+            await _closed(port, made)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) -> None:
+    """
+    The upload's timeouts bound silence, not duration: a server that reads in
+    bursts takes the whole body over several times idle_timeout, and its
+    answer is taken.
+    """
+    file = random_file(tmp_path / "f.bin", 6 * MiB)
+    job = json.dumps({"id": "c" * 32, "profile": "mp4-h264", "state": "queued", "progress": 0})
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    )
+    port, url, made = await _mute_server(
+        burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
+    )
+    # request_timeout runs from the last byte handed to the connection, while
+    # the socket buffers may still hold megabytes: it is not the tight one here.
+    c = Client(url, idle_timeout=0.5, request_timeout=10)
+    started = reactor.seconds()  # type: ignore[attr-defined]
+    try:
+        got = await c.submit(file, "mp4-h264")
+    finally:
+        await c.close()
+        await _closed(port, made)
+    took = reactor.seconds() - started  # type: ignore[attr-defined]
+    assert got.id == "c" * 32
+    assert took > 3 * 0.5, took

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import TimeoutError as NoAnswerInTime
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -419,6 +420,7 @@ async def run_command(
                 RequestTransmissionFailed,
                 RequestNotSent,
                 TimeoutError,
+                NoAnswerInTime,
             ),
         ):
             print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)

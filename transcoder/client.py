@@ -10,9 +10,10 @@ Every method returns a L{Deferred} (C{await} it under C{ensureDeferred}).
 Uploads stream from disk and downloads stream to disk, so memory stays flat
 whatever the file sizes.  Any error answer of the server raises
 L{TranscoderError}; network failures raise Twisted's own exceptions:
-L{twisted.internet.error.ConnectError} (cannot connect) and
+L{twisted.internet.error.ConnectError} (cannot connect),
 L{twisted.web.client.ResponseFailed} (the connection broke, whether while the
-request was being sent or while the answer came).
+request was being sent or while the answer came) and
+L{twisted.internet.defer.TimeoutError} (no answer, or no progress, in time).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator, deferLater
@@ -51,11 +52,14 @@ __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The server answers a long-poll after at most 60 s.
 LONG_POLL = 30.0
-# A download or long-poll with nothing received this long is dropped (and a
-# download resumed).
+# An upload with nothing sent, or a download with nothing received, this long
+# is dropped (and a download resumed).
 IDLE_TIMEOUT = 120.0
-# Requests other than uploads, downloads and long-polls: until the answer's headers.
+# The time for a whole answer (a long-poll: plus its wait); for an upload,
+# from its last byte; for a download, until the answer's headers.
 REQUEST_TIMEOUT = 60.0
+
+_T = TypeVar("_T")
 
 
 class TranscoderError(Exception):
@@ -112,6 +116,32 @@ class RemoteJob:
 
 
 JobCallback = Callable[[RemoteJob], None]
+
+
+class _Watchdog:
+    """
+    Cancels C{d} unless L{feed} is called within the current limit; records
+    which limit ran out in C{expired} (seconds, label).
+    """
+
+    def __init__(self, reactor: Any, d: Deferred[Any], seconds: float, label: str) -> None:
+        self.expired: tuple[float, str] | None = None
+        self._d = d
+        self._limit = (seconds, label)
+        self._call = reactor.callLater(seconds, self._expire)
+
+    def feed(self, seconds: float, label: str) -> None:
+        if self._call.active():
+            self._limit = (seconds, label)
+            self._call.reset(seconds)
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+    def _expire(self) -> None:
+        self.expired = self._limit
+        self._d.cancel()
 
 
 class _Sink(Protocol):
@@ -227,7 +257,6 @@ class Client:
         *,
         headers: Mapping[bytes, bytes] | None = None,
         body: Any = None,
-        timeout: float | None = None,
         unbuffered: bool = False,
     ) -> IResponse:
         try:
@@ -238,7 +267,6 @@ class Client:
                 data=body,
                 allow_redirects=False,
                 unbuffered=unbuffered,
-                timeout=timeout,
                 reactor=self._reactor,
             )
         except (
@@ -256,10 +284,38 @@ class Client:
             raise await _error_from(response)
         return response
 
+    def _limit(self, d: Deferred[_T], seconds: float, what: str) -> Deferred[_T]:
+        """C{d}, cancelled and failed with L{TimeoutError} if it takes over C{seconds}."""
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            if isinstance(result, Failure) and result.check(CancelledError):
+                raise TimeoutError(f"no answer to {what} within {timeout:g} s")
+            return result
+
+        return d.addTimeout(seconds, self._reactor, onTimeoutCancel=timed_out)
+
     async def _json(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> Any:
+        if timeout is None:
+            timeout = self._request_timeout
+        # The whole exchange, answer body included: a server that sends the
+        # headers and then nothing must not hold a poll forever.
+        return await self._limit(
+            Deferred.fromCoroutine(self._json_now(method, path, query, **kw)),
+            timeout,
+            f"{method} {path}",
+        )
+
+    async def _json_now(
         self, method: str, path: str, query: Mapping[str, Any] | None = None, **kw: Any
     ) -> Any:
-        kw.setdefault("timeout", self._request_timeout)
         response = await self._request(method, path, query, **kw)
         text = await _content(response)
         try:
@@ -303,10 +359,22 @@ class Client:
     ) -> RemoteJob:
         query: dict[str, Any] = {"profile": profile}
         query.update(params)
+        watchdog: list[_Watchdog] = []
+
+        def progress(sent: int, total: int) -> None:
+            # While the body goes: idle_timeout between chunks; once it is
+            # all sent: request_timeout for the answer.
+            watchdog[0].feed(
+                self._idle_timeout if sent < total else self._request_timeout,
+                "sent" if sent < total else "answer",
+            )
+            if on_progress is not None:
+                on_progress(sent, total)
+
         parts: dict[str, FilePart]
         if isinstance(inputs, (str, os.PathLike)):
             path = Path(inputs)
-            body, part = StreamingBody.raw(path, self._cooperator, on_progress)
+            body, part = StreamingBody.raw(path, self._cooperator, progress)
             query["filename"] = path.name
             parts = {"": part}
             method, ctype = "PUT", b"application/octet-stream"
@@ -314,19 +382,32 @@ class Client:
             if not inputs:
                 raise ValueError("no inputs")
             body, ctype, parts = StreamingBody.multipart(
-                {k: Path(v) for k, v in inputs.items()}, self._cooperator, on_progress
+                {k: Path(v) for k, v in inputs.items()}, self._cooperator, progress
             )
             method = "POST"
-        # No timeout: treq's counts until the answer's headers, which come
-        # only after the whole upload.
+        # No overall limit, which would cut a long upload short: the watchdog
+        # ends one that stops moving, or whose answer does not come.
+        upload = Deferred.fromCoroutine(
+            self._json_now(method, "/jobs", query, headers={b"Content-Type": ctype}, body=body)
+        )
+        watchdog.append(_Watchdog(self._reactor, upload, self._idle_timeout, "sent"))
         try:
-            data = await self._json(
-                method, "/jobs", query, headers={b"Content-Type": ctype}, body=body, timeout=None
-            )
+            data = await upload
+        except CancelledError:
+            body.stopProducing()
+            expired = watchdog[0].expired
+            if expired is None:
+                raise
+            seconds, what = expired
+            if what == "sent":
+                raise TimeoutError(f"the upload made no progress for {seconds:g} s") from None
+            raise TimeoutError(f"no answer {seconds:g} s after the upload") from None
         except BaseException:
             # An answer that came before the whole body (a refusal) ends the upload.
             body.stopProducing()
             raise
+        finally:
+            watchdog[0].stop()
         job = RemoteJob.from_json(data)
         await self._check_digests(job, parts)
         return job
@@ -389,9 +470,13 @@ class Client:
         return ensureDeferred(self._cancel(job_id))
 
     async def _cancel(self, job_id: str) -> None:
-        response = await self._request(
-            "DELETE", f"/jobs/{quote(job_id, safe='')}", timeout=self._request_timeout
+        path = f"/jobs/{quote(job_id, safe='')}"
+        await self._limit(
+            Deferred.fromCoroutine(self._cancel_now(path)), self._request_timeout, f"DELETE {path}"
         )
+
+    async def _cancel_now(self, path: str) -> None:
+        response = await self._request("DELETE", path)
         await _content(response)
 
     def jobs(self, state: str | None = None) -> Deferred[list[RemoteJob]]:
@@ -443,13 +528,14 @@ class Client:
                 headers[b"Range"] = b"bytes=%d-" % have
                 if etag is not None:
                     headers[b"If-Range"] = etag
+            result = f"/jobs/{quote(job_id, safe='')}/result"
             try:
-                response = await self._request(
-                    "GET",
-                    f"/jobs/{quote(job_id, safe='')}/result",
-                    headers=headers,
-                    unbuffered=True,
-                    timeout=self._request_timeout,
+                response = await self._limit(
+                    Deferred.fromCoroutine(
+                        self._request("GET", result, headers=headers, unbuffered=True)
+                    ),
+                    self._request_timeout,
+                    f"GET {result}",
                 )
             except TranscoderError as e:
                 if e.status == 416 and have:
