@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import ServerProcess, random_file, serve, transcoder
+from _servers import LISTEN, ServerProcess, random_file, serve, start, transcoder
 from twisted.python import usage
 
 from transcoder.cli import (
@@ -498,4 +498,62 @@ def test_signal_as_the_command_starts_exits_130() -> None:
         raw.close()
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "transcoder: interrupted" in stderr
+    assert "Traceback" not in stderr
+
+
+_PACED = """
+[paced]
+description = "H.264 in MP4, reading the input at its native rate: a job lasts as long as its clip."
+executable = "ffmpeg"
+argv = [
+    "-nostdin", "-y", "-nostats", "-progress", "pipe:1", "-re", "-i", "{file}",
+    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-an", "-f", "mp4",
+    "{output}",
+]
+output_extension = "mp4"
+media_type = "video/mp4"
+progress = "ffmpeg"
+"""
+
+
+def test_wait_follows_the_job_through_a_server_restart(tmp_path: Path) -> None:
+    """
+    `transcoder wait` while the server is stopped (SIGTERM) and started again
+    on the same port and data dir: it keeps polling through the refused
+    connections and exits 0 with the job, run again after the restart,
+    succeeded.
+    """
+    profiles = tmp_path / "paced.toml"
+    profiles.write_text(_PACED)
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(
+        [
+            *("ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi"),
+            *("-i", "testsrc=size=160x120:rate=25:duration=1.5"),
+            *("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(clip)),
+        ],
+        check=True,
+        timeout=60,
+    )
+    data = tmp_path / "data"
+    first = serve(data, tmp_path / "first.log", "--profiles", str(profiles))
+    argv = [transcoder(), "serve", "--data-dir", str(data), "--profiles", str(profiles)]
+    second = None
+    try:
+        submitted = _run(first, "submit", str(clip), "-p", "paced", "-q")
+        assert submitted.returncode == EXIT_OK, submitted.stderr
+        job_id = submitted.stdout.strip()
+        proc = _start("wait", job_id, "-s", first.url)
+        _await_line(proc, f"job {job_id}: running")
+        assert first.stop() == 0
+        time.sleep(0.5)  # refused connections meanwhile
+        listen = LISTEN.replace("tcp:0:", f"tcp:{first.port}:")
+        second = start([*argv, "--listen", listen], data, tmp_path / "second.log")
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        first.kill()
+        if second is not None:
+            second.stop()
+    assert proc.returncode == EXIT_OK, stderr
+    assert json.loads(stdout)["state"] == "succeeded"
     assert "Traceback" not in stderr

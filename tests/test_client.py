@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from typing import Any
 import multipart
 import pytest
 import pytest_twisted
-from _servers import ServerProcess, random_file, serve
-from twisted.internet import reactor
+from _servers import ServerProcess, random_file, serve, start, transcoder
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -649,3 +650,64 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) 
     took = reactor.seconds() - started  # type: ignore[attr-defined]
     assert got.id == "c" * 32
     assert took > 3 * 0.5, took
+
+
+_RAW_VIDEO = """
+[raw-video]
+description = "The video as raw frames in NUT: a big result, made fast."
+executable = "ffmpeg"
+argv = [
+    "-nostdin", "-y", "-nostats", "-progress", "pipe:1", "-i", "{file}",
+    "-map", "0:v", "-c:v", "rawvideo", "-f", "nut", "{output}",
+]
+output_extension = "nut"
+media_type = "video/x-nut"
+progress = "ffmpeg"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_survives_a_server_restart(tmp_path: Path, clips: Any) -> None:
+    """
+    The server is killed while a result streams in and started again on the
+    same port and data dir a second later: download retries the refused
+    connections, then resumes from what it has (progress never goes back),
+    and the file is complete and checked.
+    """
+    profiles = tmp_path / "raw.toml"
+    profiles.write_text(_RAW_VIDEO)
+    data = tmp_path / "data"
+    first = serve(data, tmp_path / "first.log", "--profiles", str(profiles))
+    servers = [first]
+    c = Client(first.url, retry_for=30)
+    try:
+        job = await c.wait((await c.submit(clips.av_long, "raw-video")).id)
+        assert job.state == "succeeded" and job.output is not None
+        # Far more than the socket buffers hold, so the kill cuts the body.
+        assert job.output["size"] > 30 * MiB
+        seen: list[int] = []
+
+        def restart() -> ServerProcess:
+            time.sleep(1)
+            listen = f"tcp:{first.port}:interface=127.0.0.1"
+            argv = [transcoder(), "serve", "--listen", listen, "--data-dir", str(data)]
+            return start([*argv, "--profiles", str(profiles)], data, tmp_path / "second.log")
+
+        restarted: list[Deferred[ServerProcess]] = []
+
+        def progress(received: int, total: int) -> None:
+            seen.append(received)
+            if not restarted:
+                first.kill()
+                restarted.append(threads.deferToThread(restart))
+
+        out = await c.download(job.id, tmp_path / "out.nut", progress)
+        servers.append(await restarted[0])
+    finally:
+        await c.close()
+        for server in servers:
+            server.stop()
+    assert sha256_of(out) == job.output["sha256"]
+    assert seen == sorted(seen)
+    assert seen[-1] == job.output["size"]
+    assert not (tmp_path / "out.nut.part").exists()

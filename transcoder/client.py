@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
@@ -58,6 +58,11 @@ IDLE_TIMEOUT = 120.0
 # The time for a whole answer (a long-poll: plus its wait); for an upload,
 # from its last byte; for a download, until the answer's headers.
 REQUEST_TIMEOUT = 60.0
+
+# How long download and wait go on retrying a server that cannot be reached,
+# drops the connection or is shutting down (a restart), from the first
+# failure in a row; the pause between tries grows from 0.25 s to 5 s.
+RETRY_FOR = 60.0
 
 _T = TypeVar("_T")
 
@@ -116,6 +121,40 @@ class RemoteJob:
 
 
 JobCallback = Callable[[RemoteJob], None]
+
+
+class _Streak:
+    """
+    Failures in a row: each is retried after a growing pause while there have
+    been at most C{retries} of them or the first is under C{period} seconds old.
+    """
+
+    def __init__(self, reactor: Any, retries: int, period: float) -> None:
+        self._reactor = reactor
+        self._retries = retries
+        self._period = period
+        self.count = 0
+        self._since: float | None = None
+
+    def reset(self) -> None:
+        self.count, self._since = 0, None
+
+    def failed(self) -> float | None:
+        """Count a failure; the pause before the next try, or None to give up."""
+        now = self._reactor.seconds()
+        if self._since is None:
+            self._since = now
+        self.count += 1
+        if self.count > self._retries and now - self._since >= self._period:
+            return None
+        return float(min(0.25 * 2 ** (self.count - 1), 5.0))
+
+
+def _retryable(e: BaseException) -> bool:
+    """A failure that a server being restarted gives: worth trying again."""
+    if isinstance(e, TranscoderError):
+        return e.status == 503
+    return isinstance(e, (ConnectError, ResponseFailed))
 
 
 class _Watchdog:
@@ -195,6 +234,10 @@ class Client:
     The service at C{base_url} (e.g. C{http://127.0.0.1:8080}), with a bearer
     C{token} if it requires one.  C{http} is a treq L{HTTPClient} to use
     instead of the client's own (tests pass a C{StubTreq}).
+
+    C{request_timeout} and C{idle_timeout} bound silences (see the module's
+    constants); C{retry_for} is how long L{wait} and L{download} go on
+    retrying a server that is being restarted.
     """
 
     def __init__(
@@ -206,6 +249,7 @@ class Client:
         *,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        retry_for: float = RETRY_FOR,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -216,6 +260,7 @@ class Client:
         self._token = token
         self._request_timeout = request_timeout
         self._idle_timeout = idle_timeout
+        self._retry_for = retry_for
         self._pool: HTTPConnectionPool | None = None
         if http is None:
             from treq.client import HTTPClient
@@ -444,17 +489,32 @@ class Client:
         """
         Follow the job with long-polls (C{?wait=}) until it has finished;
         fire with it in its final state, whichever that is.  C{on_progress}
-        gets the job each time its state or progress changes.
+        gets the job each time its state or progress changes.  A poll that
+        cannot connect, loses its connection or gets a 503 (a server being
+        restarted) is tried again, for up to the client's C{retry_for}
+        seconds from the first such failure in a row.
         """
         return ensureDeferred(self._wait(job_id, on_progress, poll))
 
+    async def _get_again(self, job_id: str, wait: float | None = None) -> RemoteJob:
+        """L{_get}, retried through a restart of the server (up to C{retry_for})."""
+        streak = _Streak(self._reactor, 0, self._retry_for)
+        while True:
+            try:
+                return await self._get(job_id, wait)
+            except Exception as e:
+                pause = streak.failed() if _retryable(e) else None
+                if pause is None:
+                    raise
+            await deferLater(self._reactor, pause, lambda: None)
+
     async def _wait(self, job_id: str, on_progress: JobCallback | None, poll: float) -> RemoteJob:
-        job = await self._get(job_id)
+        job = await self._get_again(job_id)
         if on_progress is not None:
             on_progress(job)
         while not job.finished:
             asked = self._reactor.seconds()
-            latest = await self._get(job_id, wait=poll)
+            latest = await self._get_again(job_id, wait=poll)
             changed = (latest.state, latest.progress) != (job.state, job.progress)
             if not changed and self._reactor.seconds() - asked < 1.0:
                 # A server (or proxy) that answers a long-poll at once with
@@ -501,8 +561,12 @@ class Client:
         Save the job's result to C{path}, streaming it to C{path}.part and
         renaming it into place once complete (and, when the job states its
         SHA-256, checked).  A dropped or stalled connection is resumed with
-        C{Range} from the bytes already saved, up to C{retries} times in a
-        row; a C{.part} left by an earlier call is resumed too.
+        C{Range} from the bytes already saved, at once if bytes came since
+        the last try.  Failures in a row with nothing received (a server
+        being restarted: refused connections, a 503) are retried after
+        growing pauses while there have been at most C{retries} of them or
+        the first is less than the client's C{retry_for} seconds old.  A
+        C{.part} left by an earlier call is resumed too.
         C{on_progress(received, total)} counts bytes on disk.
         """
         return ensureDeferred(self._download(job_id, Path(path), on_progress, retries))
@@ -510,7 +574,7 @@ class Client:
     async def _download(
         self, job_id: str, path: Path, on_progress: ProgressCallback | None, retries: int
     ) -> Path:
-        job = await self._get(job_id)
+        job = await self._get_again(job_id)
         expected = (job.output or {}).get("sha256")
         partial = path.with_name(path.name + ".part")
         digest = hashlib.sha256()
@@ -521,7 +585,7 @@ class Client:
                     digest.update(chunk)
                     have += len(chunk)
         etag: bytes | None = None
-        failures = 0
+        streak = _Streak(self._reactor, retries, self._retry_for)
         while True:
             headers: dict[bytes, bytes] = {}
             if have:
@@ -537,17 +601,15 @@ class Client:
                     self._request_timeout,
                     f"GET {result}",
                 )
-            except TranscoderError as e:
-                if e.status == 416 and have:
+            except Exception as e:
+                if isinstance(e, TranscoderError) and e.status == 416 and have:
                     # Everything is here already (or the .part is not of this file:
                     # the digest check below tells).
                     break
-                raise
-            except ResponseFailed:
-                failures += 1
-                if failures > retries:
+                pause = streak.failed() if _retryable(e) else None
+                if pause is None:
                     raise
-                await deferLater(self._reactor, min(0.2 * 2**failures, 5.0), lambda: None)
+                await deferLater(self._reactor, pause, lambda: None)
                 continue
             etag = _header(response, b"etag") or etag
             if response.code == 200:
@@ -578,11 +640,16 @@ class Client:
             have = received
             if ended:
                 break
-            failures = 0 if made_progress else failures + 1
-            if failures > retries:
+            if made_progress:
+                # Resume at once: the connection broke, the server is there.
+                streak.reset()
+                continue
+            pause = streak.failed()
+            if pause is None:
                 raise TranscoderError(
                     0, "download_failed", f"the download of {job_id} kept failing"
                 )
+            await deferLater(self._reactor, pause, lambda: None)
         if expected is not None and digest.hexdigest() != expected:
             partial.unlink(missing_ok=True)
             raise TranscoderError(
