@@ -3,7 +3,7 @@ The C{transcoder} command: C{serve} runs the service; C{submit}, C{status},
 C{wait}, C{download}, C{cancel} and C{jobs} drive a server through
 L{transcoder.client}.
 
-    transcoder submit v.flv --audio a.mp3 --profile mux-avi --wait -o out.avi
+    transcoder submit video.flv --audio audio.mp3 --profile mux-avi --wait -o out.avi
 
 Exit codes (see docs/client.md): 0 done; 1 the job failed or was cancelled;
 2 bad usage (options, a missing file); 3 the server answered with an error;

@@ -2,7 +2,7 @@
 A treq client of the transcoding service.
 
     client = Client("http://127.0.0.1:8080", token=None)
-    job = await client.submit({"video": Path("v.flv"), "audio": Path("a.mp3")}, "mux-avi")
+    job = await client.submit({"video": Path("video.flv"), "audio": Path("audio.mp3")}, "mux-avi")
     job = await client.wait(job.id)
     await client.download(job.id, Path("out.avi"))
 
