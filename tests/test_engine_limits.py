@@ -221,6 +221,40 @@ def test_max_queued_counts_uploads_in_flight(
         server.stop()
 
 
+def test_a_refused_upload_no_longer_holds_a_queue_place(
+    tmp_path: Path, paced_profiles: Path, three_s_clip: Path
+) -> None:
+    """
+    An upload refused mid-body (413 here) holds no queue place while its
+    connection lingers: with --workers 1 --max-queued 1 and one job running,
+    the next upload is queued, not refused with 503.
+    """
+    data = tmp_path / "data"
+    server = serve(
+        data,
+        tmp_path / "server.log",
+        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
+        *("--max-upload-size", "1M"),
+    )
+    try:
+        first = upload(server.url, three_s_clip, PACED_PROFILE)
+        assert first["state"] == "running"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as refused:
+            refused.sendall(
+                f"PUT /jobs?profile={PACED_PROFILE} HTTP/1.1\r\nHost: x\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            chunk = b"%x\r\n" % (256 << 10) + bytes(256 << 10) + b"\r\n"
+            refused.sendall(chunk * 5)
+            answer = refused.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer
+            # The refused connection is still open (lingering) when the next upload comes.
+            second = upload(server.url, three_s_clip, PACED_PROFILE)
+        assert second["state"] == "queued"
+    finally:
+        server.stop()
+
+
 def _stored_jobs(data_dir: Path) -> dict[str, Job]:
     """The jobs as the stopped server left them in its database."""
     with sqlite3.connect(f"file:{data_dir / 'jobs.sqlite3'}?mode=ro", uri=True) as db:

@@ -341,6 +341,15 @@ def test_declared_length_above_maximum_gets_413_without_100_continue(server: Ser
     assert body["error"]["code"] == "too_large"
 
 
+def test_content_length_of_5000_zeros_is_zero(server: ServerProcess) -> None:
+    """A Content-Length of 5000 zeros is 0 (Python's int() would refuse it): a plain answer."""
+    data, s = raw_request(
+        server, f"GET /health HTTP/1.1\nHost: x\nConnection: close\nContent-Length: {'0' * 5000}"
+    )
+    s.close()
+    assert parse_response(data)[0] == 200
+
+
 @pytest.mark.parametrize("method", ["PUT /jobs?profile=avi-mpeg4", "GET /health"])
 def test_content_length_of_5000_digits_gets_413(server: ServerProcess, method: str) -> None:
     """
@@ -350,7 +359,8 @@ def test_content_length_of_5000_digits_gets_413(server: ServerProcess, method: s
     """
     data, s = raw_request(
         server,
-        f"{method} HTTP/1.1\nHost: x\nContent-Length: {'9' * 5000}\nExpect: 100-continue",
+        f"{method} HTTP/1.1\nHost: x\nContent-Length: {'0' * 5000}{'9' * 5000}\n"
+        "Expect: 100-continue",
     )
     s.close()
     assert b"100 Continue" not in data
@@ -701,15 +711,31 @@ def test_multipart_labels_and_boundaries_are_checked_before_the_body(
     assert leftovers(server.data_dir) == []
 
 
-def test_boundary_is_the_boundary_parameter(server: ServerProcess, tmp_path: Path) -> None:
-    """The boundary comes from the parameter named boundary, not from one that ends in it."""
+@pytest.mark.parametrize(
+    ("param", "boundary"),
+    [
+        ("xboundary=AAA; boundary=XyZ", "XyZ"),
+        ("boundary=ab:cd", "ab:cd"),
+        ("boundary====123==", "===123=="),
+        ('boundary="a b"', "a b"),
+    ],
+)
+def test_boundary_is_the_boundary_parameter(
+    server: ServerProcess, tmp_path: Path, param: str, boundary: str
+) -> None:
+    """
+    The boundary comes from the parameter named boundary (not one whose
+    name ends in it), whole, quoted or not, even with characters that
+    strictly need quotes.
+    """
     clip = make_file(tmp_path / "c.flv", 5000)
     body = form_body(tmp_path, "form.bin", {"profile": "avi-mpeg4"}, clip)
+    body.write_bytes(body.read_bytes().replace(b"--XyZ", b"--" + boundary.encode()))
     status, job, _ = curl(
-        "-H", "Content-Type: multipart/form-data; xboundary=AAA; boundary=XyZ", "-H", "Expect:",
+        "-H", f"Content-Type: multipart/form-data; {param}", "-H", "Expect:",
         "--data-binary", f"@{body}", f"{server.url}/jobs",
     )  # fmt: skip
-    assert status == 201
+    assert status == 201, job
     assert job["inputs"][0]["sha256"] == sha256_file(clip)  # type: ignore[index]
 
 

@@ -6,6 +6,7 @@ to be injected: the disk filling up while a body streams in.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import treq
 from fakes import FakeExecutor, FakeOutcome
 from test_spool import FailingFile, settle
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from transcoder.jobs import JobState
@@ -91,3 +93,58 @@ async def test_disk_full_mid_upload_answers_507_and_keeps_serving(served) -> Non
     assert job["inputs"][0]["size"] == 5000
     await settle(lambda: fd_count() <= fds + 2)
     assert fd_count() <= fds + 2
+
+
+class SlowDisk:
+    """An opener whose files take C{delay} seconds over their first write: a disk that falls behind."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
+        return _SlowFile(path, self.delay)
+
+
+class _SlowFile:
+    def __init__(self, path: Path, delay: float) -> None:
+        self._f = open(path, "xb", buffering=0)
+        self._delay = delay
+
+    def write(self, data: bytes) -> int:
+        if self._delay:
+            time.sleep(self._delay)
+            self._delay = 0
+        return self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_held_back_by_a_slow_disk_is_not_timed_out(tmp_path: Path) -> None:
+    """
+    While the server stops reading because its disk is behind, the idle
+    timeout (1 s here, the disk 3 s behind) does not blame the client with
+    408 too_slow: both uploads, sent at once, are taken whole.
+    """
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
+    registry = JobRegistry(
+        reactor, store, tmp_path, load_profiles(), workers=1, executor=FailingExecutor()
+    )
+    registry.start()
+    root = build_root(reactor, registry, load_profiles(), tmp_path, 1 << 30, opener=SlowDisk(3))
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        TranscoderSite(root, reactor=reactor, idle_timeout=1)
+    )
+    url = f"http://127.0.0.1:{port.getHost().port}/jobs?profile=avi-mpeg4"
+    body = os.urandom(1 << 20) * 24
+    try:
+        responses = await gatherResults(
+            [treq.put(url, data=body, timeout=60, persistent=False) for _ in range(2)]
+        )
+        answers = [await r.json() for r in responses]
+        assert [r.code for r in responses] == [201, 201], answers
+        assert all(a["inputs"][0]["size"] == len(body) for a in answers)
+    finally:
+        await port.stopListening()
+        await registry.stop()

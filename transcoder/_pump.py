@@ -206,6 +206,11 @@ class SocketPump:
                 self.stalled = True
         return None
 
+    def _waitedForServer(self) -> bool:
+        """A wait on the spool timed out: the server's slowness, not the client's.  Stop now?"""
+        self.stalled = True
+        return self._stop
+
     def _run(self) -> None:
         sock = self._sock
         end = PumpEnd("error", 0)
@@ -239,7 +244,7 @@ class SocketPump:
     def _pump(self) -> PumpEnd:
         hashers: list[Any] = []
         if self._hashes is not None and _bigReceiveBuffer(self._sock):
-            hashers = self._hashes(lambda: self._stop) or []
+            hashers = self._hashes(self._waitedForServer) or []
             if self._stop:
                 return PumpEnd("stopped", self.received)
         self.hashing = bool(hashers)

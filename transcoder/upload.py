@@ -717,6 +717,10 @@ class MultipartBody(_BaseBody):
 
 # RFC 2046's bchars, 1 to 70 of them, not ending in a space.
 _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+# The boundary parameter itself (not one whose name ends in "boundary"),
+# quoted or not: unquoted, RFC 2045 allows only token characters, but clients
+# send "boundary=ab:cd" too, and reading it whole costs nothing.
+_BOUNDARY_PARAM = re.compile(r';\s*boundary\s*=\s*("([^"]*)"|[^;]*)', re.I)
 
 
 def multipart_boundary(request: server.Request) -> str | None:
@@ -724,8 +728,8 @@ def multipart_boundary(request: server.Request) -> str | None:
     The boundary if the request is C{multipart/form-data}; raise 400 if it
     has none, or one no body could use (checked before the body is sent).
     """
-    ctype = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
-    media, options = multipart.parse_options_header(ctype.decode("latin-1"))
+    ctype = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0].decode("latin-1")
+    media = ctype.partition(";")[0].strip().lower()
     if media != "multipart/form-data":
         if media.startswith("multipart/"):
             # Any other body, whatever its label, is the video itself; a
@@ -736,16 +740,17 @@ def multipart_boundary(request: server.Request) -> str | None:
                 "multipart uploads must be multipart/form-data",
             )
         return None
-    boundary = options.get("boundary")
-    if boundary is None:
+    m = _BOUNDARY_PARAM.search(ctype)
+    if m is None:
         raise APIError(400, "bad_multipart", "multipart/form-data without a boundary")
+    boundary = m.group(2) if m.group(2) is not None else m.group(1).strip()
     if not _BOUNDARY.match(boundary):
         raise APIError(
             400,
             "bad_multipart",
             "the boundary must be 1 to 70 letters, digits or '()+_,-./:=? (RFC 2046)",
         )
-    return str(boundary)
+    return boundary
 
 
 # Requests whose body a SocketPump reads (or is about to); reactor thread only.
@@ -1005,6 +1010,11 @@ class TranscoderRequest(server.Request):
         """
         if self.body is None or self._refused or self.channel is None:
             return False
+        if self._paused:
+            # The server stopped reading (its disk is behind), not the client
+            # sending: wait another while.
+            self.channel.setTimeout(self.channel.timeOut)
+            return True
         self._failMidBody(_stalled(self.channel.timeOut))
         return True
 
@@ -1136,10 +1146,15 @@ class TranscoderRequest(server.Request):
         dropped for a short while first.
         """
         self._refused = True
+        channel: Any = self.channel
+        uploads = getattr(channel.site, "uploads", None)
+        if uploads is not None:
+            # No job will come of it: it no longer counts against the queue,
+            # and shutdown need not wait for its linger.
+            uploads.discard(self)
         expect = self.requestHeaders.getRawHeaders(b"expect", [b""])[0].lower()
         # HTTPChannel sends 100 Continue after gotLength returns, if this is still there.
         self.requestHeaders.removeHeader(b"expect")
-        channel: Any = self.channel
         channel.persistent = False
         channel.transport.write(raw_response(error))
         log.info(

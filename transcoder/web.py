@@ -857,8 +857,11 @@ class _Channel(HTTPChannel):
         # HTTPChannel int()s the length, and Python refuses more than 4300
         # digits: an unhandled error and no answer.  A length that long is past
         # any limit, so it is read as the largest (the request refuses it).
-        if header == b"Content-Length" and data.isdigit() and len(data.lstrip(b"0")) > 18:
-            data = _PAST_ANY_LIMIT
+        if header == b"Content-Length" and data.isdigit() and len(data) > 18:
+            # Leading zeros count towards that limit too.
+            data = data.lstrip(b"0") or b"0"
+            if len(data) > 18:
+                data = _PAST_ANY_LIMIT
         result: bool = super()._maybeChooseTransferDecoder(header, data)
         return result
 
