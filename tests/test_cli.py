@@ -269,7 +269,37 @@ def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any, sig: 
     _run(server, "cancel", job_id)
 
 
-class _RawServer:
+class _ThreadServer:
+    """A loopback TCP server in a thread: each connection to C{_handle} on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        except OSError:
+            return
+
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class _RawServer(_ThreadServer):
     """
     A loopback TCP server in a thread that answers nothing: it reads what
     comes and, after C{cut} bytes of a connection, resets it (C{cut=None}:
@@ -281,22 +311,11 @@ class _RawServer:
         self.cut = cut
         self.read = read
         self.received = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        try:
-            while True:
-                conn, _ = self._listener.accept()
-                self._conns.append(conn)
-                if self.read:
-                    threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-        except OSError:
+    def _handle(self, conn: socket.socket) -> None:
+        if not self.read:
             return
-
-    def _read(self, conn: socket.socket) -> None:
         try:
             while chunk := conn.recv(65536):
                 self.received += len(chunk)
@@ -307,14 +326,6 @@ class _RawServer:
                     return
         except OSError:
             return
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
 
 def test_connection_lost_during_upload_exits_4(tmp_path: Path) -> None:
@@ -335,7 +346,7 @@ def test_connection_lost_during_upload_exits_4(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-class _StallingDownloads:
+class _StallingDownloads(_ThreadServer):
     """
     A loopback HTTP server in a thread for C{download}: it describes a
     succeeded job, and answers its result with the headers and the first
@@ -347,21 +358,9 @@ class _StallingDownloads:
     def __init__(self, size: int, sent: int) -> None:
         self.size = size
         self.sent = sent
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        try:
-            while True:
-                conn, _ = self._listener.accept()
-                self._conns.append(conn)
-                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-        except OSError:
-            return
-
-    def _answer(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         buffered = b""
         try:
             while True:
@@ -386,14 +385,6 @@ class _StallingDownloads:
                 )
         except OSError:
             return
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
 
 def _start(*args: str) -> subprocess.Popen[str]:

@@ -18,11 +18,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _servers import serve
+from _servers import ServerProcess, serve
 from test_recovery import (
     PACED_PROFILE,
     alive,
@@ -128,6 +130,25 @@ def _read_response(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+@contextmanager
+def one_job_running(
+    tmp_path: Path, paced_profiles: Path, clip: Path, *extra: str
+) -> Iterator[tuple[ServerProcess, dict[str, Any]]]:
+    """A server with --workers 1 --max-queued 1 (and C{extra}), running one paced job of C{clip}."""
+    server = serve(
+        tmp_path / "data",
+        tmp_path / "server.log",
+        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
+        *extra,
+    )
+    try:
+        first = upload(server.url, clip, PACED_PROFILE)
+        assert first["state"] == "running"
+        yield server, first
+    finally:
+        server.stop()
+
+
 def test_max_queued_refuses_before_the_body(
     tmp_path: Path, paced_profiles: Path, three_s_clip: Path
 ) -> None:
@@ -137,14 +158,7 @@ def test_max_queued_refuses_before_the_body(
     error at once, without 100 Continue and without a byte of its body sent.
     """
     data = tmp_path / "data"
-    server = serve(
-        data,
-        tmp_path / "server.log",
-        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
-    )
-    try:
-        first = upload(server.url, three_s_clip, PACED_PROFILE)
-        assert first["state"] == "running"
+    with one_job_running(tmp_path, paced_profiles, three_s_clip) as (server, first):
         second = upload(server.url, three_s_clip, PACED_PROFILE)
         assert second["state"] == "queued"
 
@@ -166,8 +180,6 @@ def test_max_queued_refuses_before_the_body(
         jobs = get_json(server.url + "/jobs")["jobs"]
         assert sorted(j["id"] for j in jobs) == sorted([first["id"], second["id"]])
         assert list((data / "uploads").iterdir()) == []
-    finally:
-        server.stop()
 
 
 def test_max_queued_counts_uploads_in_flight(
@@ -181,15 +193,8 @@ def test_max_queued_counts_uploads_in_flight(
     flight both would pass and the queue would hold two.)
     """
     data = tmp_path / "data"
-    server = serve(
-        data,
-        tmp_path / "server.log",
-        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
-    )
     clip = three_s_clip.read_bytes()
-    try:
-        first = upload(server.url, three_s_clip, PACED_PROFILE)
-        assert first["state"] == "running"
+    with one_job_running(tmp_path, paced_profiles, three_s_clip) as (server, first):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as arriving:
             arriving.sendall(
                 f"PUT /jobs?profile={PACED_PROFILE} HTTP/1.1\r\nHost: x\r\n"
@@ -217,8 +222,6 @@ def test_max_queued_counts_uploads_in_flight(
         assert queued["state"] == "queued"
         jobs = get_json(server.url + "/jobs")["jobs"]
         assert sorted(j["id"] for j in jobs) == sorted([first["id"], queued["id"]])
-    finally:
-        server.stop()
 
 
 def test_a_refused_upload_no_longer_holds_a_queue_place(
@@ -229,16 +232,8 @@ def test_a_refused_upload_no_longer_holds_a_queue_place(
     connection lingers: with --workers 1 --max-queued 1 and one job running,
     the next upload is queued, not refused with 503.
     """
-    data = tmp_path / "data"
-    server = serve(
-        data,
-        tmp_path / "server.log",
-        *("--profiles", str(paced_profiles), "--workers", "1", "--max-queued", "1"),
-        *("--max-upload-size", "1M"),
-    )
-    try:
-        first = upload(server.url, three_s_clip, PACED_PROFILE)
-        assert first["state"] == "running"
+    limit = ("--max-upload-size", "1M")
+    with one_job_running(tmp_path, paced_profiles, three_s_clip, *limit) as (server, _):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as refused:
             refused.sendall(
                 f"PUT /jobs?profile={PACED_PROFILE} HTTP/1.1\r\nHost: x\r\n"
@@ -251,8 +246,6 @@ def test_a_refused_upload_no_longer_holds_a_queue_place(
             # The refused connection is still open (lingering) when the next upload comes.
             second = upload(server.url, three_s_clip, PACED_PROFILE)
         assert second["state"] == "queued"
-    finally:
-        server.stop()
 
 
 def _stored_jobs(data_dir: Path) -> dict[str, Job]:

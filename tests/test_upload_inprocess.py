@@ -124,7 +124,7 @@ class _SlowFile:
 async def test_a_client_held_back_by_a_slow_disk_is_not_timed_out(tmp_path: Path) -> None:
     """
     While the server stops reading because its disk is behind, the idle
-    timeout (1 s here, the disk 3 s behind) does not blame the client with
+    timeout (2 s here, the disk 4 s behind) does not blame the client with
     408 too_slow: both uploads, sent at once, are taken whole.
     """
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3", reactor)
@@ -132,9 +132,9 @@ async def test_a_client_held_back_by_a_slow_disk_is_not_timed_out(tmp_path: Path
         reactor, store, tmp_path, load_profiles(), workers=1, executor=FailingExecutor()
     )
     registry.start()
-    root = build_root(reactor, registry, load_profiles(), tmp_path, 1 << 30, opener=SlowDisk(3))
+    root = build_root(reactor, registry, load_profiles(), tmp_path, 1 << 30, opener=SlowDisk(4))
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        TranscoderSite(root, reactor=reactor, idle_timeout=1)
+        TranscoderSite(root, reactor=reactor, idle_timeout=2)
     )
     url = f"http://127.0.0.1:{port.getHost().port}/jobs?profile=avi-mpeg4"
     body = os.urandom(1 << 20) * 24

@@ -1121,6 +1121,9 @@ class TranscoderRequest(server.Request):
             transport.pauseProducing()
         else:
             transport.resumeProducing()
+            # The client gets a whole idle window from here, not what the
+            # pause left of one.
+            self.channel.resetTimeout()
 
     def _failMidBody(self, error: APIError) -> None:
         self._stopWatchingRate()
