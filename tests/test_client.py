@@ -400,26 +400,41 @@ async def test_download_resumes_a_stalled_connection(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_download_continues_a_part_file_and_checks_the_digest(tmp_path: Path) -> None:
-    """A .part left by an earlier run is continued; a result whose digest is wrong is not kept."""
+    """
+    A .part left by an earlier run is continued; one of another file (the
+    digest does not match once it is continued) is dropped and the result
+    fetched again from the start, once; a result whose digest is wrong
+    from the start is not kept.
+    """
     payload = os.urandom(MiB)
     (tmp_path / "r.bin.part").write_bytes(payload[:4000])
     result = _FlakyResult(payload, cut=0, drops=0)
     port, url = await _fake_server(result, hashlib.sha256(payload).hexdigest())
+    wrong_port, wrong_url = await _fake_server(_FlakyResult(payload, cut=0, drops=0), "0" * 64)
     c = Client(url)
+    w = Client(wrong_url)
     try:
         out = await c.download("a" * 32, tmp_path / "r.bin")
         assert out.read_bytes() == payload
         assert result.requests == [(b"bytes=4000-", None)]
 
-        (tmp_path / "bad.bin.part").write_bytes(b"x" * 4000)
+        (tmp_path / "other.bin.part").write_bytes(b"x" * 4000)
+        out = await c.download("a" * 32, tmp_path / "other.bin")
+        assert out.read_bytes() == payload
+        assert result.requests[1:] == [(b"bytes=4000-", None), (None, None)]
+        assert not (tmp_path / "other.bin.part").exists()
+
+        (tmp_path / "bad.bin.part").write_bytes(payload[:4000])
         with pytest.raises(TranscoderError) as e:
-            await c.download("a" * 32, tmp_path / "bad.bin")
+            await w.download("a" * 32, tmp_path / "bad.bin")
         assert e.value.code == "digest_mismatch"
         assert not (tmp_path / "bad.bin").exists()
         assert not (tmp_path / "bad.bin.part").exists()
     finally:
         await c.close()
+        await w.close()
         await port.stopListening()
+        await wrong_port.stopListening()
 
 
 # Connections that break or go silent while a body is sent.
@@ -638,8 +653,6 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) 
     port, url, made = await _mute_server(
         burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
     )
-    # request_timeout runs from the last byte handed to the connection, while
-    # the socket buffers may still hold megabytes: it is not the tight one here.
     c = Client(url, idle_timeout=0.5, request_timeout=10)
     started = reactor.seconds()  # type: ignore[attr-defined]
     try:
@@ -650,6 +663,31 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) 
     took = reactor.seconds() - started  # type: ignore[attr-defined]
     assert got.id == "c" * 32
     assert took > 3 * 0.5, took
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_answer_limit_starts_once_the_body_has_left_the_socket(tmp_path: Path) -> None:
+    """
+    On a slow link the last megabytes are written long before they arrive:
+    request_timeout (0.5 s here) for the answer runs from when the socket's
+    send queue is empty, not from the last write, so a server that reads
+    1 MiB every 0.35 s is answered for a 6 MiB body.
+    """
+    file = random_file(tmp_path / "f.bin", 6 * MiB)
+    job = json.dumps({"id": "d" * 32, "profile": "mp4-h264", "state": "queued", "progress": 0})
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    )
+    port, url, made = await _mute_server(
+        burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
+    )
+    c = Client(url, idle_timeout=0.5, request_timeout=0.5)
+    try:
+        got = await c.submit(file, "mp4-h264")
+    finally:
+        await c.close()
+        await _closed(port, made)
+    assert got.id == "d" * 32
 
 
 _RAW_VIDEO = """

@@ -11,8 +11,11 @@ with the digest the server stored without reading the file a second time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import sys
+import termios
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +80,7 @@ class StreamingBody:
         self.length = sum(s.size if isinstance(s, FilePart) else len(s) for s in self._segments)
         self.sent = 0
         self._task: Any = None
+        self._consumer: Any = None
 
     @classmethod
     def raw(
@@ -121,7 +125,27 @@ class StreamingBody:
             parts,
         )
 
+    def unsent(self) -> int | None:
+        """
+        Bytes written to the connection that its peer has not yet taken
+        (the kernel's send queue, SIOCOUTQ); None where that cannot be read
+        (not started, not a plain TCP socket).  Once the whole body is
+        written, megabytes may still be on their way on a slow link.
+        """
+        # twisted.web's client hands a wrapper of the transport (_newclient's
+        # LengthEnforcingConsumer): the transport is its _consumer.
+        transport = getattr(self._consumer, "_consumer", self._consumer)
+        handle = getattr(transport, "getHandle", None)
+        if handle is None:
+            return None
+        try:
+            queued = fcntl.ioctl(handle().fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, AttributeError, TypeError, ValueError):
+            return None
+        return int.from_bytes(queued, sys.byteorder, signed=True)
+
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
         self._task = self._cooperator.cooperate(self._produce(consumer))
         d: Deferred[Any] = self._task.whenDone()
 

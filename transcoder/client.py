@@ -405,16 +405,31 @@ class Client:
         query: dict[str, Any] = {"profile": profile}
         query.update(params)
         watchdog: list[_Watchdog] = []
+        draining: list[Any] = []
 
         def progress(sent: int, total: int) -> None:
-            # While the body goes: idle_timeout between chunks; once it is
-            # all sent: request_timeout for the answer.
-            watchdog[0].feed(
-                self._idle_timeout if sent < total else self._request_timeout,
-                "sent" if sent < total else "answer",
-            )
+            # While the body goes: idle_timeout between chunks.
+            watchdog[0].feed(self._idle_timeout, "sent")
+            if sent == total:
+                drain(None)
             if on_progress is not None:
                 on_progress(sent, total)
+
+        def drain(before: int | None) -> None:
+            # All of the body is written, but on a slow link megabytes of it
+            # may still wait in the socket's buffers: the upload still moves
+            # (idle_timeout) while they go, and request_timeout for the
+            # answer starts once they have gone.
+            draining.clear()
+            unsent = body.unsent()
+            if unsent is None or unsent <= 0:
+                watchdog[0].feed(self._request_timeout, "answer")
+                return
+            if before is None or unsent < before:
+                watchdog[0].feed(self._idle_timeout, "sent")
+                before = unsent
+            period = min(1.0, self._idle_timeout / 4)
+            draining.append(self._reactor.callLater(period, drain, before))
 
         parts: dict[str, FilePart]
         if isinstance(inputs, (str, os.PathLike)):
@@ -453,6 +468,9 @@ class Client:
             raise
         finally:
             watchdog[0].stop()
+            for call in draining:
+                if call.active():
+                    call.cancel()
         job = RemoteJob.from_json(data)
         await self._check_digests(job, parts)
         return job
@@ -584,6 +602,8 @@ class Client:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
                     have += len(chunk)
+        # A .part this call did not write may be of another file altogether.
+        old_part = have > 0
         etag: bytes | None = None
         streak = _Streak(self._reactor, retries, self._retry_for)
         while True:
@@ -652,6 +672,9 @@ class Client:
             await deferLater(self._reactor, pause, lambda: None)
         if expected is not None and digest.hexdigest() != expected:
             partial.unlink(missing_ok=True)
+            if old_part:
+                # Once more from the start, with nothing of the old .part.
+                return await self._download(job_id, path, on_progress, retries)
             raise TranscoderError(
                 0, "digest_mismatch", f"the result's SHA-256 is not {expected}; removed the copy"
             )
