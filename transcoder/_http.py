@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from typing import Any
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from transcoder.errors import APIError, method_not_allowed
+from transcoder.errors import APIError, method_not_allowed, status_phrase
 
 JSON_TYPE = b"application/json"
 
@@ -20,12 +19,8 @@ def json_body(obj: Any) -> bytes:
 
 def write_json(request: Request, status: int, obj: Any) -> bytes:
     """Set the status and type of a JSON answer; return the body for a render method."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
     # Twisted knows no phrase for some codes (422 would go out as "Unknown Status").
-    request.setResponseCode(status, phrase.encode("ascii"))
+    request.setResponseCode(status, status_phrase(status).encode("ascii"))
     request.setHeader(b"Content-Type", JSON_TYPE)
     request.setHeader(b"Cache-Control", b"no-store")
     return json_body(obj)

@@ -6,6 +6,14 @@ import json
 from http import HTTPStatus
 
 
+def status_phrase(status: int) -> str:
+    """The standard reason phrase of C{status} (Twisted knows none for some, 422 among them)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class APIError(Exception):
     """
     A failure to report to the client as C{{"error": {"code", "message"}}}.
@@ -31,10 +39,7 @@ class APIError(Exception):
 
     @property
     def phrase(self) -> str:
-        try:
-            return HTTPStatus(self.status).phrase
-        except ValueError:
-            return "Error"
+        return status_phrase(self.status)
 
     def to_json(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}
