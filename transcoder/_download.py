@@ -20,7 +20,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from transcoder._http import JSONResource, write_error
+from transcoder._http import JSONResource, capped_int, write_error
 from transcoder._names import content_disposition
 from transcoder.errors import APIError
 
@@ -128,13 +128,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | APIError | None:
     if not first and not last:
         return None
     if not first:
-        suffix = _position(last)
+        suffix = capped_int(last)
         if suffix == 0 or size == 0:
             return _unsatisfiable(size)
         length = min(suffix, size)
         return size - length, length
-    start = _position(first)
-    end = _position(last) if last else size - 1
+    start = capped_int(first)
+    end = capped_int(last) if last else size - 1
     if last and end < start:
         # Syntactically invalid (RFC 9110 14.1.1): ignored.
         return None
@@ -142,19 +142,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | APIError | None:
         return _unsatisfiable(size)
     end = min(end, size - 1)
     return start, end - start + 1
-
-
-def _position(digits: str) -> int:
-    """
-    A byte position, capped far past any file: Python refuses to convert
-    more than 4300 digits, and a client may send more.
-    """
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
-
-
-# More than any file holds (an exabyte).
-_MAX_DIGITS = 18
 
 
 def _unsatisfiable(size: int) -> APIError:

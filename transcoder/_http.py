@@ -17,6 +17,20 @@ def json_body(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+# Longer numbers are past any file or body (an exabyte).
+_MAX_DIGITS = 18
+
+
+def capped_int(digits: str) -> int:
+    """
+    The number that C{digits} (ASCII digits) write, capped at 10**18: Python
+    refuses to convert more than 4300 digits, leading zeros included, and a
+    client may send more.
+    """
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 def write_json(request: Request, status: int, obj: Any) -> bytes:
     """Set the status and type of a JSON answer; return the body for a render method."""
     # Twisted knows no phrase for some codes (422 would go out as "Unknown Status").

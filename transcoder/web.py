@@ -36,6 +36,7 @@ from transcoder._download import FileResource
 from transcoder._http import (
     ErrorResource,
     JSONResource,
+    capped_int,
     finish_error,
     raw_response,
     write_error,
@@ -806,10 +807,6 @@ def build_root(
     return root
 
 
-# A Content-Length of 19 digits: more than any upload the server takes.
-_PAST_ANY_LIMIT = b"9" * 19
-
-
 class _Channel(HTTPChannel):
     """
     An HTTP channel whose every answer is JSON, down to a malformed request's,
@@ -857,11 +854,8 @@ class _Channel(HTTPChannel):
         # HTTPChannel int()s the length, and Python refuses more than 4300
         # digits: an unhandled error and no answer.  A length that long is past
         # any limit, so it is read as the largest (the request refuses it).
-        if header == b"Content-Length" and data.isdigit() and len(data) > 18:
-            # Leading zeros count towards that limit too.
-            data = data.lstrip(b"0") or b"0"
-            if len(data) > 18:
-                data = _PAST_ANY_LIMIT
+        if header == b"Content-Length" and data.isdigit():
+            data = b"%d" % capped_int(data.decode("ascii"))
         result: bool = super()._maybeChooseTransferDecoder(header, data)
         return result
 
