@@ -218,6 +218,17 @@ def _input_digests(control: Mapping[str, str], profile: Profile) -> dict[str, st
     return out
 
 
+def _base64_digest(encoded: bytes, size: int, malformed: str) -> str:
+    """The hex of a base64 digest of C{size} bytes; else 400 bad_digest saying C{malformed}."""
+    try:
+        digest = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        digest = b""
+    if len(digest) != size:
+        raise APIError(400, "bad_digest", malformed)
+    return digest.hex()
+
+
 def _body_sha256(request: server.Request) -> str | None:
     """The SHA-256 of the whole body that C{Repr-Digest} or C{Content-Digest} gives, if any."""
     found: str | None = None
@@ -226,15 +237,10 @@ def _body_sha256(request: server.Request) -> str | None:
             m = re.search(rb"sha-256=:([A-Za-z0-9+/=]+):", value)
             if m is None:
                 continue
-            try:
-                digest = base64.b64decode(m.group(1), validate=True)
-            except binascii.Error:
-                digest = b""
-            if len(digest) != 32:
-                raise APIError(400, "bad_digest", f"{header.decode()} sha-256 is malformed")
-            if found is not None and found != digest.hex():
+            digest = _base64_digest(m.group(1), 32, f"{header.decode()} sha-256 is malformed")
+            if found is not None and found != digest:
                 raise APIError(400, "conflicting_fields", "Repr-Digest and Content-Digest differ")
-            found = digest.hex()
+            found = digest
     return found
 
 
@@ -242,13 +248,7 @@ def _content_md5(request: server.Request) -> str | None:
     value = request.requestHeaders.getRawHeaders(b"content-md5", [None])[0]
     if value is None:
         return None
-    try:
-        digest = base64.b64decode(value.strip(), validate=True)
-    except binascii.Error:
-        digest = b""
-    if len(digest) != 16:
-        raise APIError(400, "bad_digest", "Content-MD5 must be the base64 of 16 bytes")
-    return digest.hex()
+    return _base64_digest(value.strip(), 16, "Content-MD5 must be the base64 of 16 bytes")
 
 
 def _reason(error: Exception) -> str:
