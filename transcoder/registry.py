@@ -344,21 +344,25 @@ class JobRegistry:
             if entry.name not in known:
                 _log.info("removing {path}: no stored job owns it", path=str(entry))
                 _remove(entry)
+        # What runs now, read once for every unfinished job's leftovers.
+        processes: list[_Process] | None = None
         for job in stored:
             self._jobs[job.id] = job
             self._next_seq = max(self._next_seq, job.seq + 1)
             if job.state.finished:
                 continue
+            if processes is None:
+                processes = _processes()
             job_dir = self.job_dir(job.id)
             # The pid reaches the store just after the spawn (and RUNNING just
             # before it), so a server killed in between left an encoder that
             # only its working directory tells of, even for a job stored QUEUED.
-            groups = set(_groups_working_in(job_dir))
+            groups = set(_groups_working_in(job_dir, processes))
             if job.pid is not None:
                 groups.add(job.pid)
             for pgid in sorted(groups):
                 _stop_leftover_encoder(pgid, job_dir, job.id)
-            _stop_leftover_probes(job_dir, job.id)
+            _stop_leftover_probes(job_dir, job.id, processes)
             if job.state is JobState.RUNNING:
                 _remove_partials(job_dir)
                 _reset(job)
@@ -721,7 +725,36 @@ def _stop_leftover_encoder(pid: int, job_dir: Path, job_id: str) -> None:
     _log.error("leftover encoder {pid} of job {job_id} survived SIGKILL", pid=pid, job_id=job_id)
 
 
-def _stop_leftover_probes(job_dir: Path, job_id: str) -> None:
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    cwd: str | None
+    argv: list[bytes]
+
+
+def _processes() -> list[_Process]:
+    """Every process but this one, with its working directory and argv where readable."""
+    found = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd: str | None = os.readlink(entry / "cwd")
+        except OSError:
+            cwd = None
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            argv = []
+        found.append(_Process(int(entry.name), cwd, argv))
+    return found
+
+
+def _stop_leftover_probes(job_dir: Path, job_id: str, processes: list[_Process]) -> None:
     """
     Kill the ffprobe runs a killed server left on the job's inputs.  They run
     in the server's directory and process group (which may be this server's
@@ -731,39 +764,27 @@ def _stop_leftover_probes(job_dir: Path, job_id: str) -> None:
     """
     # As probe.probe names it (absolute), and as the kernel would (resolved).
     targets = {b"file:" + os.fsencode(p) + b"/" for p in (job_dir.absolute(), job_dir.resolve())}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.startswith(t) for arg in argv for t in targets):
+    for process in processes:
+        if any(arg.startswith(t) for arg in process.argv for t in targets):
             _log.warn(
-                "stopping leftover probe {pid} of job {job_id}", pid=entry.name, job_id=job_id
+                "stopping leftover probe {pid} of job {job_id}", pid=process.pid, job_id=job_id
             )
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(process.pid, signal.SIGKILL)
             except OSError:
                 pass
 
 
-def _groups_working_in(job_dir: Path) -> list[int]:
+def _groups_working_in(job_dir: Path, processes: list[_Process]) -> list[int]:
     """Process groups (other than ours) with a process whose working directory is C{job_dir}."""
     target = os.path.realpath(job_dir)
     ours = os.getpgrp()
     found: set[int] = set()
-    try:
-        entries = list(Path("/proc").iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.name.isdigit():
+    for process in processes:
+        if process.cwd != target:
             continue
         try:
-            if os.readlink(entry / "cwd") != target:
-                continue
-            pgid = os.getpgid(int(entry.name))
+            pgid = os.getpgid(process.pid)
         except OSError:
             continue
         if pgid != ours:
