@@ -638,6 +638,31 @@ async def test_polls_time_out_without_an_answer() -> None:
             await _closed(port, made)
 
 
+async def _submit_to_a_bursty_server(
+    tmp_path: Path, job_id: str, **timeouts: float
+) -> tuple[RemoteJob, float]:
+    """
+    Submit 6 MiB to a server that reads 1 MiB every 0.35 s and then answers
+    job C{job_id}, with a Client given C{timeouts}; the job and the seconds it took.
+    """
+    file = random_file(tmp_path / "f.bin", 6 * MiB)
+    job = json.dumps({"id": job_id, "profile": "mp4-h264", "state": "queued", "progress": 0})
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    )
+    port, url, made = await _mute_server(
+        burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
+    )
+    c = Client(url, **timeouts)
+    started = reactor.seconds()  # type: ignore[attr-defined]
+    try:
+        got = await c.submit(file, "mp4-h264")
+    finally:
+        await c.close()
+        await _closed(port, made)
+    return got, reactor.seconds() - started  # type: ignore[attr-defined]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) -> None:
     """
@@ -645,22 +670,9 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_short(tmp_path: Path) 
     bursts takes the whole body over several times idle_timeout, and its
     answer is taken.
     """
-    file = random_file(tmp_path / "f.bin", 6 * MiB)
-    job = json.dumps({"id": "c" * 32, "profile": "mp4-h264", "state": "queued", "progress": 0})
-    answer = (
-        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    got, took = await _submit_to_a_bursty_server(
+        tmp_path, "c" * 32, idle_timeout=0.5, request_timeout=10
     )
-    port, url, made = await _mute_server(
-        burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
-    )
-    c = Client(url, idle_timeout=0.5, request_timeout=10)
-    started = reactor.seconds()  # type: ignore[attr-defined]
-    try:
-        got = await c.submit(file, "mp4-h264")
-    finally:
-        await c.close()
-        await _closed(port, made)
-    took = reactor.seconds() - started  # type: ignore[attr-defined]
     assert got.id == "c" * 32
     assert took > 3 * 0.5, took
 
@@ -673,20 +685,9 @@ async def test_the_answer_limit_starts_once_the_body_has_left_the_socket(tmp_pat
     send queue is empty, not from the last write, so a server that reads
     1 MiB every 0.35 s is answered for a 6 MiB body.
     """
-    file = random_file(tmp_path / "f.bin", 6 * MiB)
-    job = json.dumps({"id": "d" * 32, "profile": "mp4-h264", "state": "queued", "progress": 0})
-    answer = (
-        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    got, _ = await _submit_to_a_bursty_server(
+        tmp_path, "d" * 32, idle_timeout=0.5, request_timeout=0.5
     )
-    port, url, made = await _mute_server(
-        burst=0.35, expect=file.stat().st_size, answer=answer % (len(job), job.encode())
-    )
-    c = Client(url, idle_timeout=0.5, request_timeout=0.5)
-    try:
-        got = await c.submit(file, "mp4-h264")
-    finally:
-        await c.close()
-        await _closed(port, made)
     assert got.id == "d" * 32
 
 
