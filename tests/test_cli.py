@@ -246,24 +246,13 @@ def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any, sig: int) -> None:
     """SIGINT or SIGTERM during --wait exits 130 saying so; the job goes on running on the server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCODER_")}
-    proc = subprocess.Popen(
-        [
-            *(transcoder(), "submit", str(clips.av_long), "-p", "mp4-h264"),
-            *("--param", "preset=veryslow", "--wait", "-q", "--server", server.url),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        text=True,
+    proc = _start(
+        *("submit", str(clips.av_long), "-p", "mp4-h264"),
+        *("--param", "preset=veryslow", "--wait", "-q", "--server", server.url),
     )
     assert proc.stdout is not None
     job_id = proc.stdout.readline().strip()
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
-    assert "transcoder: interrupted" in stderr
+    _interrupt(proc, sig)
     status = _run(server, "status", job_id)
     assert json.loads(status.stdout)["state"] in ("queued", "running", "succeeded")
     _run(server, "cancel", job_id)
@@ -399,6 +388,19 @@ def _start(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _interrupt(proc: subprocess.Popen[str], sig: int) -> tuple[str, str]:
+    """
+    Send C{sig} to C{proc}; its stdout and stderr, once it has exited 130
+    saying it was interrupted, without a traceback.
+    """
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "transcoder: interrupted" in stderr
+    assert "Traceback" not in stderr
+    return stdout, stderr
+
+
 def _await_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
     """What C{proc} wrote on stderr up to a line that starts with C{prefix}."""
     assert proc.stderr is not None
@@ -428,13 +430,9 @@ def test_signal_during_upload_exits_130(tmp_path: Path, sig: int) -> None:
     try:
         proc = _start("submit", str(file), "-p", "mp4-h264", "-s", raw.url)
         _await_line(proc, "upload:")
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, _ = _interrupt(proc, sig)
     finally:
         raw.close()
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
-    assert "transcoder: interrupted" in stderr
-    assert "Traceback" not in stderr
     assert stdout == ""
 
 
@@ -450,13 +448,9 @@ def test_signal_during_download_exits_130(tmp_path: Path, sig: int) -> None:
     try:
         proc = _start("download", fake.JOB_ID, "-o", str(out), "-s", fake.url)
         _await_line(proc, "download: 10%")
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=30)
+        _interrupt(proc, sig)
     finally:
         fake.close()
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
-    assert "transcoder: interrupted" in stderr
-    assert "Traceback" not in stderr
     assert not out.exists()
     # At least the tenth the progress line counted, at most what was sent.
     assert (8 << 20) // 10 <= (tmp_path / "out.bin.part").stat().st_size <= 1 << 20
@@ -483,13 +477,9 @@ def test_signal_as_the_command_starts_exits_130() -> None:
         while not _catches(proc.pid, signal.SIGTERM):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.001)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        _interrupt(proc, signal.SIGTERM)
     finally:
         raw.close()
-    assert proc.returncode == EXIT_INTERRUPTED, stderr
-    assert "transcoder: interrupted" in stderr
-    assert "Traceback" not in stderr
 
 
 _PACED = """
