@@ -1057,6 +1057,18 @@ async def test_upload_that_stalls_mid_body_is_408_too_slow(make_api: Callable[..
     assert api.registry.jobs() == []
 
 
+async def _retry_later(port: int, target: str, code: str) -> Reply:
+    """An upload to C{target} that asks for 100-continue: the spec's 503 C{code}, with Retry-After."""
+    reply = await exchange(
+        port,
+        f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        "Expect: 100-continue\r\n\r\n".encode(),
+    )
+    checked("PUT", target, reply, 503, code)
+    assert int(reply.headers["retry-after"]) >= 1
+    return reply
+
+
 @pytest_twisted.ensureDeferred
 async def test_shutting_down_is_503_with_retry_after(make_api: Callable[..., Api]) -> None:
     """Once the site drains for shutdown, an upload gets the spec's 503 shutting_down with Retry-After."""
@@ -1065,13 +1077,7 @@ async def test_shutting_down_is_503_with_retry_after(make_api: Callable[..., Api
     assert await site.drain(0) == 0
     target = "/jobs?profile=mp4-h264"
     async with served(api, site=site) as port:
-        reply = await exchange(
-            port,
-            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-            "Expect: 100-continue\r\n\r\n".encode(),
-        )
-    checked("PUT", target, reply, 503, "shutting_down")
-    assert int(reply.headers["retry-after"]) >= 1
+        await _retry_later(port, target, "shutting_down")
 
 
 @pytest_twisted.ensureDeferred
@@ -1096,13 +1102,7 @@ async def test_upload_under_way_counts_against_max_queued(make_api: Callable[...
         while not site.uploads and time.monotonic() < end:
             await sleep(0.01)
         assert len(site.uploads) == 1
-        reply = await exchange(
-            port,
-            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-            "Expect: 100-continue\r\n\r\n".encode(),
-        )
-        checked("PUT", target, reply, 503, "queue_full")
-        assert int(reply.headers["retry-after"]) >= 1
+        reply = await _retry_later(port, target, "queue_full")
         assert b"100 Continue" not in reply.body
         assert arriving.transport is not None
         arriving.transport.write(b"a" * 1000)
