@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
@@ -101,12 +101,18 @@ class MemoryStore:
         self.rows: dict[str, dict[str, Any]] = {j.id: j.to_record() for j in jobs or []}
         self.saves: list[dict[str, Any]] = []
         self.closed = False
+        # While set, every write fails with it (a full disk, say).
+        self.failing: Exception | None = None
+        self.failed_writes = 0
 
     def load(self) -> list[Job]:
         return sorted((Job.from_record(r) for r in self.rows.values()), key=lambda j: j.seq)
 
     def save(self, job: Job) -> Deferred[None]:
         assert not self.closed, "save after close"
+        if self.failing is not None:
+            self.failed_writes += 1
+            return fail(self.failing)
         record = job.to_record()
         self.saves.append(record)
         self.rows[job.id] = record
@@ -114,6 +120,12 @@ class MemoryStore:
 
     def delete(self, job_id: str) -> Deferred[None]:
         self.rows.pop(job_id, None)
+        return succeed(None)
+
+    def check(self) -> Deferred[None]:
+        if self.failing is not None:
+            self.failed_writes += 1
+            return fail(self.failing)
         return succeed(None)
 
     def close(self) -> Deferred[None]:

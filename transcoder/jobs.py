@@ -165,6 +165,9 @@ class IJobStore(Interface):
     def delete(job_id: str) -> Deferred[None]:
         """Forget a job."""
 
+    def check() -> Deferred[None]:
+        """Make a small write, to learn whether the store takes writes again after failing."""
+
     def close() -> Deferred[None]:
         """Finish pending writes and release the storage."""
 

@@ -16,12 +16,13 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,6 +40,15 @@ RUNNING_MAX_PROGRESS = 99.9
 _RECOVERY_GRACE = 2.0
 # Retry-After for a full queue before any job has finished to measure by.
 _DEFAULT_RETRY_AFTER = 30
+# Free space in the data dir below which no upload is taken and no encoder
+# runs: what the job store needs to record the states of the jobs in flight.
+STORE_HEADROOM = 1 << 20
+# Pauses between attempts to record a job's end; once they are used up, the
+# job is recorded as failed for the store's sake instead (see _record).
+_RECORD_RETRIES = (0.1, 0.5, 1.0, 2.0)
+# Seconds between writes that test a failing store, and between the later
+# attempts to record a job's end.
+STORE_RECHECK = 2.0
 
 
 class _Outcome(Protocol):
@@ -165,6 +175,10 @@ class JobRegistry:
         self._stopping = False
         self._stopped: Deferred[None] | None = None
         self._scheduling = False
+        # Why the store's last write failed, until one succeeds again: no job
+        # starts and no upload is taken meanwhile.
+        self.store_error: str | None = None
+        self._store_check: IDelayedCall | None = None
 
     # -- public surface ----------------------------------------------------
 
@@ -215,6 +229,13 @@ class JobRegistry:
         """
         if self._stopping:
             raise _shutting_down()
+        if self.store_error is not None:
+            raise APIError(
+                503,
+                "store_unavailable",
+                "the server cannot record new jobs right now; try again later",
+                {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
+            )
         if self._max_queued is None:
             return
         free = max(0, self._workers - len(self._running))
@@ -249,6 +270,7 @@ class JobRegistry:
         job.state = JobState.QUEUED
 
         def stored(_: None) -> Job:
+            self._store_ok()
             self._jobs[job.id] = job
             self._enqueue(job)
             self._notify(job)
@@ -257,6 +279,7 @@ class JobRegistry:
 
         def notStored(f: Failure) -> Failure:
             _log.failure("could not store new job {job_id}", f, job_id=job.id)
+            self._store_failed(f.value)
             _remove(self.job_dir(job.id))
             return f
 
@@ -396,7 +419,12 @@ class JobRegistry:
             return
         self._scheduling = True
         try:
-            while self._started and not self._stopping and len(self._running) < self._workers:
+            while (
+                self._started
+                and not self._stopping
+                and self.store_error is None
+                and len(self._running) < self._workers
+            ):
                 job = self._pop_queued()
                 if job is None:
                     break
@@ -509,21 +537,22 @@ class JobRegistry:
             now = self._reactor.seconds()
             if outcome.state is JobState.SUCCEEDED or not (run.cancel_requested or run.requeue):
                 # A result that made it before the signal is kept.
-                self._record_end(job, now, outcome)
+                saved = self._record(job, lambda j: self._record_end(j, now, outcome))
             elif run.cancel_requested:
-                self._record_end(job, now, _InternalOutcome(JobState.CANCELLED))
+                ended = _InternalOutcome(JobState.CANCELLED)
+                saved = self._record(job, lambda j: self._record_end(j, now, ended))
             else:
                 _remove_partials(self.job_dir(job.id))
                 _reset(job)
-            saved = self._persist(job)
-            self._notify(job)
+                saved = self._persist(job).addCallback(lambda _: job)
+                self._notify(job)
         except Exception:
             _log.failure("error recording the end of job {job_id}", job_id=job.id)
-            saved = succeed(None)
+            saved = succeed(job)
         finally:
             self._schedule()
 
-        def release(_: None) -> None:
+        def release(_: Job) -> None:
             for d in run.ended:
                 d.callback(job)
 
@@ -549,18 +578,23 @@ class JobRegistry:
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> Deferred[Job]:
         """End a job that is not running."""
-        job.state = state
-        job.error = error
-        job.finished_at = self._reactor.seconds()
         if state is JobState.FAILED:
             _log.warn("job {job_id} failed: {error}", job_id=job.id, error=error)
-        d = self._persist(job)
-        self._notify(job)
-        return d.addCallback(lambda _: job)
+        now = self._reactor.seconds()
+
+        def end(j: Job) -> None:
+            j.state = state
+            j.error = error
+            j.finished_at = now
+
+        return self._record(job, end)
 
     # -- stopping and deleting ---------------------------------------------
 
     async def _stop(self) -> None:
+        if self._store_check is not None and self._store_check.active():
+            self._store_check.cancel()
+        self._store_check = None
         ended: list[Deferred[Job]] = []
         for run in list(self._running.values()):
             run.requeue = True
@@ -599,8 +633,93 @@ class JobRegistry:
 
         def failed(f: Failure) -> None:
             _log.failure("could not store job {job_id}", f, job_id=job.id)
+            self._store_failed(f.value)
 
-        return _maybe_deferred(self._store.save, job).addErrback(failed)
+        return _maybe_deferred(self._store.save, job).addCallbacks(
+            lambda _: self._store_ok(), failed
+        )
+
+    def _record(self, job: Job, change: Callable[[Job], None]) -> Deferred[Job]:
+        """
+        Apply C{change} (a job's end) to C{job} once the store has recorded it.
+
+        Until then clients see the job as it was: a state they saw must
+        survive a restart.  Each write is tried again after a pause; when
+        L{_RECORD_RETRIES} are used up, the job is recorded as failed for the
+        store's sake instead, its result removed (space back on a full disk
+        is what most often lets the next write through), and that is tried
+        until it is written.  A stopping registry gives up: the job keeps its
+        stored state and runs again at the next start.
+        """
+        return Deferred.fromCoroutine(self._record_until_stored(job, change))
+
+    async def _record_until_stored(self, job: Job, change: Callable[[Job], None]) -> Job:
+        draft = Job.from_record(job.to_record())
+        change(draft)
+        failures = 0
+        while True:
+            try:
+                await _maybe_deferred(self._store.save, draft)
+            except Exception as e:
+                if failures == 0:
+                    _log.failure("could not record the end of job {job_id}", job_id=job.id)
+                else:
+                    _log.warn(
+                        "could not record the end of job {job_id} ({error}), attempt {n}",
+                        job_id=job.id,
+                        error=str(e),
+                        n=failures + 1,
+                    )
+                self._store_failed(e)
+                failures += 1
+                if failures == len(_RECORD_RETRIES) + 1:
+                    draft = Job.from_record(job.to_record())
+                    _store_failure(draft, self._reactor.seconds(), e)
+                    _remove_results(self.job_dir(job.id))
+                pause = _RECORD_RETRIES[failures - 1] if failures <= len(_RECORD_RETRIES) else None
+                await deferLater(self._reactor, pause or STORE_RECHECK, lambda: None)
+                if self._stopping or self._jobs.get(job.id) is not job:
+                    # Stopping, or deleted meanwhile: nothing to show it to.
+                    return job
+                continue
+            self._store_ok()
+            for name in _JOB_FIELDS:
+                setattr(job, name, getattr(draft, name))
+            self._notify(job)
+            return job
+
+    def _store_failed(self, error: BaseException | None) -> None:
+        if self.store_error is None:
+            _log.error(
+                "the job store failed ({error}): no job starts and no upload is taken "
+                "until it takes writes again",
+                error=str(error),
+            )
+        self.store_error = str(error) or type(error).__name__
+        if self._store_check is None and not self._stopping:
+            self._store_check = self._reactor.callLater(STORE_RECHECK, self._check_store)
+
+    def _store_ok(self) -> None:
+        if self.store_error is None:
+            return
+        _log.info("the job store takes writes again")
+        self.store_error = None
+        if self._store_check is not None and self._store_check.active():
+            self._store_check.cancel()
+        self._store_check = None
+        self._schedule()
+
+    def _check_store(self) -> None:
+        self._store_check = None
+        if self.store_error is None or self._stopping:
+            return
+
+        def failed(f: Failure) -> None:
+            self._store_failed(f.value)
+
+        _maybe_deferred(lambda _: self._store.check(), None).addCallbacks(
+            lambda _: self._store_ok(), failed
+        )
 
     def _notify(self, job: Job) -> None:
         for d in self._waiters.pop(job.id, []):
@@ -625,6 +744,18 @@ def _shutting_down() -> APIError:
         "the server is shutting down; try again shortly",
         {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
     )
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+def _store_failure(job: Job, now: float, error: BaseException) -> None:
+    """C{job} failed because its end could not be recorded."""
+    job.state = JobState.FAILED
+    job.error = f"the server could not record this job's outcome: {error}"
+    job.finished_at = now
+    job.output = None
+    job.progress = min(job.progress, RUNNING_MAX_PROGRESS)
 
 
 def _reset(job: Job) -> None:
@@ -688,6 +819,12 @@ def _empty(directory: Path) -> None:
     for entry in directory.iterdir():
         _log.info("removing {path}: an upload that never finished", path=str(entry))
         _remove(entry)
+
+
+def _remove_results(job_dir: Path) -> None:
+    if job_dir.is_dir():
+        for result in job_dir.glob("result.*"):
+            _remove(result)
 
 
 def _remove_partials(job_dir: Path) -> None:

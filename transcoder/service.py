@@ -24,7 +24,7 @@ from transcoder.auth import TokenAuth, TokenFileError
 from transcoder.metrics import Metrics
 from transcoder.probe import probing_with
 from transcoder.profiles import ProfileError, load_profiles
-from transcoder.registry import JobRegistry
+from transcoder.registry import STORE_HEADROOM, JobRegistry
 from transcoder.retention import RetentionSweeper
 from transcoder.runner import env_chdir, execute_job
 from transcoder.store import SQLiteJobStore
@@ -114,7 +114,8 @@ class Options(usage.Options):
             "min-free-disk",
             None,
             "1G",
-            "Refuse uploads (507) while the data dir has less free space.",
+            "Refuse uploads (507) while the data dir has less free space "
+            "(at least 1M, kept for the job database).",
         ],
         ["shutdown-grace", None, "30s", "On SIGTERM, give in-flight uploads this long to finish."],
     ]
@@ -281,7 +282,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         data_dir,
         options["max-upload-size"],
         auth=options["tokens-loaded"],
-        min_free_disk=options["min-free-disk"],
+        # Even --min-free-disk 0 keeps room for the job states still to be written.
+        min_free_disk=max(options["min-free-disk"], STORE_HEADROOM),
         metrics=metrics,
     )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])

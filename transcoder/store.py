@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
+CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
 
 _UPSERT = """
@@ -96,6 +98,12 @@ class SQLiteJobStore:
 
     def delete(self, job_id: str) -> Deferred[None]:
         return self._write(self._execute, "DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def check(self) -> Deferred[None]:
+        # A real write: on a full disk a read succeeds while every save fails.
+        return self._write(
+            self._execute, "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),)
+        )
 
     def close(self) -> Deferred[None]:
         """Wait for the writes already asked for, then close the file and the thread."""

@@ -657,19 +657,22 @@ class HealthResource(EndResource):
 
     def render_GET(self, request: server.Request) -> bytes:
         free = self._free_disk(self._data_dir)
-        return write_json(
-            request,
-            200,
-            {
-                # Still up with too little disk: downloads and status work, uploads get 507.
-                "status": "ok" if free >= self._min_free else "low_disk",
-                "version": __version__,
-                "queued": self._registry.queued_count,
-                "running": self._registry.running_count,
-                "free_disk": free,
-                "min_free_disk": self._min_free,
-            },
-        )
+        store_error = self._registry.store_error
+        body: dict[str, object] = {
+            # Still up with too little disk: downloads and status work, uploads get 507.
+            "status": "ok" if free >= self._min_free else "low_disk",
+            "version": __version__,
+            "queued": self._registry.queued_count,
+            "running": self._registry.running_count,
+            "free_disk": free,
+            "min_free_disk": self._min_free,
+        }
+        if store_error is not None:
+            # 503, so that a balancer sends uploads elsewhere: none is taken here.
+            body["status"] = "store_failing"
+            body["store_error"] = store_error
+            return write_json(request, 503, body)
+        return write_json(request, 200, body)
 
 
 class GuardedResource(JSONResource):
