@@ -264,6 +264,8 @@ def test_a_full_disk_never_shows_a_state_the_database_lacks(
         assert code == 503, health
         assert health["status"] == "store_failing", health
         assert health["store_error"], health
+        # --min-free-disk 0 still keeps the database's headroom for uploads.
+        assert health["min_free_disk"] == 1 << 20, health
         _, seen = _get(job_url)
         assert seen["state"] == "running", seen
         assert _stored_state(data, job["id"]) == "running"
