@@ -7,6 +7,7 @@ import hmac
 import json
 import subprocess
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,6 +102,69 @@ def test_a_webhook_pending_at_shutdown_is_sent_after_a_restart(tmp_path: Path) -
         again.stop()
         receiver.shutdown()
     assert len(Receiver.received) == 1
+
+
+class Failing(BaseHTTPRequestHandler):
+    """A receiver that is always broken: every POST gets 500."""
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Failing.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _attempt_ended(server: ServerProcess) -> bool:
+    return "failed (HTTP 500)" in server.output or "giving up" in server.output
+
+
+def test_six_attempts_in_all_across_restarts(tmp_path: Path) -> None:
+    """A webhook whose receiver always fails gets six POSTs in all, with one delivery id, however often the server restarts: the journal keeps the count (each restart here comes after the retry was due)."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Failing.received = []
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    garbage = tmp_path / "noise.bin"
+    garbage.write_bytes(bytes(range(256)) * 4096)
+    data = tmp_path / "data"
+    journal = data / "webhooks"
+    try:
+        server = ServerProcess(data)
+        try:
+            r = subprocess.run(
+                ["curl", "-sS", "-T", str(garbage),
+                 f"{server.url}/jobs?profile=avi-mpeg4&callback_url={quote(hook, safe='')}"],
+                capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+            entry = journal / f"{json.loads(r.stdout)['id']}.json"
+            # The job fails (not media) and its first attempt gets 500.
+            assert wait_for(lambda: "failed (HTTP 500)" in server.output, timeout=30), server.output
+        finally:
+            server.stop()
+        for _ in range(7):
+            pending = entry.exists()
+            if pending:
+                # As if the server had been down until the retry was due.
+                record = json.loads(entry.read_text())
+                record["due"] = 0
+                entry.write_text(json.dumps(record))
+            again = ServerProcess(data)
+            try:
+                if pending:
+                    assert wait_for(partial(_attempt_ended, again), timeout=30), again.output
+            finally:
+                again.stop()
+    finally:
+        receiver.shutdown()
+    assert len(Failing.received) == 6
+    assert len({headers["x-transcoder-delivery"] for headers, _ in Failing.received}) == 1
+    assert not entry.exists()
 
 
 def test_ffprobe_runs_with_the_library_order_learnt_at_start(tmp_path: Path, clips: Clips) -> None:
