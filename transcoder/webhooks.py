@@ -348,10 +348,13 @@ class WebhookNotifier:
         self._prune_at = max(_PRUNE_AT, 2 * len(self._handled))
 
     def _begin(self, job: Job, url: str) -> None:
-        if not is_callback_url(url):
+        problem = callback_url_problem(url)
+        if problem is not None:
+            # Stored before the check got stricter.
             _log.warn(
-                "not calling back job {job_id}: its callback_url is not an http(s) URL",
+                "not calling back job {job_id}: its callback_url {problem}",
                 job_id=job.id,
+                problem=problem,
             )
             return
         # The job may change again (be deleted) before a retry: every attempt sends this snapshot.
