@@ -683,6 +683,41 @@ async def test_result_download_headers_ranges_and_conditionals(
     assert (reply.code, reply.body) == (200, content)
 
 
+@pytest.mark.parametrize("change", ["remove", "truncate", "directory", "grow"])
+@pytest_twisted.ensureDeferred
+async def test_a_result_changed_behind_the_servers_back_is_410(
+    make_api: Callable[..., Api], change: str
+) -> None:
+    """A result removed, cut short, grown or replaced by a directory after the job succeeded: the download (GET, HEAD, with or without If-None-Match) answers 410 result_missing in JSON, never 500 or other bytes under the old ETag, and the job (and the listing) says output.missing."""
+    api = make_api()
+    content = os.urandom(50_000)
+    job = await api.upload()
+    api.succeed(job["id"], content)
+    url = f"/jobs/{job['id']}/result"
+    etag = (await api.call("GET", url)).headers["etag"]
+    assert "missing" not in (await api.call("GET", f"/jobs/{job['id']}")).json()["output"]
+    result = api.registry.job_dir(job["id"]) / "result.mp4"
+    if change == "remove":
+        result.unlink()
+    elif change == "truncate":
+        result.write_bytes(content[:1000])
+    elif change == "grow":
+        result.write_bytes(content + b"more")
+    else:
+        result.unlink()
+        result.mkdir()
+    for method, headers in (("GET", {}), ("HEAD", {}), ("GET", {"If-None-Match": etag})):
+        reply = await api.call(method, url, headers=headers)
+        assert reply.code == 410, (method, reply.body)
+        if method == "GET":
+            assert reply.json()["error"]["code"] == "result_missing"
+    reply = await api.call("GET", f"/jobs/{job['id']}")
+    assert reply.json()["state"] == "succeeded"
+    assert reply.json()["output"]["missing"] is True
+    listed = (await api.call("GET", "/jobs")).json()["jobs"]
+    assert [j["output"]["missing"] for j in listed] == [True]
+
+
 @pytest_twisted.ensureDeferred
 async def test_curl_saves_the_result_under_its_name(
     make_api: Callable[..., Api], tmp_path: Path

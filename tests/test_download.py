@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,47 @@ async def test_missing_file_and_bad_method_are_json(tmp_path: Path) -> None:
     assert code == 405
     assert headers["allow"] == "GET, HEAD"
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
+def gone_410(problem: str) -> APIError:
+    return APIError(410, "result_missing", f"the result {problem}")
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda p: p.unlink(), "is gone"),
+        (lambda p: p.write_bytes(CONTENT[:100]), "holds 100 bytes, not its 10240"),
+        (lambda p: (p.unlink(), p.mkdir()), "is not a regular file"),
+        (lambda p: (p.unlink(), os.mkfifo(p)), "is not a regular file"),
+    ],
+    ids=["removed", "truncated", "directory", "fifo"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_file_not_as_expected_is_the_given_error(
+    served_file: Path, make: Callable[[Path], object], problem: str
+) -> None:
+    """With a size, a file that is gone, shorter, a directory or a FIFO (which must not block the open) is answered with the given JSON error naming what is wrong, for GET and HEAD, and no bytes of it."""
+    make(served_file)
+    stub = stub_for(served_file, size=len(CONTENT), gone=gone_410)
+    for method in ("GET", "HEAD"):
+        code, headers, body = await fetch(stub, method)
+        assert code == 410
+        assert "etag" not in headers
+        if method == "GET":
+            assert json.loads(body)["error"] == {
+                "code": "result_missing",
+                "message": f"the result {problem}",
+            }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_without_a_size_is_json_not_500(tmp_path: Path) -> None:
+    """Without a size too, a directory in the file's place is a JSON 404, not a 500."""
+    (tmp_path / "dir.mp4").mkdir()
+    code, _, body = await fetch(stub_for(tmp_path / "dir.mp4"))
+    assert code == 404
+    assert json.loads(body)["error"]["code"] == "not_found"
 
 
 @pytest_twisted.ensureDeferred

@@ -275,6 +275,12 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], dict[str, object]]
             422,
             "invalid_callback_url",
         ),
+        (
+            "PUT",
+            "/jobs?profile=avi-mpeg4&callback_url=http%3A%2F%2Fuser%3Apw%40127.0.0.1%3A9%2Fcb",
+            422,
+            "invalid_callback_url",
+        ),
     ],
 )
 def test_refused_before_the_body_without_100_continue(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from fakes import AnnouncingRegistry
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -30,6 +31,8 @@ from transcoder.webhooks import (
     EVENT_HEADER,
     SIGNATURE_HEADER,
     WebhookNotifier,
+    callback_request_url,
+    callback_url_problem,
     is_callback_url,
     sign,
     verify_signature,
@@ -412,11 +415,42 @@ def test_invalid_url_is_not_called() -> None:
         ("example.com/hook", False),
         ("", False),
         ("http://example.com/" + "a" * 2048, False),
+        ("http://user:pw@127.0.0.1:9/cb", False),
+        ("http://user@example.com/", False),
+        ("http://[fe80::1%25lo]:8080/", False),
+        ("http://[v1.x]/", False),
+        ("http://example.com:0/", False),
+        ("http://exa%20mple.com/", False),
+        ("http://my_service:8080/hook", True),
+        ("http://b\u00fccher.example/\u00e4", True),
     ],
 )
 def test_is_callback_url(url: str, ok: bool) -> None:
-    """Only absolute http(s) URLs with a host, a valid port and no whitespace are accepted."""
+    """Only http(s) URLs that can be delivered are accepted: a host (a name or an IP address, IPv6 in brackets without a zone), a valid port, no whitespace, no credentials."""
     assert is_callback_url(url) is ok
+
+
+@pytest.mark.parametrize(
+    ("url", "wire"),
+    [
+        ("http://[::1]:8080/v6?a=b#frag", b"http://[::1]:8080/v6?a=b"),
+        ("HTTPS://Example.COM", b"https://example.com/"),
+        (
+            "http://b\u00fccher.example/\u00e4?q=\u00fc&r=a%20b",
+            b"http://xn--bcher-kva.example/%C3%A4?q=%C3%BC&r=a%20b",
+        ),
+    ],
+)
+def test_callback_request_url(url: str, wire: bytes) -> None:
+    """The URL is sent as ASCII: the host in IDNA, IPv6 literals bracketed, path and query percent-encoded, no fragment."""
+    assert callback_request_url(url) == wire
+
+
+def test_credentials_are_refused_with_a_reason() -> None:
+    """A URL with user:password@ is refused with a message that says why (they would be stored and logged)."""
+    problem = callback_url_problem("http://user:pw@127.0.0.1:9/cb")
+    assert problem is not None and "password" in problem
+    assert callback_url_problem("http://127.0.0.1:9/cb") is None
 
 
 def test_memory_of_handled_jobs_follows_the_registry() -> None:
@@ -486,7 +520,7 @@ def journal_env(journal: Path, codes: list[int], **kw: Any) -> Env:
 
 
 def test_a_pending_delivery_is_sent_again_after_a_restart(tmp_path: Path) -> None:
-    """A delivery still failing when the notifier stops stays in the journal; a new notifier on the same journal sends it at start, with the same body and delivery id, and forgets it once delivered."""
+    """A delivery still failing when the notifier stops stays in the journal; a new notifier on the same journal sends it once its retry is due, with the same body and delivery id, and forgets it once delivered."""
     journal = tmp_path / "webhooks"
     first = journal_env(journal, codes=[503])
     job = finished_job()
@@ -497,9 +531,9 @@ def test_a_pending_delivery_is_sent_again_after_a_restart(tmp_path: Path) -> Non
     assert [p.name for p in journal.iterdir()] == [f"{job.id}.json"]
 
     second = journal_env(journal, codes=[200])
-    # Sent from the reactor's next turn, not within start().
+    # Never within start(); the first retry was due 0.5 to 1 s after the first attempt.
     assert second.receiver.received == []
-    second.clock.advance(0)
+    second.clock.advance(1.0)
     [again] = second.receiver.received
     [before] = first.receiver.received
     assert again.body == before.body
@@ -543,3 +577,91 @@ def test_unreadable_journal_entries_are_dropped(tmp_path: Path) -> None:
     env.clock.advance(0)
     assert env.receiver.received == []
     assert list(journal.iterdir()) == []
+
+
+def test_attempts_are_counted_across_restarts(tmp_path: Path) -> None:
+    """A receiver that always fails gets max_attempts POSTs in all, however often the notifier restarts between attempts: the count and the next retry's time are in the journal."""
+    journal = tmp_path / "webhooks"
+    received: list[Received] = []
+    first = journal_env(journal, codes=[500], max_attempts=6)
+    first.registry.change(finished_job())
+    received += first.receiver.received
+    first.notifier.stop()
+    for _ in range(10):
+        env = journal_env(journal, codes=[500], max_attempts=6)
+        # Long past any retry's time: each restart makes at most one attempt.
+        env.clock.advance(10_000)
+        received += env.receiver.received
+        env.notifier.stop()
+    assert len(received) == 6
+    assert len({r.header(DELIVERY_HEADER) for r in received}) == 1
+    assert list(journal.iterdir()) == []
+
+
+def test_the_backoff_goes_on_after_a_restart(tmp_path: Path) -> None:
+    """After a restart the next attempt waits for the rest of its backoff, not less."""
+    journal = tmp_path / "webhooks"
+    first = journal_env(journal, codes=[500], base_delay=100.0)
+    first.registry.change(finished_job())
+    [due] = first.timers()
+    first.clock.advance(due / 2)
+    first.notifier.stop()
+    second = journal_env(journal, codes=[500], base_delay=100.0)
+    second.clock.advance(first.clock.seconds())
+    assert second.receiver.received == []
+    second.clock.advance(due / 2 - 0.001)
+    assert second.receiver.received == []
+    second.clock.advance(0.002)
+    assert len(second.receiver.received) == 1
+
+
+def test_an_entry_whose_attempts_are_spent_is_dropped(tmp_path: Path) -> None:
+    """A server killed during a delivery's last attempt leaves an entry that has used them all: the next start drops it and sends nothing."""
+    journal = tmp_path / "webhooks"
+    journal.mkdir()
+    job = finished_job()
+    entry = {
+        "job_id": job.id,
+        "url": URL,
+        "delivery_id": str(uuid.uuid4()),
+        "body": "{}",
+        "attempts": 6,
+        "due": 0.0,
+    }
+    (journal / f"{job.id}.json").write_text(json.dumps(entry))
+    env = journal_env(journal, codes=[500], max_attempts=6)
+    env.clock.advance(10_000)
+    assert env.receiver.received == []
+    assert list(journal.iterdir()) == []
+    assert env.notifier.pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_literal_is_delivered() -> None:
+    """A callback URL with an IPv6 literal (http://[::1]:port/) reaches a real receiver on ::1 through the default HTTP client."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    receiver = Receiver([200])
+    try:
+        port = reactor.listenTCP(0, Site(receiver), interface="::1")
+    except CannotListenError:
+        pytest.skip("no ::1 here")
+    registry = AnnouncingRegistry()
+    notifier = WebhookNotifier(reactor, registry, secret=SECRET, timeout=5.0)
+    notifier.start()
+    try:
+        arrived = receiver.next_request()
+        job = finished_job(callback_url=f"http://[::1]:{port.getHost().port}/v6?x=1")
+        registry.change(job)
+        got = await arrived.addTimeout(10, reactor)
+        assert got.path == b"/v6?x=1"
+        assert json.loads(got.body) == job.to_json()
+        assert verify_signature(SECRET, got.body, got.header(SIGNATURE_HEADER))
+        for _ in range(200):
+            if notifier.pending == 0:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert notifier.pending == 0
+    finally:
+        notifier.stop()
+        await port.stopListening()

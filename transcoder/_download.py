@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -94,6 +96,44 @@ class FileProducer:
             del transport.SEND_LIMIT
 
 
+def file_problem(path: Path, size: int) -> str | None:
+    """
+    What is wrong with the C{size}-byte regular file that should be at
+    C{path} (C{"is gone"}, C{"is not a regular file"}, C{"holds 10 of its 20
+    bytes"}), or None when it is there, whole as far as a stat can tell.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "is gone"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return _stat_problem(st, size)
+
+
+def _stat_problem(st: os.stat_result, size: int) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_size != size:
+        return f"holds {st.st_size} bytes, not its {size}"
+    return None
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    # O_NONBLOCK: a FIFO put in the file's place would otherwise block the
+    # reactor in open() until some writer came; it changes nothing for a file.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _gone(problem: str) -> APIError:
+    return APIError(404, "not_found", f"the file {problem}")
+
+
 def _http_date(value: bytes) -> float | None:
     try:
         return parsedate_to_datetime(value.decode("latin-1")).timestamp()
@@ -168,10 +208,18 @@ class FileResource(JSONResource):
         etag: str | None = None,
         filename: str | None = None,
         chunk_size: int = CHUNK_SIZE,
+        size: int | None = None,
+        gone: Callable[[str], APIError] = _gone,
     ) -> None:
         """
         @param etag: a strong entity tag, without quotes; none when not given.
         @param filename: offered to the client with C{Content-Disposition: attachment}.
+        @param size: the size the file must have: the ETag names those bytes,
+            and a file cut short behind the server's back must not be served
+            under it.
+        @param gone: the error to answer, given what is wrong (see
+            L{file_problem}), when the file is missing, not a regular file,
+            or not C{size} bytes long.
         """
         super().__init__()
         self._path = path
@@ -179,6 +227,8 @@ class FileResource(JSONResource):
         self._etag = f'"{etag}"'.encode("ascii") if etag is not None else None
         self._filename = filename
         self._chunk = chunk_size
+        self._size = size
+        self._gone = gone
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         if path == b"" and not request.postpath:
@@ -187,19 +237,32 @@ class FileResource(JSONResource):
 
     def render_GET(self, request: server.Request) -> bytes | int:
         try:
-            f = self._path.open("rb")
-        except FileNotFoundError:
-            return write_error(request, APIError(404, "not_found", "the file is gone"))
+            f = _open_regular(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            return self._refuse(request, "is gone")
+        except IsADirectoryError:
+            return self._refuse(request, "is not a regular file")
+        except OSError as e:
+            return self._refuse(request, f"cannot be read ({e.strerror})")
         try:
-            return self._render(request, f)
+            # Checked on what was opened, not on the path, which may change meanwhile.
+            st = os.fstat(f.fileno())
+            problem = _stat_problem(st, st.st_size if self._size is None else self._size)
+            if problem is not None:
+                f.close()
+                return self._refuse(request, problem)
+            return self._render(request, f, st)
         except BaseException:
             f.close()
             raise
 
     render_HEAD = render_GET
 
-    def _render(self, request: server.Request, f: BinaryIO) -> bytes | int:
-        st = os.fstat(f.fileno())
+    def _refuse(self, request: server.Request, problem: str) -> bytes:
+        log.warn("not serving {path}: it {problem}", path=str(self._path), problem=problem)
+        return write_error(request, self._gone(problem))
+
+    def _render(self, request: server.Request, f: BinaryIO, st: os.stat_result) -> bytes | int:
         size, mtime = st.st_size, int(st.st_mtime)
         last_modified = http.datetimeToString(mtime)
         request.setHeader(b"Accept-Ranges", b"bytes")

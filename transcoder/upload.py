@@ -50,7 +50,7 @@ from transcoder._spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
 from transcoder.errors import APIError, method_not_allowed
 from transcoder.jobs import InputFile
 from transcoder.profiles import RESERVED_FIELDS, ParamValue, Profile
-from transcoder.webhooks import is_callback_url
+from transcoder.webhooks import callback_url_problem
 
 log = Logger()
 
@@ -176,8 +176,9 @@ def _split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, 
 def _check_callback(url: str | None) -> str | None:
     if url is None or url == "":
         return None
-    if not is_callback_url(url):
-        raise APIError(422, "invalid_callback_url", "callback_url must be an http(s) URL")
+    problem = callback_url_problem(url)
+    if problem is not None:
+        raise APIError(422, "invalid_callback_url", f"callback_url {problem}")
     return url
 
 

@@ -32,7 +32,7 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from transcoder import __version__
-from transcoder._download import FileResource
+from transcoder._download import FileResource, file_problem
 from transcoder._http import (
     ErrorResource,
     JSONResource,
@@ -184,6 +184,28 @@ class _NotReady(APIError):
         out = super().to_json()
         out["error"]["state"] = self.state
         return out
+
+
+def job_json(registry: JobRegistry, job: Job) -> dict[str, Any]:
+    """
+    The job's public JSON, its C{output} marked C{"missing": true} when the
+    result on disk is no longer what the job made (removed, replaced, cut
+    short behind the server's back): a stat per succeeded job.
+    """
+    out = job.to_json()
+    if out["output"] is not None and job.output is not None:
+        path = registry.job_dir(job.id) / job.output.path
+        if file_problem(path, job.output.size) is not None:
+            out["output"]["missing"] = True
+    return out
+
+
+def _result_missing(problem: str) -> APIError:
+    return APIError(
+        410,
+        "result_missing",
+        f"the job's result {problem}: it was removed or changed on the server; run the job again",
+    )
 
 
 UploadReport = Callable[[str, int], None]
@@ -459,7 +481,7 @@ class JobsResource(JSONResource):
             request,
             200,
             {
-                "jobs": [j.to_json() for j in page],
+                "jobs": [job_json(self._registry, j) for j in page],
                 "next": encode_cursor(page[-1].seq) if more else None,
             },
         )
@@ -504,6 +526,8 @@ class JobResource(JSONResource):
                 job.output.media_type,
                 etag=job.output.sha256,
                 filename=result_filename(job),
+                size=job.output.size,
+                gone=_result_missing,
             )
         return super().getChild(path, request)
 
@@ -514,7 +538,7 @@ class JobResource(JSONResource):
             return write_error(request, e)
         job = self._job
         if not wait or job.state.finished:
-            return write_json(request, 200, job.to_json())
+            return write_json(request, 200, job_json(self._registry, job))
         _LongPoll(self._clock, self._registry, job, request, wait)
         return server.NOT_DONE_YET
 
@@ -568,7 +592,7 @@ class _LongPoll:
         if self._registry.get(self._job.id) is not self._job:
             finish_error(self._request, not_found("job"))
         else:
-            _finish_json(self._request, 200, self._job.to_json())
+            _finish_json(self._request, 200, job_json(self._registry, self._job))
 
     def _timedOut(self, f: Failure) -> None:
         f.trap(CancelledError)

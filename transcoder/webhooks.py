@@ -7,31 +7,40 @@ that does not get a 2xx answer is retried with exponential backoff and jitter,
 a bounded number of times.  Everything is asynchronous: the registry's
 notification only schedules work, and no error ever reaches the registry.
 
-With a journal directory, each delivery is written there when it begins and
-removed once it is delivered or given up: deliveries still pending when the
-notifier stops (or the server is killed) are sent again at the next start,
-with the same body and delivery id, so a receiver can tell a repeat.  Without
-one, they live in memory only and are dropped (and logged) on stop.
+With a journal directory, each delivery is written there when it begins, again
+before each attempt (with the count of attempts made) and when its next retry
+is due, and removed once it is delivered or given up: deliveries still pending
+when the notifier stops (or the server is killed) go on at the next start
+where they were, with the same body and delivery id, so that a receiver can
+tell a repeat and a job gets at most C{max_attempts} POSTs across restarts.
+Without one, they live in memory only and are dropped (and logged) on stop.
+
+Callback URLs that could never be delivered (credentials in them, a host that
+is not one) are refused by L{callback_url_problem} when the job is made.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import random
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from transcoder import __version__
 from transcoder.jobs import Job, is_job_id
@@ -74,17 +83,76 @@ def verify_signature(secret: bytes, body: bytes, header: str | bytes | None) -> 
     return hmac.compare_digest(sign(secret, body), header.strip())
 
 
-def is_callback_url(url: str) -> bool:
-    """Whether C{url} is an absolute http(s) URL with a host, fit to POST to."""
+# Characters left as they are in a callback URL's path and query (RFC 3986's
+# unreserved and sub-delims, ":", "@", "/" and an existing "%" escape).
+_PATH_SAFE = "/%!$&'()*+,;=:@~-._"
+_QUERY_SAFE = _PATH_SAFE + "?"
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def callback_request_url(url: str) -> bytes:
+    """
+    C{url} as it goes on the wire: ASCII, the host in IDNA, the path and query
+    percent-encoded, no fragment.  Raises L{ValueError}, saying why, for a URL
+    that could never be delivered, so that it is refused when the job is made
+    rather than failing six times after the job ends.
+    """
     if not url or len(url) > 2048 or any(c.isspace() or ord(c) < 0x20 for c in url):
-        return False
+        raise ValueError("must be an absolute http(s) URL of at most 2048 characters, no spaces")
     try:
         parts = urlsplit(url)
-        # Reading the port checks it is a number in range.
-        parts.port  # noqa: B018
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"is not a valid URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError("must be an http(s) URL")
+    if "@" in parts.netloc:
+        # They would be stored with the job and logged by proxies on the way.
+        raise ValueError(
+            "must not hold a user name or password (user:password@host): "
+            "sign deliveries with --webhook-secret, or put a token in the query"
+        )
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("has no host")
+    if port == 0:
+        raise ValueError("has port 0")
+    if parts.netloc.startswith("["):
+        try:
+            if "%" in host:
+                raise ValueError
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bracketed host that is not an IPv6 address") from None
+        wire_host = f"[{host}]"
+    elif _HOST_NAME.match(host):
+        wire_host = host
+    else:
+        try:
+            wire_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("has a host name that is not valid") from None
+        if not _HOST_NAME.match(wire_host):
+            raise ValueError("has a host name that is not valid")
+    path = quote(parts.path, safe=_PATH_SAFE) or "/"
+    query = "?" + quote(parts.query, safe=_QUERY_SAFE) if parts.query else ""
+    where = f"{wire_host}:{port}" if port is not None else wire_host
+    return f"{scheme}://{where}{path}{query}".encode("ascii")
+
+
+def callback_url_problem(url: str) -> str | None:
+    """Why C{url} cannot be a callback URL (to follow "callback_url "), or None if it can."""
+    try:
+        callback_request_url(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def is_callback_url(url: str) -> bool:
+    """Whether C{url} is an absolute http(s) URL that a delivery can be made to."""
+    return callback_url_problem(url) is None
 
 
 def _for_log(url: str) -> str:
@@ -105,9 +173,66 @@ class _Delivery:
     body: bytes
     # The same for every attempt, so that a receiver can drop duplicates.
     delivery_id: str
+    # Attempts made, those of earlier runs of the server included.
     attempts: int = 0
+    # When the next attempt is due, in the reactor's (wall-clock) seconds.
+    due: float = 0.0
     timer: IDelayedCall | None = None
     request: Deferred[int] | None = None
+
+
+class _AgentPoster:
+    """
+    POSTs through L{twisted.web.client.Agent}, given the URL's wire form.
+
+    Not treq's C{HTTPClient}: treq runs every URL through hyperlink's
+    C{to_uri}, which fails on an IPv6 literal (hyperlink issue #68), so a
+    callback to C{http://[::1]:8080/} could never be delivered.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._agent: Any = None
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        # Imported here, not at the top: twisted.web.client adds about 0.5 MiB
+        # to the server's RSS, and most servers never send a webhook.
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.http_headers import Headers
+
+        if self._agent is None:
+            # Not persistent: webhooks are rare and go to many hosts, and nothing
+            # is left to close on stop.
+            pool = HTTPConnectionPool(self._reactor, persistent=False)
+            self._agent = Agent(self._reactor, pool=pool)
+        headers = Headers({k: [v] for k, v in kwargs.get("headers", {}).items()})
+        # Agent never follows redirects, and hands the answer's body over unread.
+        d: Deferred[Any] = self._agent.request(
+            b"POST", callback_request_url(url), headers, _BytesProducer(kwargs["data"])
+        )
+        return d
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A body already in memory, written at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class WebhookNotifier:
@@ -201,15 +326,7 @@ class WebhookNotifier:
 
     def _client(self) -> _HTTP:
         if self._http is None:
-            # Imported here, not at the top: treq and twisted.web.client add about
-            # 0.5 MiB to the server's RSS, and most servers never send a webhook.
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
-
-            # Not persistent: webhooks are rare and go to many hosts, and nothing
-            # is left to close on stop.
-            pool = HTTPConnectionPool(self._reactor, persistent=False)
-            self._http = cast(_HTTP, HTTPClient(Agent(self._reactor, pool=pool)))
+            self._http = _AgentPoster(self._reactor)
         return self._http
 
     def _changed(self, job: Job) -> None:
@@ -231,17 +348,19 @@ class WebhookNotifier:
         self._prune_at = max(_PRUNE_AT, 2 * len(self._handled))
 
     def _begin(self, job: Job, url: str) -> None:
-        if not is_callback_url(url):
+        problem = callback_url_problem(url)
+        if problem is not None:
+            # Stored before the check got stricter.
             _log.warn(
-                "not calling back job {job_id}: its callback_url is not an http(s) URL",
+                "not calling back job {job_id}: its callback_url {problem}",
                 job_id=job.id,
+                problem=problem,
             )
             return
         # The job may change again (be deleted) before a retry: every attempt sends this snapshot.
         body = json.dumps(job.to_json(self._base_url), separators=(",", ":")).encode("utf-8")
         delivery = _Delivery(job.id, url, body, str(uuid.uuid4()))
         self._deliveries.add(delivery)
-        self._record(delivery)
         self._attempt(delivery)
 
     # The journal: one small JSON file per pending delivery.
@@ -258,6 +377,8 @@ class WebhookNotifier:
             "url": delivery.url,
             "delivery_id": delivery.delivery_id,
             "body": delivery.body.decode("utf-8"),
+            "attempts": delivery.attempts,
+            "due": delivery.due,
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +416,9 @@ class WebhookNotifier:
                     str(entry["url"]),
                     str(entry["body"]).encode("utf-8"),
                     str(entry["delivery_id"]),
+                    # Entries of servers that did not count them yet.
+                    int(entry.get("attempts", 0)),
+                    float(entry.get("due", 0.0)),
                 )
                 if not is_job_id(delivery.job_id) or not is_callback_url(delivery.url):
                     raise ValueError("not a delivery")
@@ -305,13 +429,30 @@ class WebhookNotifier:
             if delivery.job_id in self._handled:
                 continue
             self._handled.add(delivery.job_id)
+            if delivery.attempts >= self._max_attempts:
+                # Killed after its last attempt began, before it ended.
+                path.unlink(missing_ok=True)
+                _log.error(
+                    "giving up on the webhook of job {job_id} to {url}: its {attempts}"
+                    " attempts were made before the restart",
+                    job_id=delivery.job_id,
+                    url=_for_log(delivery.url),
+                    attempts=delivery.attempts,
+                )
+                continue
             self._deliveries.add(delivery)
+            # The backoff goes on where it was; a clock set back does not stretch it.
+            delay = min(max(0.0, delivery.due - self._reactor.seconds()), self._max_delay)
             _log.info(
-                "sending the webhook of job {job_id} again, after a restart",
+                "sending the webhook of job {job_id} again, after a restart"
+                " (attempt {next} of {most}, in {delay:.1f}s)",
                 job_id=delivery.job_id,
+                next=delivery.attempts + 1,
+                most=self._max_attempts,
+                delay=delay,
             )
             # Not within start(): the service is still starting its other parts.
-            delivery.timer = self._reactor.callLater(0, self._attempt, delivery)
+            delivery.timer = self._reactor.callLater(delay, self._attempt, delivery)
 
     def _headers(self, delivery: _Delivery) -> dict[str, str]:
         headers = {
@@ -329,6 +470,8 @@ class WebhookNotifier:
         if delivery not in self._deliveries:
             return
         delivery.attempts += 1
+        # Counted before it is made: a server killed during the attempt has still made it.
+        self._record(delivery)
         request = Deferred.fromCoroutine(self._post(delivery))
         request.addTimeout(self._timeout, self._reactor)
         delivery.request = request
@@ -339,7 +482,7 @@ class WebhookNotifier:
         import treq
 
         response = await self._client().post(
-            delivery.url,
+            callback_request_url(delivery.url).decode("ascii"),
             data=delivery.body,
             headers=self._headers(delivery),
             allow_redirects=False,
@@ -395,6 +538,8 @@ class WebhookNotifier:
             )
             return
         delay = self.retry_delay(delivery.attempts)
+        delivery.due = self._reactor.seconds() + delay
+        self._record(delivery)
         _log.warn(
             "webhook of job {job_id} to {url} failed ({reason}); attempt {next} in {delay:.1f}s",
             job_id=delivery.job_id,
