@@ -329,11 +329,18 @@ def test_multipart_empty_chunk_is_not_the_end() -> None:
     shutil.rmtree(staging.parent)
 
 
+_WINDOWS_DEVICE = re.compile(r"(?i)(CON|PRN|AUX|NUL|COM[1-9¹²³]|LPT[1-9¹²³]) *(\.|\Z)")
 NAMES = st.one_of(
     st.none(),
     st.text(max_size=300),
     st.binary(max_size=300),
     st.text(alphabet="./\\ _-aZ9é\x00\n\u202e.", max_size=300),
+    st.builds(
+        lambda lead, device, tail: lead + device + tail,
+        st.text(alphabet=" .-_ж", max_size=4),
+        st.sampled_from(["CON", "nul", "Aux", "PRN", "COM1", "lpt9", "COM\u00b9"]),
+        st.sampled_from(["", ".mp4", " .tar.gz", "_", "x.flv", "." + "a" * 130]),
+    ),
     st.builds(lambda stem, ext: stem + "." + ext, st.text(max_size=200), st.text(max_size=12)),
 )
 
@@ -341,10 +348,11 @@ NAMES = st.one_of(
 @settings(max_examples=500)
 @given(NAMES, st.sampled_from(["upload", "file", "input"]))
 def test_sanitised_names_are_safe_and_stable(raw: str | bytes | None, default: str) -> None:
-    """Any name, text or bytes, comes out non-empty, at most 120 characters, of safe characters only (letters, marks and digits of any script, and ._ ()+-): no path separator, NUL, control or direction override, no leading dot, NFC; as a path it stays in its directory; sanitising it again changes nothing; and its Content-Disposition is ASCII, naming it exactly."""
+    """Any name, text or bytes, comes out non-empty, at most 120 characters, of safe characters only (letters, marks and digits of any script, and ._ ()+-): no path separator, NUL, control or direction override, no leading dot or dash, not a Windows device name, NFC; as a path it stays in its directory; sanitising it again changes nothing; and its Content-Disposition is ASCII, naming it exactly, with an ASCII name that starts with no dash either and is no device."""
     name = sanitise_filename(raw, default=default)
     assert 0 < len(name) <= MAX_NAME
-    assert not name.startswith(".")
+    assert not name.startswith((".", "-"))
+    assert not _WINDOWS_DEVICE.match(name)
     assert name not in (".", "..")
     assert all(c in "._ ()+-" or unicodedata.category(c)[0] in "LMN" for c in name), name
     assert unicodedata.is_normalized("NFC", name)
@@ -354,6 +362,8 @@ def test_sanitised_names_are_safe_and_stable(raw: str | bytes | None, default: s
     plain = re.match(r'attachment; filename="([^"]+)"', header)
     assert plain is not None
     assert (unquote(star.group(1)) if star else plain.group(1)) == name
+    assert not plain.group(1).startswith((".", "-"))
+    assert not _WINDOWS_DEVICE.match(plain.group(1))
     assert (Path("/jobs/x") / name).parent == Path("/jobs/x")
     assert sanitise_filename(name, default=default) == name
     ext = extension(name)

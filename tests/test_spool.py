@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from transcoder._spool import Spool
+from transcoder._spool import ALLOCATION_STEP, Spool
 
 
 class FailingFile:
@@ -155,21 +155,28 @@ async def test_existing_file_is_never_overwritten(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_file_of_known_size_is_allocated_up_front(tmp_path: Path) -> None:
-    """Opened with its size, a file has its blocks before the bytes arrive (fallocate), and ends with exactly the bytes written."""
+async def test_a_file_of_known_size_is_allocated_a_step_ahead_of_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Opened with a declared size of 64 MiB, a file holds one 8 MiB step of blocks after its first 1000 bytes, not the declared 64 MiB (a slow client must not reserve what it has not sent); it grows a step at a time and ends with exactly the bytes written."""
     spool, _, errors = make_spool()
     path = tmp_path / "input"
-    size = 8 << 20
+    size = 64 << 20
     spool.open(path, size=size)
     spool.write(b"x" * 1000)
-    await settle(lambda: path.exists() and path.stat().st_blocks * 512 >= size)
-    assert path.stat().st_blocks * 512 >= size
+    # The allocation extends the file (fallocate without KEEP_SIZE).
+    await settle(lambda: path.exists() and path.stat().st_size > 0)
+    assert path.stat().st_size == ALLOCATION_STEP
+    assert ALLOCATION_STEP <= path.stat().st_blocks * 512 < 2 * ALLOCATION_STEP
     data = os.urandom(size - 1000)
-    spool.write(data)
+    spool.write(data[: 20 << 20])
+    await settle(lambda: path.stat().st_size > 20 << 20)
+    assert path.stat().st_size <= (20 << 20) + 1000 + ALLOCATION_STEP
+    spool.write(data[20 << 20 :])
     spool.closeFile()
     (f,) = await spool.finish()
     assert path.read_bytes() == b"x" * 1000 + data
-    assert f.size == size
+    assert f.size == size == path.stat().st_size
     assert errors == []
 
 
@@ -177,10 +184,10 @@ async def test_a_file_of_known_size_is_allocated_up_front(tmp_path: Path) -> Non
 async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ENOSPC from the up-front allocation is reported once, finish fails, and abort removes the file."""
+    """ENOSPC from the allocation is reported once, finish fails, and abort removes the file."""
     import transcoder._spool as spool_module
 
-    def full(fd: int, size: int) -> None:
+    def full(fd: int, offset: int, length: int) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(spool_module, "_allocate", full)

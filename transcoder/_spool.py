@@ -57,13 +57,29 @@ except (OSError, AttributeError):
     _fallocate = None
 
 
-def _allocate(fd: int, size: int) -> None:
-    """Allocate C{size} bytes for the file; no space is an error, no support is not."""
-    if _fallocate is None or _fallocate(fd, 0, 0, size) == 0:
-        return
+def _allocate(fd: int, offset: int, length: int) -> bool:
+    """
+    Allocate C{length} bytes of the file from C{offset}, extending it; False
+    where the filesystem cannot (then the bytes are simply written).
+
+    @raise OSError: ENOSPC or EDQUOT.
+    """
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, 0, offset, length) == 0:
+        return True
     err = ctypes.get_errno()
     if err in (errno.ENOSPC, errno.EDQUOT):
         raise OSError(err, os.strerror(err))
+    return False
+
+
+# A file of known size is allocated this far ahead of its bytes, never all at
+# once: a client that declares 60 MB and sends 70 KB now and then must not
+# hold 60 MB of a small disk that other uploads need (issue 14).  The direct
+# writes inside an allocated range are still not extending ones (what the
+# allocation saves, see Spool.open), for one fallocate call per step.
+ALLOCATION_STEP = 8 << 20
 
 
 def _write_all(f: IO[bytes], data: bytes | bytearray | memoryview) -> None:
@@ -255,9 +271,13 @@ class _File:
         onError: Callable[[OSError], None],
         pwrite: PWrite,
         stagingBuffers: int = STAGING_BUFFERS,
+        declared: int | None = None,
     ) -> None:
         self.path = path
         self._f = f
+        # Allocated so far, of a file whose size is known (see ALLOCATION_STEP).
+        self._declared = declared if isinstance(f, io.FileIO) else None
+        self._allocated = 0
         self._stagingBuffers = stagingBuffers
         self.size = 0
         self.sha = hashlib.sha256()
@@ -282,6 +302,8 @@ class _File:
 
     def write(self, data: bytes | bytearray | memoryview, lent: _Lent | None) -> None:
         n = len(data)
+        if self._declared is not None and self.size + n > self._allocated:
+            self._claim(self.size + n)
         writer = self._writer
         if writer is None:
             _write_all(self._f, data)
@@ -298,6 +320,19 @@ class _File:
         self.sha.update(data)
         if self.md5 is not None:
             self.md5.update(data)
+
+    def _claim(self, end: int) -> None:
+        # Before the bytes are handed to a writer thread, so that no write
+        # lands beyond the allocation; never past the declared size, so
+        # that the file ends with exactly the bytes written.
+        assert self._declared is not None
+        target = min(self._declared, max(end, self._allocated + ALLOCATION_STEP))
+        if target <= self._allocated:
+            return
+        if _allocate(self._f.fileno(), self._allocated, target - self._allocated):
+            self._allocated = target
+        else:
+            self._declared = None
 
     def _stage(self, view: memoryview) -> None:
         while view:
@@ -412,8 +447,10 @@ class Spool:
 
     def open(self, path: Path, md5: bool = False, size: int | None = None) -> None:
         """
-        Start a new file.  Given its C{size}, the space is allocated first:
-        a full disk fails at once, and the direct writes that follow are not
+        Start a new file.  Given its C{size}, the space is allocated ahead of
+        the bytes, L{ALLOCATION_STEP} at a time (never all of it at once: the
+        size is only what the client declares): a full disk fails before the
+        bytes of that step are sent to it, and the direct writes are not
         extending ones, which cost half the CPU (0.03 against 0.06 s/GiB).
         """
         self._queue.put(_Open(path, md5, size))
@@ -529,10 +566,14 @@ class Spool:
                     f = self._opener(item.path)
                     self._created.append(item.path)
                     current = _File(
-                        item.path, f, item.md5, report, self._pwrite, self._stagingBuffers
+                        item.path,
+                        f,
+                        item.md5,
+                        report,
+                        self._pwrite,
+                        self._stagingBuffers,
+                        declared=item.size or None,
                     )
-                    if item.size and isinstance(f, io.FileIO):
-                        _allocate(f.fileno(), item.size)
                 except OSError as e:
                     failed = True
                     report(e)

@@ -114,9 +114,20 @@ class TokenAuth:
         The name of the token C{request} presents.
 
         @raise APIError: 401 with C{WWW-Authenticate} when it presents none or
-            an unknown one.
+            an unknown one; 400 when it has more than one C{Authorization}.
         """
-        header = request.getHeader(b"authorization")
+        headers = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(headers) > 1:
+            # Which one counts is a guess (Twisted takes the last): behind a
+            # proxy that adds its own, the client's could win.  Not a 401,
+            # which would invite a retry with other credentials: the request
+            # itself is ambiguous (RFC 9110 5.3: not a list-valued field).
+            raise APIError(
+                400,
+                "duplicate_header",
+                f"the request has {len(headers)} Authorization headers; send exactly one",
+            )
+        header = headers[0] if headers else None
         if header is None:
             raise APIError(
                 401,

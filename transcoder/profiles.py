@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +23,12 @@ ParamValue = int | float | str
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_INT = re.compile(r"^-?[0-9]{1,18}\Z")
-_FLOAT = re.compile(r"^-?[0-9]{1,18}(\.[0-9]{1,18})?\Z")
+# Plain ASCII numbers only: int() and float() also take " 1_000 ", "1e3" and
+# other scripts' digits, which no client means to send.
+_NUMBER = re.compile(r"^(-?)([0-9]+)(\.[0-9]+)?\Z")
+# Longer (leading zeros aside) is far past any range, and int() would refuse
+# more than 4300 digits.
+_MAX_DIGITS = 18
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 # Choices are substituted into argv, so they must never look like options or paths.
 _SAFE_CHOICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+]*$")
@@ -53,21 +58,26 @@ class Parameter:
             if raw not in self.choices:
                 raise _bad_param(self.name, f"must be one of {', '.join(self.choices)}")
             return raw
-        # Plain ASCII numbers only: int() and float() also take " 1_000 " and
-        # other scripts' digits, which no client means to send.
-        pattern = _INT if self.type == "int" else _FLOAT
-        if not pattern.match(raw):
+        m = _NUMBER.match(raw)
+        if m is None or (self.type == "int" and m.group(3)):
             raise _bad_param(
                 self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}"
             )
-        try:
-            value = int(raw, 10) if self.type == "int" else float(raw)
-        except ValueError:
-            raise _bad_param(
-                self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}"
-            ) from None
-        if isinstance(value, float) and value != value:  # NaN passes range checks
-            raise _bad_param(self.name, "must be a number")
+        sign, whole, fraction = m.groups()
+        whole = whole.lstrip("0") or "0"
+        if len(whole) > _MAX_DIGITS:
+            # A number still, only too far from any range to convert.
+            bound = self.minimum if sign else self.maximum
+            if bound is not None:
+                raise _bad_param(
+                    self.name, f"must be {'at least' if sign else 'at most'} {_fmt(bound)}"
+                )
+            raise _bad_param(self.name, f"has more than {_MAX_DIGITS} digits")
+        if self.type == "int":
+            value = int(sign + whole)
+        else:
+            # + 0.0: "-0" is zero, never "-0.0" in an encoder's argv.
+            value = float(sign + whole + (fraction or "")) + 0.0
         if self.minimum is not None and value < self.minimum:
             raise _bad_param(self.name, f"must be at least {_fmt(self.minimum)}")
         if self.maximum is not None and value > self.maximum:
@@ -124,7 +134,7 @@ class Profile:
         self, inputs: Mapping[str, str], output: str, params: Mapping[str, ParamValue]
     ) -> list[str]:
         """The encoder's full argv: only checked values fill the placeholders."""
-        values: dict[str, str] = {k: str(v) for k, v in params.items()}
+        values: dict[str, str] = {k: format_value(v) for k, v in params.items()}
         values.update(inputs)
         values["output"] = output
         argv = [self.executable]
@@ -149,7 +159,22 @@ def _bad_param(name: str, why: str) -> APIError:
 
 
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+    return str(int(x)) if float(x).is_integer() else format_value(float(x))
+
+
+def format_value(value: ParamValue) -> str:
+    """
+    A parameter's value as it goes into argv: a float in plain decimals
+    (C{1e-07} is C{0.0000001}), with no sign on zero, so that a value starts
+    with C{-} only where it is negative (and its range allows that).
+    """
+    if not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0.0"
+    # repr() is the shortest text that reads back as the same float.
+    text = format(Decimal(repr(value)), "f")
+    return text if "." in text else text + ".0"
 
 
 def _parameter(profile: str, name: str, spec: Mapping[str, Any]) -> Parameter:

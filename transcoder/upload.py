@@ -83,6 +83,7 @@ CHUNKED_PUMP_AT = 1 << 20
 MAX_PUMPS = 1
 
 _MAX_FIELD = 8 * 1024
+_FILENAME_STAR = re.compile(r";\s*filename\*\s*=", re.IGNORECASE)
 _MAX_FIELDS = 64
 _MAX_FILE_PARTS = 8
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -517,6 +518,16 @@ class MultipartBody(_BaseBody):
 
     def _startSegment(self, segment: Any) -> None:
         name = segment.name
+        if segment.filename is None and _FILENAME_STAR.search(
+            segment.header("content-disposition") or ""
+        ):
+            # Otherwise a form field, whose bytes would soon be "too long".
+            raise APIError(
+                400,
+                "bad_multipart",
+                f"part {(name or '')[:64]!r} names its file only with filename*, which "
+                "multipart/form-data does not use (RFC 7578 4.2): send filename=",
+            )
         if segment.filename is None:
             if len(self.fields) >= _MAX_FIELDS:
                 raise APIError(400, "bad_multipart", "too many form fields")
@@ -796,12 +807,14 @@ class TranscoderRequest(server.Request):
             resource = self._route(method, channel._path, channel._version)
             if isinstance(resource, ErrorResource):
                 raise resource.error
+            # A method the resource does not take is refused before anything
+            # about its body: that is the first thing wrong with the request.
+            allowed = allowed_methods(resource)
+            name = method.decode("ascii", "replace")
+            if allowed and name not in allowed:
+                raise method_not_allowed(name, allowed)
             receiver = IBodyReceiver(resource, None)
             if receiver is None:
-                allowed = allowed_methods(resource)
-                name = method.decode("ascii", "replace")
-                if allowed and name not in allowed:
-                    raise method_not_allowed(name, allowed)
                 if length is None or length > SMALL_BODY:
                     raise APIError(413, "too_large", "this endpoint takes no large body")
                 super().gotLength(length)
