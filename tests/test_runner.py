@@ -26,10 +26,12 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from transcoder._progress import MencoderProgress
+from transcoder._verify import Contents, Held
 from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
 from transcoder.profiles import Profile
 from transcoder.runner import (
+    DISK_WATCH,
     PROBE_BUDGET,
     IJobExecution,
     Outcome,
@@ -98,6 +100,7 @@ class Harness:
             on_progress=self.progress.append,
             on_spawn=self.spawns.append,
             probe=self.probe,
+            count=kw.pop("count", self.probe),
             killpg=self.killpg,
             **kw,
         )
@@ -506,9 +509,9 @@ def test_output_duration_from_its_header(h: Harness) -> None:
     """
     read: list[Path] = []
 
-    def read_header(path: Path) -> float | None:
+    def read_header(path: Path) -> Contents | None:
         read.append(path)
-        return 10.2
+        return Contents(10.2)
 
     h.start(MENCODER, {"file": "in.mp4"}, read_header=read_header)
     h.output()
@@ -522,7 +525,7 @@ def test_output_duration_from_its_header(h: Harness) -> None:
 
 def test_header_duration_mismatch(h: Harness) -> None:
     """A header stating a duration far from the input's fails the job, as ffprobe's would."""
-    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: 0.04)
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: Contents(0.04))
     h.output()
     h.end(0)
     [outcome] = h.outcomes
@@ -550,7 +553,7 @@ def test_header_reader_error_falls_back_to_ffprobe(h: Harness) -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
 
-    def broken(path: Path) -> float | None:
+    def broken(path: Path) -> Contents | None:
         raise ValueError("unexpected")
 
     try:
@@ -908,9 +911,10 @@ def test_time_limit_no_kill_when_term_suffices(h: Harness) -> None:
 
 
 def test_no_time_limit(h: Harness) -> None:
-    """With no time limit nothing is scheduled and nothing is killed."""
+    """With no time limit nothing is scheduled but the look at the free space, and nothing is killed."""
     h.start(MENCODER, {"file": "in.mp4"}, timeout=None)
-    assert h.reactor.getDelayedCalls() == []
+    [watch] = h.reactor.getDelayedCalls()
+    assert watch.getTime() == DISK_WATCH
     h.reactor.advance(100000)
     assert h.killed == []
 
@@ -1030,6 +1034,7 @@ def test_broken_callbacks_do_not_break_the_job(h: Harness) -> None:
             on_progress=boom,
             on_spawn=boom,
             probe=h.probe,
+            count=h.probe,
             killpg=h.killpg,
             hash_file=lambda p: succeed("0" * 64),
             sniff=lambda path: True,
