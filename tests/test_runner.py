@@ -1166,3 +1166,115 @@ def test_no_rest_unless_allowed(tmp_path: Path) -> None:
     proto.childDataReceived(1, b"short")
     assert transport.pauses == 0
     assert clock.getDelayedCalls() == []
+
+
+# A full disk (issue 14)
+
+
+@dataclass
+class Disk:
+    """A fake output filesystem: the bytes free, and how often it was looked at."""
+
+    free: int = 10 * 1024 * 1024
+    looks: int = 0
+
+    def __call__(self, path: Path) -> int:
+        self.looks += 1
+        return self.free
+
+
+def test_disk_filling_while_the_encoder_runs(h: Harness) -> None:
+    """Free space falling below the reserve while the encoder runs: its group is TERMed and the job fails saying the disk is full, with the bytes free, its partial output removed."""
+    disk = Disk()
+    h.start(MENCODER, {"file": "in.mp4"}, disk_free=disk, disk_reserve=1024 * 1024)
+    h.reactor.advance(DISK_WATCH)
+    assert disk.looks == 1 and h.killed == []
+    disk.free = 4096
+    h.reactor.advance(DISK_WATCH)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    h.output()
+    h.end(2)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "the data disk is full (4096 bytes free); output discarded"
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_disk_full_at_exit_fails_an_exit_0(h: Harness) -> None:
+    """An encoder that exits 0 with its filesystem below the reserve (mencoder does, on ENOSPC) fails as the disk being full; its output is neither checked nor kept."""
+    disk = Disk()
+    read: list[Path] = []
+    h.start(
+        MENCODER,
+        {"file": "in.mp4"},
+        disk_free=disk,
+        read_header=lambda path: read.append(path) or Contents(10.0),
+    )
+    h.output()
+    disk.free = 0
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "the data disk is full (0 bytes free); output discarded"
+    assert read == []
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert not (h.job_dir / "result.avi").exists()
+
+
+def test_no_space_left_on_device_in_the_encoders_output(h: Harness) -> None:
+    """An encoder that said "No space left on device" fails the job as the disk being full even with its exit 0 and the space back."""
+    h.start(FFMPEG, {"file": "in.mp4"}, disk_free=Disk())
+    h.proto.childDataReceived(2, b"av_interleaved_write_frame(): No space left on device\n")
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == (
+        "the data disk is full (10485760 bytes free); output discarded: "
+        "av_interleaved_write_frame(): No space left on device"
+    )
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_output_short_of_its_header(h: Harness) -> None:
+    """An output whose header states the input's 30 s but whose index holds 292 of its 750 frames fails, saying so."""
+    h.answers["in.mp4"] = _info(30.0)
+    held = Contents(30.0, (Held("video", 750, 292, 30.0, 11.68),))
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: held)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == (
+        "the output holds 292 of the 750 video frames its header states (11.68 of 30.00 s)"
+    )
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_output_short_of_its_header_by_ffprobe_count(h: Harness) -> None:
+    """With no in-process reading, ffprobe's packet count decides: 292 packets of 750 stated frames fail the job."""
+    h.answers["in.mp4"] = _info(30.0)
+    h.answers["result.partial.avi"] = MediaInfo(
+        30.0,
+        "avi",
+        (StreamInfo("video", "mpeg4", duration=30.0, frames=750, frame_rate=25.0, packets=292),),
+    )
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: None)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith("the output holds 292 of the 750 video frames")
+    assert h.probed[-1] == h.job_dir / "result.partial.avi"
+
+
+def test_output_within_tolerance_of_its_header(h: Harness) -> None:
+    """A frame or two short of the header (within the profile's tolerance) is accepted."""
+    held = Contents(10.0, (Held("video", 250, 249, 10.0, 9.96),))
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: held)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED
