@@ -1,8 +1,9 @@
 """
-Tests for transcoder._container: an output's duration from its own header.
+Tests for transcoder._container: what an output holds, from its own tables.
 
-The reference is ffprobe's C{format.duration}, on files the real encoders
-write at test time: the in-process reader must say the same, or nothing.
+The reference is ffprobe (its C{format.duration}, and the packets it counts),
+on files the real encoders write at test time: the in-process reader must say
+the same, or nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from conftest import run_ffmpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transcoder._container import header_duration
-from transcoder.probe import tool_env
+from transcoder._container import read_contents
+from transcoder._verify import Contents, from_probe, shortfall
+from transcoder.probe import parse_ffprobe, tool_env
 from transcoder.profiles import builtin_profiles
 
 if TYPE_CHECKING:
@@ -77,6 +79,16 @@ def outputs(clips: Clips, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return made
 
 
+def header_duration(path: Path) -> float | None:
+    """The duration the reader finds stated, if it reads the file."""
+    contents = read_contents(path)
+    return None if contents is None else contents.duration
+
+
+def _complete(contents: Contents | None) -> bool:
+    return contents is not None and shortfall(contents, 0.1) is None
+
+
 def _ffprobe_duration(ffprobe_json: FfprobeJson, path: Path) -> float:
     return float(ffprobe_json(path)["format"]["duration"])
 
@@ -116,22 +128,26 @@ def test_avi_streams_of_fixed_sample_size_do_not_count(
 
 @pytest.mark.parametrize("name", ["mp4-h264", "avi-mpeg4", "mux-avi", "moov-last"])
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
-def test_cut_files_are_not_read(
+def test_cut_files_are_never_whole(
     outputs: dict[str, Path], tmp_path: Path, name: str, keep: float
 ) -> None:
-    """A file cut short anywhere gives no answer (ffprobe is asked instead)."""
+    """A file cut short anywhere is never taken as whole: either no answer (ffprobe counts it) or a shortfall."""
     data = outputs[name].read_bytes()
     cut = tmp_path / outputs[name].name
     cut.write_bytes(data[: int(len(data) * keep)])
-    assert header_duration(cut) is None
+    assert not _complete(read_contents(cut))
 
 
-@pytest.mark.parametrize("name", ["mp4-h264", "mux-avi"])
-def test_trailing_bytes_are_not_read(outputs: dict[str, Path], tmp_path: Path, name: str) -> None:
-    """Bytes after the container's last box or chunk give no answer."""
-    padded = tmp_path / outputs[name].name
-    padded.write_bytes(outputs[name].read_bytes() + b"\0" * 64)
-    assert header_duration(padded) is None
+def test_trailing_bytes(outputs: dict[str, Path], tmp_path: Path) -> None:
+    """Bytes after an MP4's last box give no answer; after an AVI's RIFF chunk, its frames are still counted, all there."""
+    for name in ("mp4-h264", "mux-avi"):
+        padded = tmp_path / outputs[name].name
+        padded.write_bytes(outputs[name].read_bytes() + b"\0" * 64)
+        contents = read_contents(padded)
+        if name == "mp4-h264":
+            assert contents is None
+        else:
+            assert _complete(contents), contents
 
 
 def _patched(source: Path, target: Path, find: bytes, offset: int, value: bytes) -> Path:
@@ -145,9 +161,13 @@ def _patched(source: Path, target: Path, find: bytes, offset: int, value: bytes)
 def test_corrupt_avi_headers(outputs: dict[str, Path], tmp_path: Path) -> None:
     """An AVI whose header is damaged or unusual gives no answer."""
     source = outputs["mux-avi"]
+    riff = _patched(source, tmp_path / "riff.avi", b"RIFF", 4, struct.pack("<I", 2**31))
+    # The RIFF chunk claims more than the file holds: a file cut short.
+    contents = read_contents(riff)
+    assert contents is not None and contents.defect is not None
+    assert "bytes short of its RIFF header's size" in contents.defect
+    assert shortfall(contents, 0.1) is not None
     damaged = [
-        # The RIFF chunk claims more than the file holds.
-        _patched(source, tmp_path / "riff.avi", b"RIFF", 4, struct.pack("<I", 2**31)),
         # The video stream's rate is zero.
         _patched(source, tmp_path / "rate.avi", b"strh", 8 + 24, struct.pack("<I", 0)),
         # The stream starts late.
@@ -286,3 +306,150 @@ def test_damaged_real_headers(
         path.write_bytes(data)
         stated = header_duration(path)
         assert stated is None or stated >= 0
+
+
+# What the file holds, against what its header states (issue 14)
+
+
+_COUNT = (
+    "ffprobe",
+    "-v",
+    "error",
+    "-count_packets",
+    "-show_format",
+    "-show_streams",
+    "-of",
+    "json",
+)
+
+
+def _counted(path: Path) -> Contents:
+    """What ffprobe, reading every packet, finds the file holds."""
+    done = subprocess.run(
+        [*_COUNT, str(path)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return from_probe(parse_ffprobe(done.stdout))
+
+
+@pytest.fixture(scope="module")
+def noisy_avi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The issue's clip (30 s of noisy 320x240 at 25 fps) as avi-mpeg4 makes it at 20 Mbit/s."""
+    d = tmp_path_factory.mktemp("noisy")
+    clip = d / "noise.mov"
+    run_ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=duration=30:size=320x240:rate=25,noise=alls=20:allf=t"),
+        *("-c:v", "mpeg4", "-b:v", "100k", str(clip)),
+    )
+    spec = PROFILES["avi-mpeg4"]
+    output = d / "noisy.avi"
+    argv = spec.build_argv({"file": str(clip)}, str(output), {"vbitrate": 20000, "abitrate": 128})
+    subprocess.run(
+        argv, env=tool_env(home=d), cwd=d, stdin=subprocess.DEVNULL, capture_output=True, check=True
+    )
+    return output
+
+
+def test_whole_outputs_hold_what_they_state(outputs: dict[str, Path], noisy_avi: Path) -> None:
+    """Every real output holds every frame or sample its header states, counted from its index or sample tables, as ffprobe counts them."""
+    for path in [*outputs.values(), noisy_avi]:
+        contents = read_contents(path)
+        assert contents is not None, path.name
+        assert contents.defect is None
+        assert shortfall(contents, 0.1) is None, path.name
+        assert shortfall(_counted(path), 0.1) is None, path.name
+    contents = read_contents(noisy_avi)
+    assert contents is not None
+    assert [(s.kind, s.stated, s.held) for s in contents.streams] == [("video", 750, 750)]
+
+
+def test_avi_cut_short_holds_only_its_chunks(noisy_avi: Path, tmp_path: Path) -> None:
+    """
+    An AVI cut short, its header still saying 750 frames and its index lost
+    (as mencoder leaves it on a full disk): the chunks in the file are
+    counted, as ffprobe reads them, and far short of 750.
+    """
+    data = noisy_avi.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) * 2 // 5])
+    contents = read_contents(cut)
+    assert contents is not None and contents.duration == 30.0
+    [video] = contents.streams
+    counted = _counted(cut)
+    assert video.stated == 750 and 200 < video.held < 400
+    # ffprobe also counts the last chunk, torn by the cut; the reader does not.
+    assert [s.held for s in counted.streams if s.kind == "video"] in (
+        [video.held],
+        [video.held + 1],
+    )
+    missing = shortfall(contents, 0.1)
+    assert missing is not None
+    assert missing.startswith(f"the output holds {video.held} of the 750 video frames")
+    assert shortfall(counted, 0.1) is not None
+
+
+def test_avi_header_stating_more_frames_than_its_index(
+    outputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A complete AVI whose video header says ten times the frames its idx1 index lists is short of them."""
+    source = outputs["mux-avi"]
+    contents = read_contents(source)
+    assert contents is not None
+    frames = contents.streams[0].stated
+    liar = _patched(source, tmp_path / "liar.avi", b"strh", 8 + 32, struct.pack("<I", frames * 10))
+    missing = shortfall(read_contents(liar) or Contents(None), 0.1)
+    assert missing is not None and f"holds {frames} of the {frames * 10} video frames" in missing
+
+
+def test_avi_index_entry_past_the_end(outputs: dict[str, Path], tmp_path: Path) -> None:
+    """An idx1 entry pointing past the end of the file is a defect, however many frames the others cover."""
+    data = bytearray(outputs["mux-avi"].read_bytes())
+    idx1 = data.index(b"idx1")
+    (length,) = struct.unpack_from("<I", data, idx1 + 4)
+    last = idx1 + 8 + length - 16
+    struct.pack_into("<I", data, last + 8, len(data) * 2)
+    broken = tmp_path / "past.avi"
+    broken.write_bytes(data)
+    contents = read_contents(broken)
+    assert contents is not None
+    assert contents.defect == "1 index entries point past the end of the file"
+    assert shortfall(contents, 1000.0) is not None
+
+
+def test_mp4_cut_short(outputs: dict[str, Path], tmp_path: Path) -> None:
+    """An MP4 with its sample tables first, cut in its media data: the samples past the end are a defect, and ffprobe counting finds it short too."""
+    data = outputs["mp4-h264"].read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    contents = read_contents(cut)
+    assert contents is not None and contents.defect is not None
+    assert contents.defect.endswith("samples lie past the end of the file")
+    video = next(s for s in contents.streams if s.kind == "video")
+    assert 0 < video.held < video.stated
+    assert shortfall(contents, 0.1) is not None
+    assert shortfall(_counted(cut), 0.1) is not None
+
+
+def test_mp4_movie_header_longer_than_its_samples(outputs: dict[str, Path], tmp_path: Path) -> None:
+    """An MP4 whose movie header states ten times what its sample tables add up to is short of it."""
+    source = outputs["mp4-h264"]
+    data = source.read_bytes()
+    at = data.index(b"mvhd")
+    (duration,) = struct.unpack_from(">I", data, at + 4 + 16)
+    liar = _patched(
+        source, tmp_path / "liar.mp4", b"mvhd", 4 + 16, struct.pack(">I", duration * 10)
+    )
+    contents = read_contents(liar)
+    assert contents is not None
+    missing = shortfall(contents, 0.1)
+    assert missing is not None and missing.startswith("the output's streams hold 3.")
+
+
+def test_mp4_sample_tables_claiming_too_much(outputs: dict[str, Path], tmp_path: Path) -> None:
+    """Sample tables whose counts exceed what their boxes hold give no answer rather than huge reads."""
+    source = outputs["mp4-h264"]
+    for table, offset in ((b"stsz", 4 + 8), (b"stts", 4 + 4), (b"stco", 4 + 4), (b"stsc", 4 + 4)):
+        path = _patched(source, tmp_path / "t.mp4", table, offset, struct.pack(">I", 2**31))
+        assert read_contents(path) is None, table

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import run_ffmpeg
 from serverproc import ServerProcess, reset_peak_rss, wait_for
 
 MiB = 1 << 20
@@ -272,6 +273,73 @@ def test_encode_that_runs_out_of_space_fails_with_the_reason(
     assert not list(job_dir.glob("result*"))
     assert _free(small_disk) >= free_before - clips.av.stat().st_size - MiB
     assert get(f"{full_server.url}/health")["status"] == "ok"
+
+
+def _mount_tmpfs(mountpoint: Path, size: str) -> None:
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+
+
+def _unmount(mountpoint: Path) -> None:
+    if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs of the test's own, as in issue 14."""
+    mountpoint = tmp_path / "tmpfs"
+    mountpoint.mkdir()
+    _mount_tmpfs(mountpoint, "12m")
+    try:
+        yield mountpoint
+    finally:
+        _unmount(mountpoint)
+
+
+def test_mencoder_filling_the_disk_fails_the_job(tiny_disk: Path, tmp_path: Path) -> None:
+    """
+    Issue 14's reproduction: a 30 s noisy clip sent to avi-mpeg4 at 20 Mbit/s
+    on a 12 MiB tmpfs with --min-free-disk 1, with room left for the upload
+    and about 128 KiB more.  mencoder hits ENOSPC, exits 0 and writes a
+    header claiming all 750 frames over a file that holds a third of them:
+    the job fails naming the full disk (never succeeded), its partial output
+    is gone and the space is back.
+    """
+    clip = tmp_path / "noise.mov"
+    run_ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=duration=30:size=320x240:rate=25,noise=alls=20:allf=t"),
+        *("-c:v", "mpeg4", "-b:v", "100k", str(clip)),
+    )
+    data = tiny_disk / "data"
+    server = ServerProcess(data, "--min-free-disk", "1", "--workers", "1")
+    try:
+        # Whatever this machine's encoder makes of the clip (257 KB here),
+        # the disk cannot hold it: the disk fills during the encode.
+        filler = tiny_disk / "filler"
+        with filler.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, _free(tiny_disk) - clip.stat().st_size - 128 * 1024)
+        status, job = put(f"{server.url}/jobs?profile=avi-mpeg4&vbitrate=20000", clip.read_bytes())
+        assert status == 201, job
+        done = wait_job(server, str(job["id"]))
+        print(f"job: {done['state']}, {done['error']}")
+        assert done["state"] == "failed", done
+        error = done["error"]
+        assert isinstance(error, dict)
+        assert "the data disk is full" in error["message"], error
+        assert "output discarded" in error["message"]
+        job_dir = data / "jobs" / str(job["id"])
+        assert not list(job_dir.glob("result*"))
+        # What the partial output took is back (the encoder's log stays).
+        assert _free(tiny_disk) > 64 * 1024
+        assert get(f"{server.url}/jobs/{job['id']}")["state"] == "failed"
+    finally:
+        server.stop()
 
 
 # Encoders that misbehave

@@ -22,6 +22,7 @@ from transcoder.probe import (
     StreamInfo,
     parse_ffprobe,
     probe,
+    probe_counting,
     probing_with,
     tool_env,
 )
@@ -48,9 +49,38 @@ def test_parse_document() -> None:
     assert info == MediaInfo(
         3.021333,
         "mov,mp4,m4a,3gp,3g2,mj2",
-        (StreamInfo("video", "h264"), StreamInfo("audio", "aac")),
+        (
+            StreamInfo("video", "h264", duration=3.0),
+            StreamInfo("audio", "aac", duration=3.021333),
+        ),
     )
     assert info.codecs("audio") == ["aac"]
+
+
+def test_parse_counts() -> None:
+    """A stream's stated frame count and rate, and the packets ffprobe counted, are kept; "N/A" and "0/0" are none."""
+    info = parse_ffprobe(
+        _doc(
+            streams=[
+                {
+                    "codec_type": "video",
+                    "codec_name": "mpeg4",
+                    "nb_frames": "750",
+                    "nb_read_packets": "292",
+                    "avg_frame_rate": "25/1",
+                },
+                {
+                    "codec_type": "audio",
+                    "codec_name": "mp3",
+                    "nb_frames": "N/A",
+                    "avg_frame_rate": "0/0",
+                },
+            ]
+        )
+    )
+    video, audio = info.streams
+    assert (video.frames, video.packets, video.frame_rate) == (750, 292, 25.0)
+    assert (audio.frames, audio.packets, audio.frame_rate) == (None, None, None)
 
 
 def test_parse_duration_from_streams() -> None:
@@ -201,6 +231,15 @@ async def test_real_media(clips: Clips) -> None:
     )
     mp3 = await probe(reactor, clips.mp3_audio)
     assert mp3.codecs("audio") == ["mp3"] and mp3.codecs("video") == []
+    assert av.streams[0].packets is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_packet_count(clips: Clips) -> None:
+    """Counting, ffprobe reads every packet of the file: a 3 s clip at 25 fps has 75 video packets."""
+    av = await probe_counting(reactor, clips.av)
+    video = [s for s in av.streams if s.codec_type == "video"]
+    assert video[0].packets == 75
 
 
 @pytest_twisted.ensureDeferred

@@ -26,10 +26,12 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from transcoder._progress import MencoderProgress
+from transcoder._verify import Contents, Held
 from transcoder.jobs import JobState
 from transcoder.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
 from transcoder.profiles import Profile
 from transcoder.runner import (
+    DISK_WATCH,
     PROBE_BUDGET,
     IJobExecution,
     Outcome,
@@ -98,6 +100,7 @@ class Harness:
             on_progress=self.progress.append,
             on_spawn=self.spawns.append,
             probe=self.probe,
+            count=kw.pop("count", self.probe),
             killpg=self.killpg,
             **kw,
         )
@@ -506,9 +509,9 @@ def test_output_duration_from_its_header(h: Harness) -> None:
     """
     read: list[Path] = []
 
-    def read_header(path: Path) -> float | None:
+    def read_header(path: Path) -> Contents | None:
         read.append(path)
-        return 10.2
+        return Contents(10.2)
 
     h.start(MENCODER, {"file": "in.mp4"}, read_header=read_header)
     h.output()
@@ -522,7 +525,7 @@ def test_output_duration_from_its_header(h: Harness) -> None:
 
 def test_header_duration_mismatch(h: Harness) -> None:
     """A header stating a duration far from the input's fails the job, as ffprobe's would."""
-    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: 0.04)
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: Contents(0.04))
     h.output()
     h.end(0)
     [outcome] = h.outcomes
@@ -550,7 +553,7 @@ def test_header_reader_error_falls_back_to_ffprobe(h: Harness) -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
 
-    def broken(path: Path) -> float | None:
+    def broken(path: Path) -> Contents | None:
         raise ValueError("unexpected")
 
     try:
@@ -908,9 +911,10 @@ def test_time_limit_no_kill_when_term_suffices(h: Harness) -> None:
 
 
 def test_no_time_limit(h: Harness) -> None:
-    """With no time limit nothing is scheduled and nothing is killed."""
+    """With no time limit nothing is scheduled but the look at the free space, and nothing is killed."""
     h.start(MENCODER, {"file": "in.mp4"}, timeout=None)
-    assert h.reactor.getDelayedCalls() == []
+    [watch] = h.reactor.getDelayedCalls()
+    assert watch.getTime() == DISK_WATCH
     h.reactor.advance(100000)
     assert h.killed == []
 
@@ -1030,6 +1034,7 @@ def test_broken_callbacks_do_not_break_the_job(h: Harness) -> None:
             on_progress=boom,
             on_spawn=boom,
             probe=h.probe,
+            count=h.probe,
             killpg=h.killpg,
             hash_file=lambda p: succeed("0" * 64),
             sniff=lambda path: True,
@@ -1161,3 +1166,115 @@ def test_no_rest_unless_allowed(tmp_path: Path) -> None:
     proto.childDataReceived(1, b"short")
     assert transport.pauses == 0
     assert clock.getDelayedCalls() == []
+
+
+# A full disk (issue 14)
+
+
+@dataclass
+class Disk:
+    """A fake output filesystem: the bytes free, and how often it was looked at."""
+
+    free: int = 10 * 1024 * 1024
+    looks: int = 0
+
+    def __call__(self, path: Path) -> int:
+        self.looks += 1
+        return self.free
+
+
+def test_disk_filling_while_the_encoder_runs(h: Harness) -> None:
+    """Free space falling below the reserve while the encoder runs: its group is TERMed and the job fails saying the disk is full, with the bytes free, its partial output removed."""
+    disk = Disk()
+    h.start(MENCODER, {"file": "in.mp4"}, disk_free=disk, disk_reserve=1024 * 1024)
+    h.reactor.advance(DISK_WATCH)
+    assert disk.looks == 1 and h.killed == []
+    disk.free = 4096
+    h.reactor.advance(DISK_WATCH)
+    assert h.killed == [(90000, signal.SIGTERM)]
+    h.output()
+    h.end(2)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "the data disk is full (4096 bytes free); output discarded"
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_disk_full_at_exit_fails_an_exit_0(h: Harness) -> None:
+    """An encoder that exits 0 with its filesystem below the reserve (mencoder does, on ENOSPC) fails as the disk being full; its output is neither checked nor kept."""
+    disk = Disk()
+    read: list[Path] = []
+    h.start(
+        MENCODER,
+        {"file": "in.mp4"},
+        disk_free=disk,
+        read_header=lambda path: read.append(path) or Contents(10.0),
+    )
+    h.output()
+    disk.free = 0
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == "the data disk is full (0 bytes free); output discarded"
+    assert read == []
+    assert not (h.job_dir / "result.partial.avi").exists()
+    assert not (h.job_dir / "result.avi").exists()
+
+
+def test_no_space_left_on_device_in_the_encoders_output(h: Harness) -> None:
+    """An encoder that said "No space left on device" fails the job as the disk being full even with its exit 0 and the space back."""
+    h.start(FFMPEG, {"file": "in.mp4"}, disk_free=Disk())
+    h.proto.childDataReceived(2, b"av_interleaved_write_frame(): No space left on device\n")
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == (
+        "the data disk is full (10485760 bytes free); output discarded: "
+        "av_interleaved_write_frame(): No space left on device"
+    )
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_output_short_of_its_header(h: Harness) -> None:
+    """An output whose header states the input's 30 s but whose index holds 292 of its 750 frames fails, saying so."""
+    h.answers["in.mp4"] = _info(30.0)
+    held = Contents(30.0, (Held("video", 750, 292, 30.0, 11.68),))
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: held)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error == (
+        "the output holds 292 of the 750 video frames its header states (11.68 of 30.00 s)"
+    )
+    assert not (h.job_dir / "result.partial.avi").exists()
+
+
+def test_output_short_of_its_header_by_ffprobe_count(h: Harness) -> None:
+    """With no in-process reading, ffprobe's packet count decides: 292 packets of 750 stated frames fail the job."""
+    h.answers["in.mp4"] = _info(30.0)
+    h.answers["result.partial.avi"] = MediaInfo(
+        30.0,
+        "avi",
+        (StreamInfo("video", "mpeg4", duration=30.0, frames=750, frame_rate=25.0, packets=292),),
+    )
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: None)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith("the output holds 292 of the 750 video frames")
+    assert h.probed[-1] == h.job_dir / "result.partial.avi"
+
+
+def test_output_within_tolerance_of_its_header(h: Harness) -> None:
+    """A frame or two short of the header (within the profile's tolerance) is accepted."""
+    held = Contents(10.0, (Held("video", 250, 249, 10.0, 9.96),))
+    h.start(MENCODER, {"file": "in.mp4"}, read_header=lambda path: held)
+    h.output()
+    h.end(0)
+    [outcome] = h.outcomes
+    assert outcome.state is JobState.SUCCEEDED

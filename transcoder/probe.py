@@ -26,6 +26,9 @@ from twisted.python.failure import Failure
 # not something we want to transcode.
 _MAX_OUTPUT = 4 * 1024 * 1024
 _MEDIA_TYPES = frozenset({"audio", "video"})
+# Seconds an ffprobe counting an output's packets may take: it reads the whole
+# file (about a second per GB from the page cache).
+COUNT_TIMEOUT = 600.0
 
 
 class NotMediaError(Exception):
@@ -46,6 +49,12 @@ class ProbeTimeout(NotMediaError):
 class StreamInfo:
     codec_type: str
     codec_name: str
+    # What the stream's header states (None where it states nothing), and the
+    # packets ffprobe read of it (only with count_packets).
+    duration: float | None = None
+    frames: int | None = None
+    frame_rate: float | None = None
+    packets: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,10 +102,17 @@ def parse_ffprobe(document: bytes) -> MediaInfo:
     for s in raw_streams if isinstance(raw_streams, list) else []:
         if not isinstance(s, dict):
             continue
-        streams.append(
-            StreamInfo(str(s.get("codec_type", "unknown")), str(s.get("codec_name", "unknown")))
-        )
         d = _seconds(s.get("duration"))
+        streams.append(
+            StreamInfo(
+                str(s.get("codec_type", "unknown")),
+                str(s.get("codec_name", "unknown")),
+                duration=d,
+                frames=_count(s.get("nb_frames")),
+                frame_rate=_rate(s.get("avg_frame_rate")),
+                packets=_count(s.get("nb_read_packets")),
+            )
+        )
         if d is not None and s.get("codec_type") in _MEDIA_TYPES:
             durations.append(d)
     if not any(s.codec_type in _MEDIA_TYPES for s in streams):
@@ -115,6 +131,28 @@ def _seconds(value: Any) -> float | None:
     except ValueError:
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _count(value: Any) -> int | None:
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
+def _rate(value: Any) -> float | None:
+    """A rate as ffprobe writes it, C{"25/1"}; None for C{"0/0"} and anything odd."""
+    if not isinstance(value, str):
+        return None
+    num, _, den = value.partition("/")
+    try:
+        rate = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
 
 
 class _ProbeProtocol(ProcessProtocol):
@@ -166,6 +204,7 @@ def probe(
     path: Path,
     timeout: float = 60,
     environment: Mapping[str, str] | None = None,
+    count_packets: bool = False,
 ) -> Deferred[MediaInfo]:
     """
     Run C{ffprobe} on C{path}.
@@ -196,6 +235,8 @@ def probe(
     proto.timer = clock.callLater(timeout, expire)
     # The file: protocol keeps a name with a colon from being taken for a URL.
     argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
+    if count_packets:
+        argv.insert(3, "-count_packets")
     argv.append("file:" + str(Path(path).absolute()))
     try:
         reactor.spawnProcess(
@@ -213,16 +254,30 @@ def probe(
     return done
 
 
+def probe_counting(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+    """L{probe} counting packets, with time to read a big file through."""
+    return probe(reactor, path, timeout=COUNT_TIMEOUT, count_packets=True)
+
+
 def probing_with(
     environment: Callable[[], Mapping[str, str]],
+    counting: bool = False,
 ) -> Callable[[IReactorProcess, Path], Deferred[MediaInfo]]:
     """
     L{probe}, with C{environment()} added to each ffprobe run's environment,
     asked anew for each run (the service's library order is learnt after
-    start-up, and can be dropped).
+    start-up, and can be dropped); counting packets if C{counting}.
     """
 
     def probe_with(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+        if counting:
+            return probe(
+                reactor,
+                path,
+                timeout=COUNT_TIMEOUT,
+                environment=environment(),
+                count_packets=True,
+            )
         return probe(reactor, path, environment=environment())
 
     return probe_with

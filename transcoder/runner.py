@@ -6,13 +6,18 @@ checking it.
 An encoder's exit status alone proves little: mencoder exits 0 after "encoding"
 garbage it took for raw DV, and leaves a valid but truncated AVI when stopped.
 So an output counts only if every input passed ffprobe, the output is media,
-and the output's duration matches the input's.
+its duration matches the input's, and the file itself holds the frames its
+header states (L{transcoder._verify}): mencoder on a full disk exits 0 with a
+header claiming 750 frames over a file holding 292.  Nor does an encode count
+whose output filesystem fell below C{disk_reserve} bytes free while it ran or
+when it exited, or whose encoder said "No space left on device": the job
+fails as the disk being full, whatever the exit code.
 
-The output's duration comes from its container's header, read in-process
-(L{transcoder._container}), when it is an AVI or MP4 complete enough to be
-sure of; anything else is asked of ffprobe.  An ffprobe run there would be
-the one cost of the service that nothing overlaps: the output is final only
-once the encoder has exited.
+What the output holds is read in-process from its container's own tables
+(L{transcoder._container}) when it is an AVI or MP4 the reader is sure of;
+anything else is counted by ffprobe reading every packet.  An ffprobe run
+there would be the one cost of the service that nothing overlaps: the output
+is final only once the encoder has exited.
 
 The inputs are probed beside the encoder, not before it: each ffprobe run
 costs about 30 ms even with its libraries preloaded in the order of
@@ -66,11 +71,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from transcoder._container import header_duration
+from transcoder._container import read_contents
 from transcoder._loadorder import Fingerprint, fingerprint
 from transcoder._progress import FfmpegProgress, MencoderProgress
+from transcoder._verify import Contents, from_probe, shortfall
 from transcoder.jobs import JobState, OutputFile
-from transcoder.probe import MediaInfo, NotMediaError, tool_env
+from transcoder.probe import MediaInfo, NotMediaError, probe_counting, tool_env
 from transcoder.probe import probe as ffprobe
 from transcoder.profiles import ParamValue, Profile
 
@@ -95,13 +101,20 @@ PIPE_SIZE = 1024 * 1024
 # What Twisted's process reader asks for at once: a read this long may have
 # left more in the pipe.
 _FULL_READ = 8192
+# Bytes that must stay free on the output's filesystem while an encoder runs,
+# and seconds between looks: an encoder that hit ENOSPC may still exit 0
+# (mencoder does, its header claiming every frame it encoded).
+DISK_RESERVE = 1024 * 1024
+DISK_WATCH = 0.5
+_NO_SPACE = b"No space left on device"
 
 _log = Logger()
 _T = TypeVar("_T")
 
 ProbeFunction = Callable[[IReactorProcess, Path], Deferred[MediaInfo]]
 HashFunction = Callable[[Path], Deferred[str]]
-HeaderReader = Callable[[Path], float | None]
+HeaderReader = Callable[[Path], Contents | None]
+FreeSpace = Callable[[Path], int]
 KillGroup = Callable[[int, int], None]
 
 
@@ -131,6 +144,7 @@ class _Stop:
 
     CANCEL = "cancel"
     TIMEOUT = "timeout"
+    DISK_FULL = "disk full"
 
 
 class _Tail:
@@ -144,6 +158,8 @@ class _Tail:
         self.lines: deque[str] = deque(maxlen=size)
         self._partial: dict[int, bytes] = {}
         self._last: dict[int, str] = {}
+        # Whether a line said the disk was full: the encoder saw ENOSPC.
+        self.no_space = False
 
     def feed(self, fd: int, data: bytes) -> None:
         pieces = (self._partial.get(fd, b"") + data).split(b"\n")
@@ -161,6 +177,8 @@ class _Tail:
         self._partial.clear()
 
     def _add(self, fd: int, raw: bytes) -> None:
+        if _NO_SPACE in raw:
+            self.no_space = True
         shown = raw.rstrip(b"\r").rsplit(b"\r", 1)[-1]
         text = shown.decode("utf-8", "replace").strip()[:_MAX_TAIL_LINE]
         self.lines.append(text)
@@ -367,6 +385,12 @@ def _seconds(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
 
 
+def free_space(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on C{path}'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def _with_detail(message: str, detail: str | None) -> str:
     return f"{message}: {detail}" if detail else message
 
@@ -427,6 +451,9 @@ class _Execution:
         read_pause: float,
         sniff: Callable[[Path], bool],
         read_header: HeaderReader,
+        count: ProbeFunction,
+        disk_reserve: int,
+        disk_free: FreeSpace,
     ) -> None:
         self.deferred: Deferred[Outcome] = Deferred()
         self.pid: int | None = None
@@ -447,6 +474,12 @@ class _Execution:
         self._read_pause = read_pause
         self._sniff = sniff
         self._read_header = read_header
+        self._count = count
+        self._disk_reserve = disk_reserve
+        self._disk_free = disk_free
+        # Bytes free at the last look at the output's filesystem.
+        self._free: int | None = None
+        self._disk_timer: IDelayedCall | None = None
         self._partial = job_dir / f"result.partial.{profile.output_extension}"
         self._stop: str | None = None
         self._finished = False
@@ -510,7 +543,15 @@ class _Execution:
         if self._probing is None:
             # The probes run beside the encoder (see the module's docstring).
             self._startProbes(together=False)
-        if _exit_status(await proto.exited) == (0, None) and self._stop is None:
+        exited = _exit_status(await proto.exited)
+        if self._disk_timer is not None and self._disk_timer.active():
+            self._disk_timer.cancel()
+        self._disk_timer = None
+        if self._stop is None and self._disk_short():
+            # Whatever its exit code says, an encoder that filled the disk
+            # may have lost writes.
+            self._request_stop(_Stop.DISK_FULL)
+        if exited == (0, None) and self._stop is None:
             # An output to check.  Its digest is computed (on a thread) from
             # the exit on, while the encoder's last output is read from its
             # pipes (2 ms of status lines on mux-avi), the input probes finish
@@ -536,6 +577,9 @@ class _Execution:
             self._kill_timer.cancel()
         self._kill_timer = None
         exit_code, sig = _exit_status(status)
+        if self._stop is None and self._tail is not None and self._tail.no_space:
+            self._disk_short()  # for the figure
+            self._stop = _Stop.DISK_FULL
         if self._stop is not None:
             return self._stopped(exit_code)
         if sig is not None or exit_code != 0:
@@ -707,6 +751,7 @@ class _Execution:
             proto.rest(self._read_pause)
         self._transport = transport
         self.pid = transport.pid
+        self._disk_timer = self._clock.callLater(DISK_WATCH, self._watch_disk)
         if self.pid is not None:
             try:
                 self._on_spawn(self.pid)
@@ -722,14 +767,14 @@ class _Execution:
         """Check the encoder's output and, if it passes, make it the result."""
         try:
             # A few small reads of a file just written, in the page cache.
-            stated: float | None = self._read_header(self._partial)
+            contents: Contents | None = self._read_header(self._partial)
         except Exception:
             _log.failure("reading the output's header")
-            stated = None
-        if stated is None:
+            contents = None
+        if contents is None:
             try:
                 info = await self._interruptible(
-                    maybeDeferred(self._probe, self._reactor, self._partial)
+                    maybeDeferred(self._count, self._reactor, self._partial)
                 )
             except CancelledError:
                 return self._stopped(0)
@@ -740,9 +785,11 @@ class _Execution:
             except Exception as e:
                 _log.failure("probing the output", Failure())
                 return self._failed(f"could not check the output: {e}", 0)
-            stated = info.duration
+            contents = from_probe(info)
+        stated = contents.duration
+        tolerance = self._profile.duration_tolerance
         if duration is not None:
-            slack = max(duration * self._profile.duration_tolerance, _MIN_DURATION_SLACK)
+            slack = max(duration * tolerance, _MIN_DURATION_SLACK)
             if stated is None:
                 return self._failed(
                     f"output duration unknown; input duration is {duration:.2f} s", 0
@@ -753,6 +800,11 @@ class _Execution:
                     f"input duration {duration:.2f} s",
                     0,
                 )
+        else:
+            slack = max((stated or 0.0) * tolerance, _MIN_DURATION_SLACK)
+        missing = shortfall(contents, slack)
+        if missing is not None:
+            return self._failed(missing, 0)
         try:
             digest = await self._interruptible(hashing)
         except CancelledError:
@@ -829,6 +881,13 @@ class _Execution:
     def _stopped(self, exit_code: int | None) -> Outcome:
         if self._stop == _Stop.CANCEL:
             return Outcome(JobState.CANCELLED, exit_code=exit_code, log_tail=self._tail_text())
+        if self._stop == _Stop.DISK_FULL:
+            free = "?" if self._free is None else str(self._free)
+            message = f"the data disk is full ({free} bytes free); output discarded"
+            if self._tail is not None and self._tail.no_space:
+                # The encoder's own words, "No space left on device".
+                message = _with_detail(message, self._tail.last_line())
+            return self._failed(message, exit_code)
         return self._failed(f"timed out after {_seconds(self._timeout)} s", exit_code)
 
     # Progress
@@ -853,6 +912,24 @@ class _Execution:
             _log.failure("on_progress raised")
 
     # Stopping
+
+    def _watch_disk(self) -> None:
+        self._disk_timer = None
+        if self._finished or self.pid is None or self._stop is not None:
+            return
+        if self._disk_short():
+            self._request_stop(_Stop.DISK_FULL)
+        else:
+            self._disk_timer = self._clock.callLater(DISK_WATCH, self._watch_disk)
+
+    def _disk_short(self) -> bool:
+        """Whether the output's filesystem has less than the reserve free."""
+        try:
+            self._free = self._disk_free(self._job_dir)
+        except OSError as e:
+            _log.warn("cannot read the free space of {path}: {error}", path=self._job_dir, error=e)
+            return False
+        return self._free < self._disk_reserve
 
     def _timed_out(self) -> None:
         self._time_limit = None
@@ -889,10 +966,10 @@ class _Execution:
             _log.warn("cannot signal process group {pid}: {error}", pid=self.pid, error=e)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._time_limit, self._kill_timer):
+        for timer in (self._time_limit, self._kill_timer, self._disk_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._time_limit = self._kill_timer = None
+        self._time_limit = self._kill_timer = self._disk_timer = None
 
 
 def execute_job(
@@ -912,7 +989,10 @@ def execute_job(
     log_limit: int = LOG_LIMIT,
     read_pause: float = READ_PAUSE,
     sniff: Callable[[Path], bool] = looks_like_media,
-    read_header: HeaderReader = header_duration,
+    read_header: HeaderReader = read_contents,
+    count: ProbeFunction = probe_counting,
+    disk_reserve: int = DISK_RESERVE,
+    disk_free: FreeSpace = free_space,
 ) -> IJobExecution:
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
@@ -942,8 +1022,16 @@ def execute_job(
         a read that emptied the pipes (0: read as it comes).
     @param sniff: whether an input looks like media by its first bytes; if
         any does not, the encoder waits for the probes.
-    @param read_header: the output's duration as its container's header
-        states it, or C{None} to have C{probe} read the output instead.
+    @param read_header: what the output holds as its container's own tables
+        say (L{transcoder._container}), or C{None} to have C{count} read it
+        instead.
+    @param count: reads a media file counting its packets (for the output).
+    @param disk_reserve: bytes that must stay free on C{job_dir}'s filesystem
+        while the encoder runs and when it exits; below that the encoder's
+        process group is stopped and the job fails as the disk being full,
+        as it does when the encoder says "No space left on device".
+    @param disk_free: the bytes free on a path's filesystem (injectable for
+        tests), looked at every L{DISK_WATCH} seconds.
     """
     execution = _Execution(
         reactor,
@@ -962,6 +1050,9 @@ def execute_job(
         read_pause,
         sniff,
         read_header,
+        count,
+        disk_reserve,
+        disk_free,
     )
     execution.start()
     return execution

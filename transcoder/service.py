@@ -264,7 +264,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_queued=options["max-queued"],
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
-        executor=partial(execute_job, probe=probing_with(ffprobe_order.environment)),
+        executor=partial(
+            execute_job,
+            probe=probing_with(ffprobe_order.environment),
+            count=probing_with(ffprobe_order.environment, counting=True),
+            # Encoders stop before the disk is too full to record their jobs' ends.
+            disk_reserve=STORE_HEADROOM,
+        ),
     )
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
