@@ -305,8 +305,8 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 def test_mencoder_filling_the_disk_fails_the_job(tiny_disk: Path, tmp_path: Path) -> None:
     """
     Issue 14's reproduction: a 30 s noisy clip sent to avi-mpeg4 at 20 Mbit/s
-    on a 12 MiB tmpfs with --min-free-disk 1, with room left for the upload
-    and about 128 KiB more.  mencoder hits ENOSPC, exits 0 and writes a
+    on a 12 MiB tmpfs with --min-free-disk 1, filled once the upload is in to
+    leave about 128 KiB.  mencoder hits ENOSPC, exits 0 and writes a
     header claiming all 750 frames over a file that holds a third of them:
     the job fails naming the full disk (never succeeded), its partial output
     is gone and the space is back.
@@ -321,11 +321,18 @@ def test_mencoder_filling_the_disk_fails_the_job(tiny_disk: Path, tmp_path: Path
     try:
         # Whatever this machine's encoder makes of the clip (257 KB here),
         # the disk cannot hold it: the disk fills during the encode.
+        # The upload needs its size plus the 1 MiB kept for the job database
+        # free; once it is in, the filler takes all but 128 KiB.
         filler = tiny_disk / "filler"
         with filler.open("wb") as f:
-            os.posix_fallocate(f.fileno(), 0, _free(tiny_disk) - clip.stat().st_size - 128 * 1024)
-        status, job = put(f"{server.url}/jobs?profile=avi-mpeg4&vbitrate=20000", clip.read_bytes())
-        assert status == 201, job
+            os.posix_fallocate(f.fileno(), 0, _free(tiny_disk) - clip.stat().st_size - 2 * MiB)
+            status, job = put(
+                f"{server.url}/jobs?profile=avi-mpeg4&vbitrate=20000", clip.read_bytes()
+            )
+            assert status == 201, job
+            os.posix_fallocate(
+                f.fileno(), 0, f.seek(0, os.SEEK_END) + _free(tiny_disk) - 128 * 1024
+            )
         done = wait_job(server, str(job["id"]))
         print(f"job: {done['state']}, {done['error']}")
         assert done["state"] == "failed", done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,29 +175,29 @@ def test_stop_gives_up_on_an_end_it_cannot_record(tmp_path: Path) -> None:
 
 MiB = 1 << 20
 
-# The encoder copies its input, then fills the disk (as another program on the
-# machine might) before it exits, so that recording the job's end fails.
-FILLER = """
-import os, shutil, sys
-shutil.copyfile(sys.argv[1], sys.argv[2])
-fd = os.open("../../ballast", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-for size in (1 << 20, 65536, 4096, 512, 1):
-    block = b"\\0" * size
-    while True:
-        try:
-            os.write(fd, block)
-        except OSError:
-            break
-os.close(fd)
-"""
-
+# An encoder that writes nothing and waits: the disk fills under it (the test
+# fills it, as another program on the machine might), so the server stops it,
+# and recording that end fails, since nothing of the job's frees any space.
 PROFILES = f"""
-[fill]
-description = "Copy the input, then fill the disk."
+[wait]
+description = "Wait a minute, write nothing."
 executable = {json.dumps(sys.executable)}
-argv = ["-c", {json.dumps(FILLER)}, "{{file}}", "{{output}}"]
+argv = ["-c", "import time; time.sleep(60)", "{{file}}", "{{output}}"]
 output_extension = "mp4"
 """
+
+
+def _fill(path: Path) -> None:
+    """Take every free byte of C{path}'s filesystem."""
+    with path.open("wb", buffering=0) as f:
+        st = os.statvfs(path)
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+        for size in (4096, 512, 1):
+            while True:
+                try:
+                    f.write(b"\0" * size)
+                except OSError:
+                    break
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:
@@ -248,19 +249,22 @@ def _stored_state(data_dir: Path, job_id: str) -> str:
 def test_a_full_disk_never_shows_a_state_the_database_lacks(
     small_disk: Path, tmp_path: Path, clips: Any
 ) -> None:
-    """The disk fills as an encoder ends: the API keeps the stored state (running) and /health answers 503 store_failing, uploads get 503 store_unavailable; once space is back the job shows one final state, the same in the database and after a restart."""
-    profiles = tmp_path / "fill.toml"
+    """The disk fills while an encoder runs and the server stops it: the API keeps the stored state (running) while that end cannot be written, /health answers 503 store_failing and uploads get 503 store_unavailable; once space is back the job shows one final state, the same in the database and after a restart."""
+    profiles = tmp_path / "wait.toml"
     profiles.write_text(PROFILES)
     data = small_disk / "data"
     args = ("--min-free-disk", "0", "--workers", "1", "--profiles", str(profiles))
     server = ServerProcess(data, *args)
     try:
-        status, job = _put(f"{server.url}/jobs?profile=fill", clips.av.read_bytes())
+        status, job = _put(f"{server.url}/jobs?profile=wait", clips.av.read_bytes())
         assert status == 201, job
         job_url = f"{server.url}/jobs/{job['id']}"
+        assert wait_for(lambda: _get(job_url)[1]["state"] == "running", timeout=30)
         ballast = data / "ballast"
-        assert wait_for(lambda: _get(f"{server.url}/health")[0] == 503, timeout=30), server.output
-        code, health = _get(f"{server.url}/health")
+        _fill(ballast)
+        health_url = f"{server.url}/health"
+        assert wait_for(lambda: _get(health_url)[0] == 503, timeout=30), server.output
+        code, health = _get(health_url)
         assert code == 503, health
         assert health["status"] == "store_failing", health
         assert health["store_error"], health
@@ -269,16 +273,16 @@ def test_a_full_disk_never_shows_a_state_the_database_lacks(
         _, seen = _get(job_url)
         assert seen["state"] == "running", seen
         assert _stored_state(data, job["id"]) == "running"
-        status, refused = _put(f"{server.url}/jobs?profile=fill", b"x" * 1000)
+        status, refused = _put(f"{server.url}/jobs?profile=wait", b"x" * 1000)
         assert status == 503, refused
         assert refused["error"]["code"] == "store_unavailable"
 
         ballast.unlink()
         assert wait_for(lambda: _get(job_url)[1]["state"] != "running", timeout=30)
         _, final = _get(job_url)
-        assert final["state"] in ("succeeded", "failed"), final
-        assert _stored_state(data, job["id"]) == final["state"]
-        assert wait_for(lambda: _get(f"{server.url}/health")[0] == 200, timeout=10)
+        assert final["state"] == "failed", final
+        assert _stored_state(data, job["id"]) == "failed"
+        assert wait_for(lambda: _get(health_url)[0] == 200, timeout=10)
     finally:
         server.stop()
     assert "the job store takes writes again" in server.output, server.output
@@ -286,8 +290,8 @@ def test_a_full_disk_never_shows_a_state_the_database_lacks(
     again = ServerProcess(data, *args)
     try:
         _, after = _get(f"{again.url}/jobs/{job['id']}")
-        assert after["state"] == final["state"]
-        assert after.get("error") == final.get("error")
+        assert after["state"] == "failed"
+        assert after["error"] == final["error"]
     finally:
         again.stop()
     assert shutil.disk_usage(small_disk).free > MiB
