@@ -68,7 +68,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from transcoder._container import header_duration
 from transcoder._loadorder import Fingerprint, fingerprint
-from transcoder._progress import FfmpegProgress, MencoderProgress
+from transcoder._progress import FfmpegBlock, FfmpegProgress, MencoderProgress
+from transcoder._runaway import runaway, too_long
 from transcoder.jobs import JobState, OutputFile
 from transcoder.probe import MediaInfo, NotMediaError, tool_env
 from transcoder.probe import probe as ffprobe
@@ -131,6 +132,8 @@ class _Stop:
 
     CANCEL = "cancel"
     TIMEOUT = "timeout"
+    # The encode outgrew its input (see transcoder._runaway).
+    RUNAWAY = "runaway"
 
 
 class _Tail:
@@ -427,6 +430,7 @@ class _Execution:
         read_pause: float,
         sniff: Callable[[Path], bool],
         read_header: HeaderReader,
+        max_input_duration: float | None,
     ) -> None:
         self.deferred: Deferred[Outcome] = Deferred()
         self.pid: int | None = None
@@ -447,6 +451,8 @@ class _Execution:
         self._read_pause = read_pause
         self._sniff = sniff
         self._read_header = read_header
+        self._max_input_duration = max_input_duration
+        self._runaway: str | None = None
         self._partial = job_dir / f"result.partial.{profile.output_extension}"
         self._stop: str | None = None
         self._finished = False
@@ -621,7 +627,7 @@ class _Execution:
                 waiting = started[i]
                 waiting.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
                 try:
-                    infos.append(await waiting)
+                    info = await waiting
                 except CancelledError:
                     raise
                 except DeferredTimeoutError:
@@ -631,6 +637,10 @@ class _Execution:
                 except Exception as e:
                     _log.failure("probing input {role}", Failure(), role=role)
                     return f"could not probe input {role}: {e}"
+                refused = too_long(role, info.duration, self._max_input_duration)
+                if refused is not None:
+                    return refused
+                infos.append(info)
         finally:
             for probing in started:
                 _abandon(probing)
@@ -666,7 +676,7 @@ class _Execution:
         if self._profile.progress == "mencoder":
             parser = MencoderProgress(None)
         elif self._profile.progress == "ffmpeg":
-            parser = FfmpegProgress(None)
+            parser = FfmpegProgress(None, on_block=self._watch_block)
         if parser is not None and isinstance(self._probed, list):
             # Probed before the spawn: the duration is known from the start.
             parser.duration = self._probed[0].duration
@@ -829,6 +839,8 @@ class _Execution:
     def _stopped(self, exit_code: int | None) -> Outcome:
         if self._stop == _Stop.CANCEL:
             return Outcome(JobState.CANCELLED, exit_code=exit_code, log_tail=self._tail_text())
+        if self._stop == _Stop.RUNAWAY and self._runaway is not None:
+            return self._failed(self._runaway, exit_code)
         return self._failed(f"timed out after {_seconds(self._timeout)} s", exit_code)
 
     # Progress
@@ -844,6 +856,16 @@ class _Execution:
         # status lines do not each become a callback.
         if capped >= self._progress + 0.1:
             self._report(capped)
+
+    def _watch_block(self, block: FfmpegBlock) -> None:
+        """Stop an encode that has outgrown its input (L{transcoder._runaway})."""
+        if self._finished or self._stop is not None:
+            return
+        duration = self._probed[0].duration if isinstance(self._probed, list) else None
+        why = runaway(block, duration, self._profile.duration_tolerance)
+        if why is not None:
+            self._runaway = why
+            self._request_stop(_Stop.RUNAWAY)
 
     def _report(self, percent: float) -> None:
         self._progress = percent
@@ -865,7 +887,12 @@ class _Execution:
         if self._waiting is not None:
             self._waiting.cancel()
         elif self.pid is not None:
-            self._terminate()
+            if why == _Stop.RUNAWAY:
+                # Nothing it made is wanted, and ffmpeg ignores TERM while it
+                # repeats a frame: no grace.
+                self._signal(signal.SIGKILL)
+            else:
+                self._terminate()
 
     def _terminate(self) -> None:
         self._signal(signal.SIGTERM)
@@ -913,6 +940,7 @@ def execute_job(
     read_pause: float = READ_PAUSE,
     sniff: Callable[[Path], bool] = looks_like_media,
     read_header: HeaderReader = header_duration,
+    max_input_duration: float | None = None,
 ) -> IJobExecution:
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
@@ -944,6 +972,8 @@ def execute_job(
         any does not, the encoder waits for the probes.
     @param read_header: the output's duration as its container's header
         states it, or C{None} to have C{probe} read the output instead.
+    @param max_input_duration: seconds; an input that probes longer fails the
+        job as a rejected input (see L{transcoder._runaway}); C{None}: no limit.
     """
     execution = _Execution(
         reactor,
@@ -962,6 +992,7 @@ def execute_job(
         read_pause,
         sniff,
         read_header,
+        max_input_duration,
     )
     execution.start()
     return execution
