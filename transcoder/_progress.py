@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # A status line longer than this is not a status line; it is dropped whole so
 # that garbage without line ends cannot grow the buffer without bound.
@@ -103,6 +105,30 @@ class MencoderProgress(_Progress):
         return newest
 
 
+@dataclass(frozen=True)
+class FfmpegBlock:
+    """
+    What one complete C{-progress} block said: the output position in seconds,
+    the frames encoded, and of those how many ffmpeg invented (C{dup_frames})
+    or dropped to keep a constant frame rate; C{None} where it said nothing usable.
+    """
+
+    position: float | None
+    frames: int | None
+    dup_frames: int | None
+    drop_frames: int | None
+
+    @property
+    def frames_read(self) -> int | None:
+        """Frames that came from the input: encoded, less invented, plus dropped."""
+        if self.frames is None or self.dup_frames is None:
+            return None
+        return max(0, self.frames - self.dup_frames + (self.drop_frames or 0))
+
+
+_COUNTS = {b"frame": "frames", b"dup_frames": "dup_frames", b"drop_frames": "drop_frames"}
+
+
 class FfmpegProgress(_Progress):
     """
     ffmpeg's C{-progress pipe:1} output: C{key=value} lines in blocks, each
@@ -113,9 +139,14 @@ class FfmpegProgress(_Progress):
     while the audio encoder primes.
     """
 
-    def __init__(self, duration: float | None) -> None:
+    def __init__(
+        self, duration: float | None, on_block: Callable[[FfmpegBlock], None] | None = None
+    ) -> None:
         super().__init__(duration)
         self._position: float | None = None
+        self._counts: dict[str, int] = {}
+        # Told of every complete block (the runner watches for runaway encodes).
+        self.on_block = on_block
 
     def feed(self, data: bytes) -> float | None:
         newest: float | None = None
@@ -131,6 +162,9 @@ class FfmpegProgress(_Progress):
                 seconds = _clock_seconds(value)
                 if seconds is not None:
                     self._position = seconds
+            elif key in _COUNTS:
+                if _INT.match(value):
+                    self._counts[_COUNTS[key]] = int(value)
             elif key == b"progress":
                 block = self._block_end(value)
                 if block is not None:
@@ -141,6 +175,16 @@ class FfmpegProgress(_Progress):
 
     def _block_end(self, value: bytes) -> float | None:
         position, self._position = self._position, None
+        counts, self._counts = self._counts, {}
+        if self.on_block is not None:
+            self.on_block(
+                FfmpegBlock(
+                    position,
+                    counts.get("frames"),
+                    counts.get("dup_frames"),
+                    counts.get("drop_frames"),
+                )
+            )
         if value == b"end":
             return 100.0
         if position is None or self._duration is None:

@@ -90,6 +90,7 @@ class Executor(Protocol):
         on_progress: Callable[[float], None],
         on_spawn: Callable[[int], None],
         kill_grace: float = ...,
+        max_input_duration: float | None = ...,
     ) -> _Execution: ...
 
 
@@ -147,6 +148,7 @@ class JobRegistry:
         job_timeout: float | None = None,
         kill_grace: float = 5.0,
         executor: Executor | None = None,
+        max_input_duration: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -161,6 +163,7 @@ class JobRegistry:
         self._job_timeout = job_timeout
         self._kill_grace = kill_grace
         self._executor = executor if executor is not None else _default_executor()
+        self._max_input_duration = max_input_duration
 
         self._jobs: dict[str, Job] = {}
         # A heap of (seq, id); ids no longer in _queued are skipped when popped.
@@ -467,6 +470,7 @@ class JobRegistry:
                 on_progress=lambda percent: self._on_progress(run, percent),
                 on_spawn=lambda pid: self._on_spawn(run, pid),
                 kill_grace=self._kill_grace,
+                max_input_duration=self._max_input_duration,
             )
         except Exception:
             _log.failure("could not start the encoder for job {job_id}", job_id=job.id)

@@ -73,7 +73,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from transcoder._container import read_contents
 from transcoder._loadorder import Fingerprint, fingerprint
-from transcoder._progress import FfmpegProgress, MencoderProgress
+from transcoder._progress import FfmpegBlock, FfmpegProgress, MencoderProgress
+from transcoder._runaway import runaway, too_long
 from transcoder._verify import Contents, from_probe, shortfall
 from transcoder.jobs import JobState, OutputFile
 from transcoder.probe import MediaInfo, NotMediaError, probe_counting, tool_env
@@ -145,6 +146,8 @@ class _Stop:
     CANCEL = "cancel"
     TIMEOUT = "timeout"
     DISK_FULL = "disk full"
+    # The encode outgrew its input (see transcoder._runaway).
+    RUNAWAY = "runaway"
 
 
 class _Tail:
@@ -454,6 +457,7 @@ class _Execution:
         count: ProbeFunction,
         disk_reserve: int,
         disk_free: FreeSpace,
+        max_input_duration: float | None,
     ) -> None:
         self.deferred: Deferred[Outcome] = Deferred()
         self.pid: int | None = None
@@ -480,6 +484,8 @@ class _Execution:
         # Bytes free at the last look at the output's filesystem.
         self._free: int | None = None
         self._disk_timer: IDelayedCall | None = None
+        self._max_input_duration = max_input_duration
+        self._runaway: str | None = None
         self._partial = job_dir / f"result.partial.{profile.output_extension}"
         self._stop: str | None = None
         self._finished = False
@@ -665,7 +671,7 @@ class _Execution:
                 waiting = started[i]
                 waiting.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
                 try:
-                    infos.append(await waiting)
+                    info = await waiting
                 except CancelledError:
                     raise
                 except DeferredTimeoutError:
@@ -675,6 +681,10 @@ class _Execution:
                 except Exception as e:
                     _log.failure("probing input {role}", Failure(), role=role)
                     return f"could not probe input {role}: {e}"
+                refused = too_long(role, info.duration, self._max_input_duration)
+                if refused is not None:
+                    return refused
+                infos.append(info)
         finally:
             for probing in started:
                 _abandon(probing)
@@ -710,7 +720,7 @@ class _Execution:
         if self._profile.progress == "mencoder":
             parser = MencoderProgress(None)
         elif self._profile.progress == "ffmpeg":
-            parser = FfmpegProgress(None)
+            parser = FfmpegProgress(None, on_block=self._watch_block)
         if parser is not None and isinstance(self._probed, list):
             # Probed before the spawn: the duration is known from the start.
             parser.duration = self._probed[0].duration
@@ -888,6 +898,8 @@ class _Execution:
                 # The encoder's own words, "No space left on device".
                 message = _with_detail(message, self._tail.last_line())
             return self._failed(message, exit_code)
+        if self._stop == _Stop.RUNAWAY and self._runaway is not None:
+            return self._failed(self._runaway, exit_code)
         return self._failed(f"timed out after {_seconds(self._timeout)} s", exit_code)
 
     # Progress
@@ -903,6 +915,16 @@ class _Execution:
         # status lines do not each become a callback.
         if capped >= self._progress + 0.1:
             self._report(capped)
+
+    def _watch_block(self, block: FfmpegBlock) -> None:
+        """Stop an encode that has outgrown its input (L{transcoder._runaway})."""
+        if self._finished or self._stop is not None:
+            return
+        duration = self._probed[0].duration if isinstance(self._probed, list) else None
+        why = runaway(block, duration, self._profile.duration_tolerance)
+        if why is not None:
+            self._runaway = why
+            self._request_stop(_Stop.RUNAWAY)
 
     def _report(self, percent: float) -> None:
         self._progress = percent
@@ -942,7 +964,12 @@ class _Execution:
         if self._waiting is not None:
             self._waiting.cancel()
         elif self.pid is not None:
-            self._terminate()
+            if why == _Stop.RUNAWAY:
+                # Nothing it made is wanted, and ffmpeg ignores TERM while it
+                # repeats a frame: no grace.
+                self._signal(signal.SIGKILL)
+            else:
+                self._terminate()
 
     def _terminate(self) -> None:
         self._signal(signal.SIGTERM)
@@ -993,6 +1020,7 @@ def execute_job(
     count: ProbeFunction = probe_counting,
     disk_reserve: int = DISK_RESERVE,
     disk_free: FreeSpace = free_space,
+    max_input_duration: float | None = None,
 ) -> IJobExecution:
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
@@ -1032,6 +1060,8 @@ def execute_job(
         as it does when the encoder says "No space left on device".
     @param disk_free: the bytes free on a path's filesystem (injectable for
         tests), looked at every L{DISK_WATCH} seconds.
+    @param max_input_duration: seconds; an input that probes longer fails the
+        job as a rejected input (see L{transcoder._runaway}); C{None}: no limit.
     """
     execution = _Execution(
         reactor,
@@ -1053,6 +1083,7 @@ def execute_job(
         count,
         disk_reserve,
         disk_free,
+        max_input_duration,
     )
     execution.start()
     return execution

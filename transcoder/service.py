@@ -95,6 +95,12 @@ class Options(usage.Options):
         ],
         ["job-timeout", None, "1h", "Default time limit of a job, for profiles that set none."],
         ["kill-grace", None, "5s", "Time between TERM and KILL when stopping an encoder."],
+        [
+            "max-input-duration",
+            None,
+            "4h",
+            "Fail a job at its probe when an input is longer than this.",
+        ],
         ["idle-timeout", None, "60s", "Close connections idle (nothing received) this long."],
         ["tokens", None, None, "File of bearer tokens (one per line, or name:token); none: open."],
         [
@@ -123,7 +129,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self["max-upload-size"] = parse_size(self["max-upload-size"])
         self["min-free-disk"] = parse_size(self["min-free-disk"])
-        for key in ("job-timeout", "kill-grace", "idle-timeout", "keep-results", "shutdown-grace"):
+        for key in (
+            "job-timeout",
+            "kill-grace",
+            "max-input-duration",
+            "idle-timeout",
+            "keep-results",
+            "shutdown-grace",
+        ):
             self[key] = parse_duration(self[key])
         if self["workers"] is None:
             self["workers"] = os.cpu_count() or 1
@@ -264,6 +277,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_queued=options["max-queued"],
         job_timeout=options["job-timeout"],
         kill_grace=options["kill-grace"],
+        max_input_duration=options["max-input-duration"],
         executor=partial(
             execute_job,
             probe=probing_with(ffprobe_order.environment),
