@@ -453,3 +453,22 @@ def test_mp4_sample_tables_claiming_too_much(outputs: dict[str, Path], tmp_path:
     for table, offset in ((b"stsz", 4 + 8), (b"stts", 4 + 4), (b"stco", 4 + 4), (b"stsc", 4 + 4)):
         path = _patched(source, tmp_path / "t.mp4", table, offset, struct.pack(">I", 2**31))
         assert read_contents(path) is None, table
+
+
+def test_an_mp4_that_shows_a_frame_after_a_long_gap_holds_its_duration(tmp_path: Path) -> None:
+    """A variable-frame-rate MP4 whose last frame is shown 10 h in (decoding times uniform, the gap in the composition offsets): every sample is there and the samples span the 36000 s the header states, so it is whole."""
+    bomb = tmp_path / "bomb.mkv"
+    run_ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=d=2:size=320x240:r=25"),
+        *("-vf", "setpts='if(eq(N,25),36000/TB,PTS)'", "-frames:v", "26"),
+        *("-fps_mode", "passthrough", "-c:v", "libx264", "-preset", "ultrafast", str(bomb)),
+    )
+    out = tmp_path / "out.mp4"
+    run_ffmpeg("-i", str(bomb), "-c:v", "libx264", "-fps_mode", "vfr", "-f", "mp4", str(out))
+    contents = read_contents(out)
+    assert contents is not None
+    (video,) = contents.streams
+    assert (video.stated, video.held) == (26, 26)
+    assert video.held_seconds == pytest.approx(36000, abs=1)
+    assert contents.duration == pytest.approx(36000, abs=1)
+    assert shortfall(contents, 1.0) is None

@@ -425,12 +425,42 @@ def _samples(
         sample += n
     if sample != samples:
         raise _Unsure("chunks hold fewer samples than the tables")
-    stated = sum(n * delta for n, delta in runs)
+    stated = _presented(f, stbl, runs)
     held = sum(b - a for a, b in held_ranges)
     if held == samples:
         return Held(kind, samples, held, stated / scale, stated / scale, "samples"), 0
     held_time = _time_of(runs, held_ranges)
     return Held(kind, samples, held, stated / scale, held_time / scale, "samples"), samples - held
+
+
+def _presented(f: BinaryIO, stbl: list[tuple[bytes, int, int]], runs: list[tuple[int, int]]) -> int:
+    """
+    When the track's last sample ends, in its timescale: its decoding times
+    (C{stts}) moved by their composition offsets (C{ctts}), where a variable
+    frame rate output puts a gap (a frame shown after a long pause).
+    """
+    decoded = sum(n * delta for n, delta in runs)
+    if b"ctts" not in {k for k, _, _ in stbl}:
+        return decoded
+    table = _table(f, stbl, b"ctts")
+    signed = table[0] == 1
+    _, entries = _entries(table, 8)
+    offsets = [
+        (n, offset - (1 << 32) if signed and offset >= 1 << 31 else offset)
+        for n, offset in struct.iter_unpack(">II", entries)
+    ]
+    end, at, run, left = decoded, 0, 0, runs[0][0] if runs else 0
+    for count, offset in offsets:
+        for _ in range(count):
+            while left == 0 and run + 1 < len(runs):
+                run += 1
+                left = runs[run][0]
+            if left == 0:
+                raise _Unsure("ctts states more samples than stts")
+            end = max(end, at + offset + runs[run][1])
+            at += runs[run][1]
+            left -= 1
+    return end
 
 
 def _time_of(runs: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> int:
