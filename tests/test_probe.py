@@ -23,7 +23,6 @@ from transcoder.probe import (
     parse_ffprobe,
     probe,
     probe_counting,
-    probing_with,
     tool_env,
 )
 
@@ -138,29 +137,6 @@ def test_spawn_arguments() -> None:
     assert "-show_streams" in spawned["args"]
     assert spawned["env"]["PATH"]
     assert spawned["proto"].transport.stdin_closed
-
-
-def test_environment_added_to_the_tool_env() -> None:
-    """The variables given (the learnt LD_PRELOAD) are added to ffprobe's explicit environment, and nothing else."""
-    fake = FakeReactor()
-    probe(fake, Path("/x.mp4"), environment={"LD_PRELOAD": "/lib/liba.so /lib/libb.so"})
-    probe(fake, Path("/x.mp4"))
-    preloaded, plain = (spawned["env"] for spawned in fake.spawned)
-    assert preloaded == {**tool_env(), "LD_PRELOAD": "/lib/liba.so /lib/libb.so"}
-    assert plain == tool_env()
-
-
-def test_probing_with_asks_for_the_environment_at_each_run() -> None:
-    """probing_with's probe adds what its environment callable answers at the time of each run."""
-    fake = FakeReactor()
-    answers = [{"LD_PRELOAD": "/lib/liba.so"}, {}]
-    probe_file = probing_with(lambda: answers.pop(0))
-    probe_file(fake, Path("/x.mp4"))
-    probe_file(fake, Path("/y.mp4"))
-    first, second = fake.spawned
-    assert first["env"] == {**tool_env(), "LD_PRELOAD": "/lib/liba.so"}
-    assert first["args"][-1] == "file:/x.mp4"
-    assert second["env"] == tool_env()
 
 
 def test_output_in_pieces() -> None:

@@ -215,34 +215,3 @@ def test_a_result_changed_behind_the_servers_back_is_410(tmp_path: Path, clips: 
         assert "Traceback" not in server.output
     finally:
         server.stop()
-
-
-def test_ffprobe_runs_with_the_library_order_learnt_at_start(tmp_path: Path, clips: Clips) -> None:
-    """
-    The server learns ffprobe's library order at start (and says so in its
-    log), and a two-input job, whose probes then run under it, succeeds.
-    (That the registry's probes get the order is checked in test_probe.)
-    """
-    server = ServerProcess(tmp_path)
-    try:
-        assert wait_for(lambda: "libraries preloaded" in server.output, timeout=30), server.output
-        r = subprocess.run(
-            ["curl", "-sS", "-F", "profile=mux-avi", "-F", f"video=@{clips.flv_video}",
-             "-F", f"audio=@{clips.mp3_audio}", f"{server.url}/jobs"],
-            capture_output=True, timeout=60, check=True,
-        )  # fmt: skip
-        job = json.loads(r.stdout)
-        states: list[str] = []
-
-        def finished() -> bool:
-            r = subprocess.run(
-                ["curl", "-sS", f"{server.url}/jobs/{job['id']}?wait=30"],
-                capture_output=True, timeout=60, check=True,
-            )  # fmt: skip
-            states.append(json.loads(r.stdout)["state"])
-            return states[-1] not in ("queued", "running")
-
-        assert wait_for(finished, timeout=60), states
-        assert states[-1] == "succeeded", server.output
-    finally:
-        server.stop()

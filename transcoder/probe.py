@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,15 +202,12 @@ def probe(
     reactor: IReactorProcess,
     path: Path,
     timeout: float = 60,
-    environment: Mapping[str, str] | None = None,
     count_packets: bool = False,
 ) -> Deferred[MediaInfo]:
     """
     Run C{ffprobe} on C{path}.
 
     @param reactor: must also provide L{IReactorTime}.
-    @param environment: added to L{tool_env}'s (the service adds the library
-        order of L{transcoder._loadorder}).
     @return: fires with a L{MediaInfo}, or fails with L{NotMediaError}
         (L{ProbeTimeout} after killing an ffprobe that ran past C{timeout}).
         Cancelling it kills ffprobe.
@@ -243,7 +239,7 @@ def probe(
             proto,
             ffprobe,
             argv,
-            env={**env, **(environment or {})},
+            env=env,
             childFDs={0: "w", 1: "r", 2: "r"},
         )
     except OSError as e:
@@ -257,27 +253,3 @@ def probe(
 def probe_counting(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
     """L{probe} counting packets, with time to read a big file through."""
     return probe(reactor, path, timeout=COUNT_TIMEOUT, count_packets=True)
-
-
-def probing_with(
-    environment: Callable[[], Mapping[str, str]],
-    counting: bool = False,
-) -> Callable[[IReactorProcess, Path], Deferred[MediaInfo]]:
-    """
-    L{probe}, with C{environment()} added to each ffprobe run's environment,
-    asked anew for each run (the service's library order is learnt after
-    start-up, and can be dropped); counting packets if C{counting}.
-    """
-
-    def probe_with(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
-        if counting:
-            return probe(
-                reactor,
-                path,
-                timeout=COUNT_TIMEOUT,
-                environment=environment(),
-                count_packets=True,
-            )
-        return probe(reactor, path, environment=environment())
-
-    return probe_with

@@ -20,11 +20,10 @@ there would be the one cost of the service that nothing overlaps: the output
 is final only once the encoder has exited.
 
 The inputs are probed beside the encoder, not before it: each ffprobe run
-costs about 30 ms even with its libraries preloaded in the order of
-L{transcoder._loadorder} (45 ms without), which on a short encode is several
-percent of the job.  The probe still decides.  An input that is not
-media kills the encoder's process group with SIGKILL at once; the job fails
-with "not a recognised media file", exactly as if the encoder had never run:
+costs about 45 ms, which on a short encode is several percent of the job.
+The probe still decides.  An input that is not media kills the encoder's
+process group with SIGKILL at once; the job fails with "not a recognised
+media file", exactly as if the encoder had never run:
 no output, log or log tail of that encoder is kept.  And nothing is accepted
 before every input probe has answered, so even an encoder quicker than the
 probes (or one that "succeeds" on garbage) never makes garbage a result.
@@ -72,7 +71,6 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from transcoder._container import read_contents
-from transcoder._loadorder import Fingerprint, fingerprint
 from transcoder._progress import FfmpegBlock, FfmpegProgress, MencoderProgress
 from transcoder._runaway import runaway, too_long
 from transcoder._verify import Contents, from_probe, shortfall
@@ -111,6 +109,18 @@ _NO_SPACE = b"No space left on device"
 
 _log = Logger()
 _T = TypeVar("_T")
+
+# A file's inode, size and mtime: whether it changed since.
+Fingerprint = tuple[int, int, int]
+
+
+def fingerprint(path: Path) -> Fingerprint | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 ProbeFunction = Callable[[IReactorProcess, Path], Deferred[MediaInfo]]
 HashFunction = Callable[[Path], Deferred[str]]
@@ -571,7 +581,7 @@ class _Execution:
                 _abandon(self._hashing)
 
     def _startHash(self) -> None:
-        self._hashed_as = fingerprint([str(self._partial)])
+        self._hashed_as = fingerprint(self._partial)
         self._hashing = self._hash(self._partial)
 
     async def _ended(self, proto: _EncoderProtocol) -> Outcome:
@@ -595,7 +605,7 @@ class _Execution:
         # since: the pipes close when the last process holding them ends, and
         # a profile's encoder might have left a child writing the output.
         assert self._hashing is not None
-        if fingerprint([str(self._partial)]) != self._hashed_as:
+        if fingerprint(self._partial) != self._hashed_as:
             _abandon(self._hashing)
             self._startHash()
         return await self._judge(exit_code, sig, self._hashing)
@@ -655,8 +665,7 @@ class _Execution:
             encoder waits for them), rather than one after another (beside an
             encoder, on a machine of two cores, two probes at once slow it
             down: mux-avi's 80 ms encode with its two probes took 93 ms with
-            the probes at once, 74 ms with one after the other, measured
-            with the preload of L{transcoder._loadorder}).
+            the probes at once, 74 ms with one after the other).
         """
         roles = self._profile.inputs
         # One budget for all of them: one after another, each with ffprobe's

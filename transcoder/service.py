@@ -19,10 +19,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from transcoder._loadorder import PreloadOrder
 from transcoder.auth import TokenAuth, TokenFileError
 from transcoder.metrics import Metrics
-from transcoder.probe import probing_with
 from transcoder.profiles import ProfileError, load_profiles
 from transcoder.registry import STORE_HEADROOM, JobRegistry
 from transcoder.retention import RetentionSweeper
@@ -264,9 +262,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     profiles = options["profiles-loaded"]
     store = SQLiteJobStore(data_dir / "jobs.sqlite3", reactor)
     env_chdir()  # a blocking check, made here rather than at the first job
-    # ffprobe starts sooner with its libraries preloaded in an order learnt
-    # at start-up (transcoder._loadorder); until then it runs as it is.
-    ffprobe_order = PreloadOrder(reactor, "ffprobe")
 
     registry = JobRegistry(
         reactor,
@@ -280,8 +275,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_input_duration=options["max-input-duration"],
         executor=partial(
             execute_job,
-            probe=probing_with(ffprobe_order.environment),
-            count=probing_with(ffprobe_order.environment, counting=True),
             # Encoders stop before the disk is too full to record their jobs' ends.
             disk_reserve=STORE_HEADROOM,
         ),
@@ -312,12 +305,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Before the registry starts, so that jobs its recovery ends are seen too.
         metrics.start()
         notifier.start()
-        ffprobe_order.learn().addErrback(
-            lambda f: log.failure("learning ffprobe's library order", f)
-        )
 
     def stop_hooks() -> None:
-        ffprobe_order.stop()
         notifier.stop()
         metrics.stop()
 
