@@ -56,8 +56,8 @@ from pathlib import Path
 
 from _project_server import ProjectServer
 
-from transcoder.probe import tool_env
-from transcoder.profiles import Profile, builtin_profiles
+from transcoder.core.profiles import Profile, builtin_profiles
+from transcoder.engine.probe import tool_env
 
 
 def ffmpeg(*args: str) -> None:

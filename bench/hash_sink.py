@@ -2,7 +2,7 @@
 The least a server that hashes an upload can do, for comparing against
 (docs/performance.md): accept one connection, skip the request head, read
 1 GiB into a 2 MiB ring buffer PIECE bytes at a time (MSG_WAITALL with a
-low-water mark, as transcoder._pump does), SHA-256 each piece if HASH, answer
+low-water mark, as transcoder.http.pump does), SHA-256 each piece if HASH, answer
 200.  No HTTP parsing, no disk.  Prints its own CPU seconds on stderr.
 
 usage: hash_sink.py PORT RCVBUF(0=auto) LOWAT PIECE HASH(0/1)

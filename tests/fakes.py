@@ -17,7 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from transcoder.jobs import IJobStore, Job, JobState, OutputFile
+from transcoder.core.jobs import IJobStore, Job, JobState, OutputFile
 
 
 @dataclass

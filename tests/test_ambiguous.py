@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from rawhttp import connect_raw, split_response
-from serverproc import ServerProcess, no_uploads_left
+from serverproc import ServerProcess, no_uploads_left, wait_for
 
-from transcoder._names import content_disposition, sanitise_filename
-from transcoder.errors import APIError
-from transcoder.profiles import Profile, parse_profiles
+from transcoder.core.profiles import Profile, parse_profiles
+from transcoder.http.errors import APIError
+from transcoder.http.names import content_disposition, sanitise_filename
 
 TOKENS = {"alice": "alice-secret-token", "bob": "bob-secret-token"}
 
@@ -83,7 +83,7 @@ async def test_a_method_the_resource_does_not_take_is_405_before_its_body(
         assert status == 405, (method, answer)
         assert error_code(answer) == "method_not_allowed"
         assert headers["allow"] == "GET, HEAD, POST, PUT"
-    assert no_uploads_left(server.data_dir)
+    assert wait_for(lambda: no_uploads_left(server.data_dir))
     status, _, answer = await exchange(
         server, f"GET /jobs HTTP/1.1\nHost: x\n{alice}\nContent-Length: 1", b"x"
     )
@@ -108,7 +108,7 @@ async def test_a_file_part_named_only_by_filename_star_says_so(server: ServerPro
     message = json.loads(answer)["error"]["message"]
     assert error_code(answer) == "bad_multipart"
     assert "filename*" in message and "too long" not in message, message
-    assert no_uploads_left(server.data_dir)
+    assert wait_for(lambda: no_uploads_left(server.data_dir))
 
 
 # Parameters
@@ -243,7 +243,7 @@ def test_names_never_start_with_a_dash_nor_name_a_windows_device(
 
 def test_a_result_is_never_named_for_an_option(tmp_path: Path) -> None:
     """The result of an input named "-rf .mov" is offered as "rf .mp4" (ASCII "rf.mp4"), not "-rf.mp4"."""
-    from transcoder.web import result_filename
+    from transcoder.http.resources import result_filename
 
     class _Input:
         filename = sanitise_filename("-rf .mov")

@@ -44,12 +44,18 @@ from twisted.web.resource import IResource, Resource
 from zope.interface.verify import verifyObject
 
 from transcoder import __version__
-from transcoder.auth import TokenAuth
-from transcoder.jobs import JobState, OutputFile
-from transcoder.profiles import load_profiles
-from transcoder.registry import JobRegistry
-from transcoder.upload import IBodyReceiver
-from transcoder.web import MAX_TAIL, TranscoderSite, build_root, decode_cursor, tail_lines
+from transcoder.core.jobs import JobState, OutputFile
+from transcoder.core.profiles import load_profiles
+from transcoder.core.registry import JobRegistry
+from transcoder.http.auth import TokenAuth
+from transcoder.http.request import IBodyReceiver
+from transcoder.http.resources import (
+    MAX_TAIL,
+    TranscoderSite,
+    build_root,
+    decode_cursor,
+    tail_lines,
+)
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 API_MD = SPEC_PATH.parent / "api.md"
@@ -331,7 +337,7 @@ def prometheus_resource() -> Resource:
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_count_uploads_by_outcome(make_api: Callable[..., Api]) -> None:
-    """By default /metrics is transcoder.metrics', and the upload path reports each upload's outcome and bytes."""
+    """By default /metrics is transcoder.http.metrics', and the upload path reports each upload's outcome and bytes."""
     api = make_api(max_upload_size=1000)
     await api.upload(data=b"x" * 300)
     await api.call("PUT", "/jobs?profile=nope", data=b"x")
@@ -509,7 +515,7 @@ async def test_listing_bad_query(make_api: Callable[..., Api], query: str) -> No
 
 def test_cursor_round_trip() -> None:
     """A cursor is opaque text that decodes back to the position it was made from."""
-    from transcoder.web import encode_cursor
+    from transcoder.http.resources import encode_cursor
 
     for seq in (1, 42, 10**12):
         cursor = encode_cursor(seq)
@@ -1274,5 +1280,7 @@ def test_start_up_log_says_whether_the_api_is_open(
         make_api(tokens=tokens)
     finally:
         globalLogPublisher.removeObserver(events.append)
-    texts = [formatEvent(e) for e in events if e.get("log_namespace") == "transcoder.web"]
+    texts = [
+        formatEvent(e) for e in events if e.get("log_namespace") == "transcoder.http.resources"
+    ]
     assert any(expected in t for t in texts), texts

@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.auth}: the tokens file and the bearer check."""
+"""Tests for L{transcoder.http.auth}: the tokens file and the bearer check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
 
-from transcoder.auth import TokenAuth, TokenFileError
-from transcoder.errors import APIError
+from transcoder.http.auth import TokenAuth, TokenFileError
+from transcoder.http.errors import APIError
 
 FILE = """\
 # service tokens

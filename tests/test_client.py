@@ -1,5 +1,5 @@
 """
-transcoder.client against a real server on loopback (C{transcoder serve} as
+transcoder.client.api against a real server on loopback (C{transcoder serve} as
 a subprocess, real encoders), plus a small in-process server that drops and
 stalls downloads, and the streaming body on its own.
 """
@@ -33,8 +33,8 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
-from transcoder._bodies import StreamingBody
 from transcoder.client import Client, RemoteJob, TranscoderError
+from transcoder.client.bodies import StreamingBody
 
 MiB = 1 << 20
 

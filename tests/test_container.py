@@ -1,5 +1,5 @@
 """
-Tests for transcoder._container: what an output holds, from its own tables.
+Tests for transcoder.engine.container: what an output holds, from its own tables.
 
 The reference is ffprobe (its C{format.duration}, and the packets it counts),
 on files the real encoders write at test time: the in-process reader must say
@@ -22,10 +22,10 @@ from conftest import run_ffmpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transcoder._container import read_contents
-from transcoder._verify import Contents, from_probe, shortfall
-from transcoder.probe import parse_ffprobe, tool_env
-from transcoder.profiles import builtin_profiles
+from transcoder.core.profiles import builtin_profiles
+from transcoder.engine.container import read_contents
+from transcoder.engine.probe import parse_ffprobe, tool_env
+from transcoder.engine.verify import Contents, from_probe, shortfall
 
 if TYPE_CHECKING:
     from conftest import Clips

@@ -1,5 +1,5 @@
 """
-Tests for L{transcoder._download}: one file served with validators,
+Tests for L{transcoder.http.download}: one file served with validators,
 conditional requests, single byte ranges, JSON errors and a pull producer.
 """
 
@@ -27,8 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from transcoder._download import FileProducer, FileResource, parse_range
-from transcoder.errors import APIError
+from transcoder.http.download import FileProducer, FileResource, parse_range
+from transcoder.http.errors import APIError
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes
 ETAG = hashlib.sha256(CONTENT).hexdigest()

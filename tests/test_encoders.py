@@ -23,11 +23,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from transcoder.jobs import JobState
-from transcoder.probe import MediaInfo
-from transcoder.probe import probe as ffprobe
-from transcoder.profiles import ParamValue, Profile, builtin_profiles
-from transcoder.runner import PIPE_SIZE, IJobExecution, Outcome, _enlarge_pipes, execute_job
+from transcoder.core.jobs import JobState
+from transcoder.core.profiles import ParamValue, Profile, builtin_profiles
+from transcoder.engine.probe import MediaInfo
+from transcoder.engine.probe import probe as ffprobe
+from transcoder.engine.runner import PIPE_SIZE, IJobExecution, Outcome, _enlarge_pipes, execute_job
 
 if TYPE_CHECKING:
     from conftest import Clips

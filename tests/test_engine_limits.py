@@ -38,7 +38,7 @@ from test_recovery import (
     wait_job,
 )
 
-from transcoder.jobs import Job
+from transcoder.core.jobs import Job
 
 __all__ = ["paced_profiles"]  # a fixture, imported to be found here
 

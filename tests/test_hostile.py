@@ -27,7 +27,7 @@ import pytest
 from serverproc import ServerProcess, wait_for
 from test_malformed import MP, Reply, exchange, multipart, part, request
 
-from transcoder.profiles import load_profiles
+from transcoder.core.profiles import load_profiles
 
 TOKENS = {"alice": "alice-secret-token-1", "bob": "bob-secret-token-2"}
 RECORD = "argv.json"

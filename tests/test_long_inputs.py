@@ -3,7 +3,7 @@ Inputs that claim hours (issue 14, finding 3): a 30 KB file of 26 frames, the
 last stamped at 10 h, held an encoder for minutes.  Now the built-in ffmpeg
 profile keeps variable frame rate, --max-input-duration refuses long inputs at
 the probe, and an ffmpeg encode that outgrows its input is stopped
-(transcoder._runaway).  Unit tests drive the runner through a fake reactor;
+(transcoder.engine.runaway).  Unit tests drive the runner through a fake reactor;
 the end-to-end ones send real such files to a real server.
 """
 
@@ -22,10 +22,10 @@ from conftest import run_ffmpeg
 from serverproc import ServerProcess
 from test_runner import FFMPEG, Harness, _info
 
-from transcoder._progress import FfmpegBlock, FfmpegProgress
-from transcoder._runaway import DUP_FLOOR, DUP_RATIO, clock, runaway, too_long
-from transcoder.jobs import JobState
-from transcoder.profiles import builtin_profiles
+from transcoder.core.jobs import JobState
+from transcoder.core.profiles import builtin_profiles
+from transcoder.engine.progress import FfmpegBlock, FfmpegProgress
+from transcoder.engine.runaway import DUP_FLOOR, DUP_RATIO, clock, runaway, too_long
 from transcoder.service import Options
 
 LIMIT_MESSAGE = (

@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.metrics}: the Prometheus metrics and their resource."""
+"""Tests for L{transcoder.http.metrics}: the Prometheus metrics and their resource."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from twisted.internet.task import Clock
 from twisted.web.resource import IResource, Resource
 from zope.interface.verify import verifyObject
 
-from transcoder.jobs import InputFile, Job, JobState, new_job_id
-from transcoder.metrics import UPLOAD_OUTCOMES, Metrics
-from transcoder.profiles import Profile
-from transcoder.registry import JobRegistry
+from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
+from transcoder.core.profiles import Profile
+from transcoder.core.registry import JobRegistry
+from transcoder.http.metrics import UPLOAD_OUTCOMES, Metrics
 
 T0 = 1_700_000_000.0
 PROFILES = {

@@ -1,4 +1,4 @@
-"""Tests for transcoder.probe: asking ffprobe what a file is."""
+"""Tests for transcoder.engine.probe: asking ffprobe what a file is."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 
-from transcoder.probe import (
+from transcoder.engine.probe import (
     MediaInfo,
     NotMediaError,
     ProbeTimeout,

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.python import usage
 
-from transcoder.errors import APIError
-from transcoder.profiles import ProfileError, builtin_profiles, load_profiles, parse_profiles
+from transcoder.core.profiles import ProfileError, builtin_profiles, load_profiles, parse_profiles
+from transcoder.http.errors import APIError
 from transcoder.service import Options
 
 

@@ -1,4 +1,4 @@
-"""Tests for transcoder._progress: the parsers of encoder progress output."""
+"""Tests for transcoder.engine.progress: the parsers of encoder progress output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transcoder._progress import MAX_LINE, FfmpegProgress, MencoderProgress
+from transcoder.engine.progress import MAX_LINE, FfmpegProgress, MencoderProgress
 
 
 def _pos(seconds: float, frame: int, percent: int) -> bytes:

@@ -1,6 +1,6 @@
 """
 Property-based tests (hypothesis) of the code that reads what clients and
-encoders send: the streaming multipart reader (L{transcoder.upload.MultipartBody}),
+encoders send: the streaming multipart reader (L{transcoder.http.request.MultipartBody}),
 the sanitising of file names, and the progress parsers (beyond
 C{tests/test_progress.py}: garbage never poisons later lines, and the figure
 is the position over the duration).
@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
-from transcoder._names import MAX_NAME, content_disposition, extension, sanitise_filename
-from transcoder._progress import MAX_LINE, FfmpegProgress, MencoderProgress
-from transcoder.errors import APIError
-from transcoder.profiles import load_profiles
-from transcoder.upload import MultipartBody, Submission
+from transcoder.core.profiles import load_profiles
+from transcoder.engine.progress import MAX_LINE, FfmpegProgress, MencoderProgress
+from transcoder.http.errors import APIError
+from transcoder.http.names import MAX_NAME, content_disposition, extension, sanitise_filename
+from transcoder.http.request import MultipartBody, Submission
 
 PROFILES = load_profiles()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,7 +80,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 class Lender:
     """
-    Lends chunks to a body as a L{transcoder._pump.SocketPump} does: each in a
+    Lends chunks to a body as a L{transcoder.http.pump.SocketPump} does: each in a
     buffer of its own, an mmap, whose bytes must not change until the body
     gives it back (they are overwritten when it does, so a late reader sees
     garbage); and asks C{fileStart} between buffers, as the pump does.

@@ -24,14 +24,15 @@ from test_spool import settle
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from transcoder import _pump, upload
-from transcoder._pump import ALIGN, PumpEnd, SocketPump
-from transcoder._spool import _Lent, _ParallelWriter
-from transcoder.jobs import JobState
-from transcoder.profiles import load_profiles
-from transcoder.registry import JobRegistry
-from transcoder.store import SQLiteJobStore
-from transcoder.web import TranscoderSite, build_root
+from transcoder.http import pump as _pump
+from transcoder.http import request as upload
+from transcoder.core.jobs import JobState
+from transcoder.core.profiles import load_profiles
+from transcoder.core.registry import JobRegistry
+from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
+from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.http.spool import _Lent, _ParallelWriter
 
 KiB = 1024
 MiB = 1 << 20

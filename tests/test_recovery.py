@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from _servers import ServerProcess, processes_mentioning, serve
 
-from transcoder.jobs import new_job_id
+from transcoder.core.jobs import new_job_id
 
 PACED_PROFILE = "paced-h264"
 _PROFILES_TOML = f"""

@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.registry}: scheduling, state, persistence and recovery of jobs."""
+"""Tests for L{transcoder.core.registry}: scheduling, state, persistence and recovery of jobs."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 
-from transcoder.errors import APIError
-from transcoder.jobs import InputFile, Job, JobState, OutputFile, new_job_id
-from transcoder.profiles import Profile, builtin_profiles
-from transcoder.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
-from transcoder.store import SQLiteJobStore
+from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
+from transcoder.core.profiles import Profile, builtin_profiles
+from transcoder.core.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
+from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.http.errors import APIError
 
 PROFILE = Profile(
     name="copy",

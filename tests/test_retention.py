@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.retention}: the periodic removal of old finished jobs."""
+"""Tests for L{transcoder.core.retention}: the periodic removal of old finished jobs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from transcoder.jobs import InputFile, Job, JobState, new_job_id
-from transcoder.profiles import Profile
-from transcoder.registry import JobRegistry
-from transcoder.retention import RetentionSweeper
+from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
+from transcoder.core.profiles import Profile
+from transcoder.core.registry import JobRegistry
+from transcoder.core.retention import RetentionSweeper
 
 T0 = 1_700_000_000.0
 PROFILE = Profile(

@@ -1,5 +1,5 @@
 """
-Unit tests for transcoder.runner, without spawning anything: a fake reactor
+Unit tests for transcoder.engine.runner, without spawning anything: a fake reactor
 records the spawn, the tests play the encoder's part through the protocol, and
 Clock.advance stands in for the passing of time.
 """
@@ -25,12 +25,11 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from transcoder._progress import MencoderProgress
-from transcoder._verify import Contents, Held
-from transcoder.jobs import JobState
-from transcoder.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
-from transcoder.profiles import Profile
-from transcoder.runner import (
+from transcoder.core.jobs import JobState
+from transcoder.core.profiles import Profile
+from transcoder.engine.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
+from transcoder.engine.progress import MencoderProgress
+from transcoder.engine.runner import (
     DISK_WATCH,
     PROBE_BUDGET,
     IJobExecution,
@@ -40,6 +39,7 @@ from transcoder.runner import (
     execute_job,
     looks_like_media,
 )
+from transcoder.engine.verify import Contents, Held
 
 
 def _info(duration: float | None, *types: str) -> MediaInfo:
@@ -191,7 +191,7 @@ def test_spawn_through_setsid(h: Harness, monkeypatch: pytest.MonkeyPatch) -> No
     <argv>}, with no working directory given to spawnProcess (so that Twisted
     uses posix_spawn), and a small explicit environment.
     """
-    monkeypatch.setattr("transcoder.runner.env_chdir", lambda: "/usr/bin/env")
+    monkeypatch.setattr("transcoder.engine.runner.env_chdir", lambda: "/usr/bin/env")
     execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     verifyObject(IJobExecution, execution)
     [spawned] = h.reactor.spawned
@@ -224,7 +224,7 @@ def test_spawn_in_the_job_dir_without_env_chdir(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where env lacks -C, spawnProcess is given the job directory, and runs setsid there."""
-    monkeypatch.setattr("transcoder.runner.env_chdir", lambda: None)
+    monkeypatch.setattr("transcoder.engine.runner.env_chdir", lambda: None)
     h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     [spawned] = h.reactor.spawned
     assert os.path.basename(spawned["executable"]) == "setsid"

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from transcoder._spool import ALLOCATION_STEP, Spool
+from transcoder.http.spool import ALLOCATION_STEP, Spool
 
 
 class FailingFile:
@@ -185,7 +185,7 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENOSPC from the allocation is reported once, finish fails, and abort removes the file."""
-    import transcoder._spool as spool_module
+    import transcoder.http.spool as spool_module
 
     def full(fd: int, offset: int, length: int) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -206,7 +206,7 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
 
 def test_uploads_in_a_crowd_each_hold_less() -> None:
     """An upload alone may queue 4 MiB and use four staging buffers; with others in flight each holds less, down to 1 MiB and two buffers, so that the server's memory does not grow with the number of uploads at once."""
-    from transcoder.upload import spool_limits
+    from transcoder.http.request import spool_limits
 
     assert spool_limits(1) == (4 << 20, 4)
     limits = [spool_limits(n) for n in range(1, 40)]

@@ -48,8 +48,8 @@ print(json.dumps(sorted(m for m in sys.argv[2:] if m in sys.modules)))
 _SEND = """
 import json, sys
 from twisted.internet import reactor
-from transcoder.jobs import InputFile, Job, JobState, new_job_id
-from transcoder.webhooks import WebhookNotifier
+from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
+from transcoder.http.webhooks import WebhookNotifier
 
 class Registry:
     def __init__(self):

@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.store}: the SQLite job store."""
+"""Tests for L{transcoder.core.sqlite}: the SQLite job store."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
-from transcoder.jobs import IJobStore, InputFile, Job, JobState, OutputFile, new_job_id
-from transcoder.store import SQLiteJobStore, StoreClosed
+from transcoder.core.jobs import IJobStore, InputFile, Job, JobState, OutputFile, new_job_id
+from transcoder.core.sqlite import SQLiteJobStore, StoreClosed
 
 
 def make_job(seq: int, **kw: Any) -> Job:

@@ -26,10 +26,10 @@ from fakes import FakeExecutor, MemoryStore
 from serverproc import ServerProcess, wait_for
 from twisted.internet.task import Clock
 
-from transcoder.errors import APIError
-from transcoder.jobs import InputFile, Job, JobState, OutputFile, new_job_id
-from transcoder.profiles import Profile
-from transcoder.registry import STORE_RECHECK, JobRegistry
+from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
+from transcoder.core.profiles import Profile
+from transcoder.core.registry import STORE_RECHECK, JobRegistry
+from transcoder.http.errors import APIError
 
 PROFILE = Profile(
     name="copy",

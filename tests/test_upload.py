@@ -836,7 +836,7 @@ def test_trickling_body_is_cut_off_with_408(server: ServerProcess, declared: int
 
 def test_body_just_above_the_pump_threshold_keeps_the_idle_timeout(server: ServerProcess) -> None:
     """A body too short, once its first bytes are in, to be worth a pump is read by the reactor: it is stored right, and the kept-alive connection is still closed after --idle-timeout (3 s here)."""
-    from transcoder.upload import PUMP_MIN, PUMP_TAIL
+    from transcoder.http.request import PUMP_MIN, PUMP_TAIL
 
     body = os.urandom(PUMP_MIN + PUMP_TAIL + 1000)
     s = socket.create_connection(("127.0.0.1", server.port))

@@ -18,11 +18,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from transcoder.jobs import JobState
-from transcoder.profiles import load_profiles
-from transcoder.registry import JobRegistry
-from transcoder.store import SQLiteJobStore
-from transcoder.web import TranscoderSite, build_root
+from transcoder.core.jobs import JobState
+from transcoder.core.profiles import load_profiles
+from transcoder.core.registry import JobRegistry
+from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.http.resources import TranscoderSite, build_root
 
 
 class FailingExecutor(FakeExecutor):

@@ -1,4 +1,4 @@
-"""Tests for L{transcoder.webhooks}: signed job-finished callbacks with bounded, backed-off retries."""
+"""Tests for L{transcoder.http.webhooks}: signed job-finished callbacks with bounded, backed-off retries."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from transcoder.jobs import InputFile, Job, JobState, new_job_id
-from transcoder.webhooks import (
+from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
+from transcoder.http.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,

@@ -1,7 +1,7 @@
 """
 The C{transcoder} command: C{serve} runs the service; C{submit}, C{status},
 C{wait}, C{download}, C{cancel} and C{jobs} drive a server through
-L{transcoder.client}.
+L{transcoder.client.api}.
 
     transcoder submit video.flv --audio audio.mp3 --profile mux-avi --wait -o out.avi
 
@@ -303,7 +303,7 @@ class _Progress:
         return report
 
     def job(self, job: Any) -> None:
-        """A callback for L{transcoder.client.Client.wait}."""
+        """A callback for L{transcoder.client.api.Client.wait}."""
         if self._quiet:
             return
         if self._tty:
@@ -416,7 +416,7 @@ async def run_command(
                 ConnectError,
                 DNSLookupError,
                 ResponseFailed,
-                # transcoder.client raises these as ResponseFailed; another client may not.
+                # transcoder.client.api raises these as ResponseFailed; another client may not.
                 RequestTransmissionFailed,
                 RequestNotSent,
                 TimeoutError,

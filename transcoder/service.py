@@ -19,15 +19,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from transcoder.auth import TokenAuth, TokenFileError
-from transcoder.metrics import Metrics
-from transcoder.profiles import ProfileError, load_profiles
-from transcoder.registry import STORE_HEADROOM, JobRegistry
-from transcoder.retention import RetentionSweeper
-from transcoder.runner import env_chdir, execute_job
-from transcoder.store import SQLiteJobStore
-from transcoder.web import TranscoderSite, build_root
-from transcoder.webhooks import WebhookNotifier
+from transcoder.core.profiles import ProfileError, load_profiles
+from transcoder.core.registry import STORE_HEADROOM, JobRegistry
+from transcoder.core.retention import RetentionSweeper
+from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.engine.runner import env_chdir, execute_job
+from transcoder.http.auth import TokenAuth, TokenFileError
+from transcoder.http.metrics import Metrics
+from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.http.webhooks import WebhookNotifier
 
 log = Logger()
 

@@ -29,7 +29,7 @@ non-fragmented MP4/MOV whose boxes account for every byte, the media data
 alone being allowed to run past a cut end); anything else (another
 container, an OpenDML AVI beyond 1 GiB, a field it does not expect, tables
 too big) gives C{None}, and the caller has ffprobe count the packets
-(L{transcoder._verify.from_probe}).  Every read is bounded: a hostile file
+(L{transcoder.engine.verify.from_probe}).  Every read is bounded: a hostile file
 costs at most a few tens of MB of reads.
 """
 
@@ -40,7 +40,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from transcoder._verify import Contents, Held
+from transcoder.engine.verify import Contents, Held
 
 # Boxes or chunks looked at in one list before giving up: a real output has
 # tens; a damaged one could describe millions of empty ones.

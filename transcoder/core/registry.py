@@ -26,9 +26,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from transcoder.errors import APIError
-from transcoder.jobs import IJobStore, Job, JobState, OutputFile, is_job_id
-from transcoder.profiles import ParamValue, Profile
+from transcoder.core.jobs import IJobStore, Job, JobState, OutputFile, is_job_id
+from transcoder.core.profiles import ParamValue, Profile
+from transcoder.http.errors import APIError
 
 _log = Logger()
 
@@ -52,7 +52,7 @@ STORE_RECHECK = 2.0
 
 
 class _Outcome(Protocol):
-    """What L{transcoder.runner.Outcome} offers; typed here so the registry stands alone."""
+    """What L{transcoder.engine.runner.Outcome} offers; typed here so the registry stands alone."""
 
     @property
     def state(self) -> JobState: ...
@@ -67,7 +67,7 @@ class _Outcome(Protocol):
 
 
 class _Execution(Protocol):
-    """What L{transcoder.runner.IJobExecution} offers."""
+    """What L{transcoder.engine.runner.IJobExecution} offers."""
 
     @property
     def deferred(self) -> Deferred[Any]: ...
@@ -75,7 +75,7 @@ class _Execution(Protocol):
 
 
 class Executor(Protocol):
-    """The signature of L{transcoder.runner.execute_job}, which runs one job's encoder."""
+    """The signature of L{transcoder.engine.runner.execute_job}, which runs one job's encoder."""
 
     def __call__(
         self,
@@ -96,7 +96,7 @@ class Executor(Protocol):
 
 def _default_executor() -> Executor:
     # Imported here so the registry can be built and tested without the runner.
-    from transcoder.runner import execute_job
+    from transcoder.engine.runner import execute_job
 
     return execute_job
 

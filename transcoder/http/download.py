@@ -22,9 +22,9 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from transcoder._http import JSONResource, capped_int, write_error
-from transcoder._names import content_disposition
-from transcoder.errors import APIError
+from transcoder.http.errors import APIError
+from transcoder.http.names import content_disposition
+from transcoder.http.responses import JSONResource, capped_int, write_error
 
 log = Logger()
 

@@ -2,7 +2,7 @@
 Writing a request body's files on threads beside the reactor.
 
 The reactor thread only parses HTTP and hands chunks over (or a
-L{transcoder._pump.SocketPump} lends whole buffers, from its own thread);
+L{transcoder.http.pump.SocketPump} lends whole buffers, from its own thread);
 hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
 thread (or on a pump's, see L{Spool.hashes}), and writing on two writer
 threads (see L{_ParallelWriter}), all of which release the GIL, so an upload
@@ -103,7 +103,7 @@ class _Open:
 
 class _Lent:
     """
-    A buffer lent by a L{transcoder._pump.SocketPump}: hashed by the spool,
+    A buffer lent by a L{transcoder.http.pump.SocketPump}: hashed by the spool,
     written by a L{_ParallelWriter}, and given back once both are done.
     """
 

@@ -1,5 +1,5 @@
 """
-Request bodies streamed from disk for L{transcoder.client}: a raw file, or
+Request bodies streamed from disk for L{transcoder.client.api}: a raw file, or
 C{multipart/form-data} written part by part, each counted and hashed as it
 is sent.
 

@@ -8,7 +8,7 @@ The HTTP API's resources, and the L{Site} that streams bodies.
 
 With tokens configured, the root authenticates every request while the tree is
 traversed, so an upload with a bad token is refused before its body is read
-(see L{transcoder.upload.TranscoderRequest}), and a token sees only its own jobs.
+(see L{transcoder.http.request.TranscoderRequest}), and a token sees only its own jobs.
 """
 
 from __future__ import annotations
@@ -32,24 +32,14 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from transcoder import __version__
-from transcoder._download import FileResource, file_problem
-from transcoder._http import (
-    ErrorResource,
-    JSONResource,
-    capped_int,
-    finish_error,
-    raw_response,
-    write_error,
-    write_json,
-)
-from transcoder._names import sanitise_filename
-from transcoder._spool import Opener, _open
-from transcoder.auth import TokenAuth
-from transcoder.errors import APIError, method_not_allowed, not_found
-from transcoder.jobs import Job, JobState, is_job_id, new_job_id
-from transcoder.profiles import Profile
-from transcoder.registry import JobRegistry
-from transcoder.upload import (
+from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
+from transcoder.core.profiles import Profile
+from transcoder.core.registry import JobRegistry
+from transcoder.http.auth import TokenAuth
+from transcoder.http.download import FileResource, file_problem
+from transcoder.http.errors import APIError, method_not_allowed, not_found
+from transcoder.http.names import sanitise_filename
+from transcoder.http.request import (
     IBodyReceiver,
     IRequestBody,
     MultipartBody,
@@ -62,6 +52,16 @@ from transcoder.upload import (
     read_stock_body,
     uploads_in_flight,
 )
+from transcoder.http.responses import (
+    ErrorResource,
+    JSONResource,
+    capped_int,
+    finish_error,
+    raw_response,
+    write_error,
+    write_json,
+)
+from transcoder.http.spool import Opener, _open
 
 log = Logger()
 
@@ -765,9 +765,9 @@ class RootResource(JSONResource):
 
 def _metrics(registry: JobRegistry, data_dir: Path) -> tuple[IResource, UploadReport] | None:
     try:
-        from transcoder.metrics import Metrics
+        from transcoder.http.metrics import Metrics
     except ImportError:
-        log.warn("transcoder.metrics is not available: /metrics answers 404")
+        log.warn("transcoder.http.metrics is not available: /metrics answers 404")
         return None
     metrics = Metrics(registry, data_dir)
     # Follows the registry from now on, to time the jobs that end.
@@ -796,7 +796,7 @@ def build_root(
         unless C{clock} is given.
     @param auth: the tokens; without them the API is open to anyone who can reach it.
     @param min_free_disk: uploads are refused (507) below this much free space.
-    @param metrics: a L{transcoder.metrics.Metrics} (started and stopped by
+    @param metrics: a L{transcoder.http.metrics.Metrics} (started and stopped by
         the caller), or just a C{/metrics} resource; by default a new Metrics,
         started here, which then also counts uploads.
     """

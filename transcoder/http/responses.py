@@ -8,7 +8,7 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from transcoder.errors import APIError, method_not_allowed, status_phrase
+from transcoder.http.errors import APIError, method_not_allowed, status_phrase
 
 JSON_TYPE = b"application/json"
 

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from transcoder.jobs import IJobStore, Job
+from transcoder.core.jobs import IJobStore, Job
 
 _P = ParamSpec("_P")
 

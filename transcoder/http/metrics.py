@@ -19,8 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from transcoder._http import JSONResource
-from transcoder.jobs import Job, JobState
+from transcoder.core.jobs import Job, JobState
+from transcoder.http.responses import JSONResource
 
 _log = Logger()
 

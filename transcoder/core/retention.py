@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from transcoder.jobs import Job
+from transcoder.core.jobs import Job
 
 _log = Logger()
 

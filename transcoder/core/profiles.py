@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from transcoder.errors import APIError
+from transcoder.http.errors import APIError
 
 ParamValue = int | float | str
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
@@ -270,7 +270,9 @@ def parse_profiles(text: str) -> dict[str, Profile]:
 
 
 def builtin_profiles() -> dict[str, Profile]:
-    return parse_profiles(files("transcoder").joinpath("builtin_profiles.toml").read_text("utf-8"))
+    return parse_profiles(
+        files("transcoder.core").joinpath("builtin_profiles.toml").read_text("utf-8")
+    )
 
 
 def load_profiles(path: Path | None = None) -> dict[str, Profile]:

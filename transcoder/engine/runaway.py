@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 
-from transcoder._progress import FfmpegBlock
+from transcoder.engine.progress import FfmpegBlock
 
 PAST_MARGIN = 10.0
 DUP_FLOOR = 50_000

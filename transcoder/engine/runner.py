@@ -7,14 +7,14 @@ An encoder's exit status alone proves little: mencoder exits 0 after "encoding"
 garbage it took for raw DV, and leaves a valid but truncated AVI when stopped.
 So an output counts only if every input passed ffprobe, the output is media,
 its duration matches the input's, and the file itself holds the frames its
-header states (L{transcoder._verify}): mencoder on a full disk exits 0 with a
+header states (L{transcoder.engine.verify}): mencoder on a full disk exits 0 with a
 header claiming 750 frames over a file holding 292.  Nor does an encode count
 whose output filesystem fell below C{disk_reserve} bytes free while it ran or
 when it exited, or whose encoder said "No space left on device": the job
 fails as the disk being full, whatever the exit code.
 
 What the output holds is read in-process from its container's own tables
-(L{transcoder._container}) when it is an AVI or MP4 the reader is sure of;
+(L{transcoder.engine.container}) when it is an AVI or MP4 the reader is sure of;
 anything else is counted by ffprobe reading every packet.  An ffprobe run
 there would be the one cost of the service that nothing overlaps: the output
 is final only once the encoder has exited.
@@ -70,14 +70,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from transcoder._container import read_contents
-from transcoder._progress import FfmpegBlock, FfmpegProgress, MencoderProgress
-from transcoder._runaway import runaway, too_long
-from transcoder._verify import Contents, from_probe, shortfall
-from transcoder.jobs import JobState, OutputFile
-from transcoder.probe import MediaInfo, NotMediaError, probe_counting, tool_env
-from transcoder.probe import probe as ffprobe
-from transcoder.profiles import ParamValue, Profile
+from transcoder.core.jobs import JobState, OutputFile
+from transcoder.core.profiles import ParamValue, Profile
+from transcoder.engine.container import read_contents
+from transcoder.engine.probe import MediaInfo, NotMediaError, probe_counting, tool_env
+from transcoder.engine.probe import probe as ffprobe
+from transcoder.engine.progress import FfmpegBlock, FfmpegProgress, MencoderProgress
+from transcoder.engine.runaway import runaway, too_long
+from transcoder.engine.verify import Contents, from_probe, shortfall
 
 LOG_NAME = "encoder.log"
 LOG_LIMIT = 16 * 1024 * 1024
@@ -156,7 +156,7 @@ class _Stop:
     CANCEL = "cancel"
     TIMEOUT = "timeout"
     DISK_FULL = "disk full"
-    # The encode outgrew its input (see transcoder._runaway).
+    # The encode outgrew its input (see transcoder.engine.runaway).
     RUNAWAY = "runaway"
 
 
@@ -926,7 +926,7 @@ class _Execution:
             self._report(capped)
 
     def _watch_block(self, block: FfmpegBlock) -> None:
-        """Stop an encode that has outgrown its input (L{transcoder._runaway})."""
+        """Stop an encode that has outgrown its input (L{transcoder.engine.runaway})."""
         if self._finished or self._stop is not None:
             return
         duration = self._probed[0].duration if isinstance(self._probed, list) else None
@@ -1060,7 +1060,7 @@ def execute_job(
     @param sniff: whether an input looks like media by its first bytes; if
         any does not, the encoder waits for the probes.
     @param read_header: what the output holds as its container's own tables
-        say (L{transcoder._container}), or C{None} to have C{count} read it
+        say (L{transcoder.engine.container}), or C{None} to have C{count} read it
         instead.
     @param count: reads a media file counting its packets (for the output).
     @param disk_reserve: bytes that must stay free on C{job_dir}'s filesystem
@@ -1070,7 +1070,7 @@ def execute_job(
     @param disk_free: the bytes free on a path's filesystem (injectable for
         tests), looked at every L{DISK_WATCH} seconds.
     @param max_input_duration: seconds; an input that probes longer fails the
-        job as a rejected input (see L{transcoder._runaway}); C{None}: no limit.
+        job as a rejected input (see L{transcoder.engine.runaway}); C{None}: no limit.
     """
     execution = _Execution(
         reactor,

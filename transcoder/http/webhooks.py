@@ -43,7 +43,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from transcoder import __version__
-from transcoder.jobs import Job, is_job_id
+from transcoder.core.jobs import Job, is_job_id
 
 _log = Logger()
 

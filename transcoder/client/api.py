@@ -45,7 +45,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from transcoder._bodies import FilePart, ProgressCallback, StreamingBody
+from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
 
 __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
 

@@ -14,7 +14,7 @@ body byte or C{100 Continue}, what the body is for:
 
 L{RawBody} and L{MultipartBody} write through a L{Spool} into a staging
 directory, C{uploads/<job id>/}.  Only a complete, checked upload becomes a
-job, by renaming that directory (see L{transcoder.web}).
+job, by renaming that directory (see L{transcoder.http.resources}).
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ from twisted.web.http import _ChunkedTransferDecoder, parse_qs
 from twisted.web.resource import IResource
 from zope.interface import Interface, implementer
 
-from transcoder._http import ErrorResource, allowed_methods, raw_response
-from transcoder._names import extension, sanitise_filename
-from transcoder._pump import Chunked, PumpEnd, SocketPump
-from transcoder._search import find
-from transcoder._spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
-from transcoder.errors import APIError, method_not_allowed
-from transcoder.jobs import InputFile
-from transcoder.profiles import RESERVED_FIELDS, ParamValue, Profile
-from transcoder.webhooks import callback_url_problem
+from transcoder.core.jobs import InputFile
+from transcoder.core.profiles import RESERVED_FIELDS, ParamValue, Profile
+from transcoder.http.errors import APIError, method_not_allowed
+from transcoder.http.names import extension, sanitise_filename
+from transcoder.http.pump import Chunked, PumpEnd, SocketPump
+from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
+from transcoder.http.search import find
+from transcoder.http.spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
+from transcoder.http.webhooks import callback_url_problem
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from twisted.web.iweb import IRequest
 
-from transcoder.errors import APIError
+from transcoder.http.errors import APIError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")

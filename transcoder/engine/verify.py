@@ -5,7 +5,7 @@ A header alone proves nothing: mencoder that hits a full disk exits 0 and
 rewrites its AVI header with every frame it encoded (750), while the file
 holds the frames written before the disk filled (292).  So an output is
 accepted only when its frames or samples are in the file itself, counted
-either in-process from the container's own index (L{transcoder._container},
+either in-process from the container's own index (L{transcoder.engine.container},
 for AVI and MP4) or, for anything else, by ffprobe reading every packet
 (L{from_probe}).  The second way is complete on its own: the first only
 saves ffprobe's run where it can.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transcoder.probe import MediaInfo
+from transcoder.engine.probe import MediaInfo
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,4 @@
+"""
+Running encoders: processes (ProcessProtocol), probing inputs with ffprobe,
+parsing progress, and verifying outputs.  It speaks no HTTP.
+"""
