@@ -17,8 +17,8 @@ import pytest_twisted
 from rawhttp import connect_raw, split_response
 from serverproc import ServerProcess, no_uploads_left, wait_for
 
+from transcoder.core.errors import Invalid
 from transcoder.core.profiles import Profile, parse_profiles
-from transcoder.http.errors import APIError
 from transcoder.http.names import content_disposition, sanitise_filename
 
 TOKENS = {"alice": "alice-secret-token", "bob": "bob-secret-token"}
@@ -184,7 +184,7 @@ def test_an_integer_with_leading_zeros_is_that_integer(raw: str, value: int) -> 
     """19 or more digits of which most are leading zeros: the integer they write, not "must be an integer"."""
     q = _echo()["echo"].parameters["q"]
     if value < 1:
-        with pytest.raises(APIError) as e:
+        with pytest.raises(Invalid) as e:
             q.parse(raw)
         assert e.value.message == "parameter 'q' must be at least 1"
         return
@@ -205,7 +205,7 @@ def test_an_integer_too_long_to_convert_is_out_of_range_not_a_non_integer(
     raw: str, why: str
 ) -> None:
     """An integer of range [1, 31] given 19, 30 or 5000 significant digits is out of its range, and says so; a fraction or exponent is not an integer."""
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Invalid) as e:
         _echo()["echo"].validate_params({"q": raw})
     assert e.value.message == f"parameter 'q' {why}"
 

@@ -44,10 +44,12 @@ from twisted.web.resource import IResource, Resource
 from zope.interface.verify import verifyObject
 
 from transcoder import __version__
+from transcoder.core.errors import Invalid, NotFound, Unavailable
 from transcoder.core.jobs import JobState, OutputFile
 from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
+from transcoder.http.errors import APIError, http_error
 from transcoder.http.request import IBodyReceiver
 from transcoder.http.resources import (
     MAX_TAIL,
@@ -1284,3 +1286,13 @@ def test_start_up_log_says_whether_the_api_is_open(
         formatEvent(e) for e in events if e.get("log_namespace") == "transcoder.http.resources"
     ]
     assert any(expected in t for t in texts), texts
+
+
+def test_the_cores_refusals_map_to_one_status_each() -> None:
+    """Each kind of the core's refusals is answered with its status: invalid 422, not found 404, unavailable 503 with Retry-After; an APIError keeps its own."""
+    assert http_error(Invalid("unknown_profile", "no")).status == 422
+    assert http_error(NotFound("not_found", "no")).status == 404
+    busy = http_error(Unavailable("queue_full", "later", 7))
+    assert (busy.status, busy.code, busy.headers) == (503, "queue_full", {"Retry-After": "7"})
+    own = APIError(418, "teapot", "short and stout")
+    assert http_error(own) is own

@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.python import usage
 
+from transcoder.core.errors import Invalid
 from transcoder.core.profiles import ProfileError, builtin_profiles, load_profiles, parse_profiles
-from transcoder.http.errors import APIError
+from transcoder.http.errors import http_error
 from transcoder.service import Options
 
 
@@ -44,18 +45,18 @@ def test_parameters_get_defaults_and_are_range_checked() -> None:
         "-o /etc/passwd",
         "1000;rm",
     ]:
-        with pytest.raises(APIError) as e:
+        with pytest.raises(Invalid) as e:
             p.validate_params({"vbitrate": bad})
-        assert (e.value.status, e.value.code) == (422, "invalid_parameter")
+        assert (http_error(e.value).status, e.value.code) == (422, "invalid_parameter")
 
 
 def test_unknown_parameters_and_choices_are_refused() -> None:
     """A parameter the profile does not declare, or a choice it does not list, is 422."""
     p = builtin_profiles()["mp4-h264"]
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Invalid) as e:
         p.validate_params({"vf": "scale=1:1"})
     assert e.value.code == "unknown_parameter"
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Invalid) as e:
         p.validate_params({"preset": "--output=/etc/passwd"})
     assert e.value.code == "invalid_parameter"
     assert p.validate_params({"preset": "slow"})["preset"] == "slow"
@@ -67,7 +68,7 @@ def test_argv_holds_only_checked_values(raw: str) -> None:
     p = builtin_profiles()["avi-mpeg4"]
     try:
         params = p.validate_params({"vbitrate": raw})
-    except APIError:
+    except Invalid:
         return
     argv = p.build_argv({"file": "/data/in"}, "/data/out.avi", params)
     assert f"vbitrate={int(raw)}" in " ".join(argv)

@@ -29,11 +29,12 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
+from transcoder.core.errors import DomainError
 from transcoder.core.profiles import load_profiles
+from transcoder.core.submit import Submission
 from transcoder.engine.progress import MAX_LINE, FfmpegProgress, MencoderProgress
-from transcoder.http.errors import APIError
 from transcoder.http.names import MAX_NAME, content_disposition, extension, sanitise_filename
-from transcoder.http.request import MultipartBody, Submission
+from transcoder.http.request import MultipartBody
 
 PROFILES = load_profiles()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,7 +116,7 @@ def feed(
 ) -> tuple[object, Path]:
     """
     Feed C{chunks} to a new MultipartBody and finish it.  Returns its
-    Submission or the APIError it raised (any other exception propagates),
+    Submission or the DomainError it raised (any other exception propagates),
     and the staging directory.  Chunks from index C{lendFrom} on are lent by
     C{lender}, as from a pump, the others received as from the reactor.
     """
@@ -133,7 +134,7 @@ def feed(
             length,
             1 << 30,
         )
-    except APIError as e:
+    except DomainError as e:
         shutil.rmtree(root)
         return e, staging
     outcome: object
@@ -145,10 +146,10 @@ def feed(
             else:
                 body.dataReceived(chunk)
         outcome = reactor.pump(body.finish())
-    except APIError as e:
+    except DomainError as e:
         outcome = e
     if not isinstance(outcome, Submission):
-        assert isinstance(outcome, APIError), repr(outcome)
+        assert isinstance(outcome, DomainError), repr(outcome)
         body.abort()
         # abort() removes the files on the spool's thread.
         deadline = time.monotonic() + 10
@@ -279,7 +280,7 @@ def test_multipart_file_start_is_where_the_file_begins_in_the_body() -> None:
 def test_multipart_random_bytes_only_ever_raise_api_errors(
     boundary: str, data: bytes, cuts: list[int], length: int | None
 ) -> None:
-    """Random bytes under any boundary and any declared length end in an APIError (never another exception), and leave no file behind."""
+    """Random bytes under any boundary and any declared length end in a DomainError (never another exception), and leave no file behind."""
     outcome, staging = feed(boundary, chunked(data, cuts), length)
     if isinstance(outcome, Submission):
         shutil.rmtree(staging.parent)
@@ -300,7 +301,7 @@ def test_multipart_damaged_bodies_only_ever_raise_api_errors(
     how: str,
     cuts: list[int],
 ) -> None:
-    """A valid body truncated, with a byte changed or a byte inserted anywhere, is stored as sent or refused with an APIError; never another exception, never a file left after a refusal."""
+    """A valid body truncated, with a byte changed or a byte inserted anywhere, is stored as sent or refused with a DomainError; never another exception, never a file left after a refusal."""
     boundary, body, _, _ = case
     at = where % (len(body) + 1)
     if how == "truncate":
@@ -312,7 +313,7 @@ def test_multipart_damaged_bodies_only_ever_raise_api_errors(
     outcome, staging = feed(boundary, chunked(damaged, cuts), len(damaged))
     if how == "truncate" and at < len(body) - 2:
         # Cut before its closing delimiter: it never ends.
-        assert isinstance(outcome, APIError)
+        assert isinstance(outcome, DomainError)
     if isinstance(outcome, Submission):
         shutil.rmtree(staging.parent)
 

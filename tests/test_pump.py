@@ -24,12 +24,12 @@ from test_spool import settle
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from transcoder.http import pump as _pump
-from transcoder.http import request as upload
 from transcoder.core.jobs import JobState
 from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.http import pump as _pump
+from transcoder.http import request as upload
 from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
 from transcoder.http.resources import TranscoderSite, build_root
 from transcoder.http.spool import _Lent, _ParallelWriter

@@ -19,11 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 
+from transcoder.core.errors import Unavailable
 from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
 from transcoder.core.profiles import Profile, builtin_profiles
 from transcoder.core.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
-from transcoder.http.errors import APIError
 
 PROFILE = Profile(
     name="copy",
@@ -195,37 +195,37 @@ def test_queue_cap_counts_uploads_that_will_wait(make_env: Callable[..., Env]) -
     """
     env = make_env(workers=2, max_queued=1)
     env.registry.check_capacity(arriving=2)  # both will find a worker
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Unavailable) as e:
         env.registry.check_capacity(arriving=3)  # the third would wait
-    assert (e.value.status, e.value.code) == (503, "queue_full")
+    assert e.value.code == "queue_full"
     add(env)
     add(env)
     assert env.registry.running_count == 2
     env.registry.check_capacity()
-    with pytest.raises(APIError):
+    with pytest.raises(Unavailable):
         env.registry.check_capacity(arriving=1)
 
 
 def test_queue_cap(make_env: Callable[..., Env]) -> None:
-    """With max_queued jobs waiting, check_capacity answers 503 with Retry-After."""
+    """With max_queued jobs waiting, check_capacity refuses as unavailable, with a time to retry after."""
     env = make_env(workers=1, max_queued=2)
     add(env)
     env.registry.check_capacity()
     add(env)
     add(env)
     assert env.registry.queued_count == 2
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Unavailable) as e:
         env.registry.check_capacity()
-    assert (e.value.status, e.value.code) == (503, "queue_full")
-    assert int(e.value.headers["Retry-After"]) > 0
+    assert e.value.code == "queue_full"
+    assert e.value.retry_after > 0
     env.clock.advance(40)
     env.executor.running()[0].finish()
     env.registry.check_capacity()
     add(env)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(Unavailable) as e:
         env.registry.check_capacity()
     # Measured from the one run so far: 40 s on one worker.
-    assert e.value.headers["Retry-After"] == "40"
+    assert e.value.retry_after == 40
 
 
 def test_cancel_queued(make_env: Callable[..., Env]) -> None:
@@ -471,7 +471,7 @@ def test_stop_requeues_running_jobs(make_env: Callable[..., Env]) -> None:
     d = env.registry.stop()
     assert [e.cancels for e in env.executor.executions] == [1, 1]
     assert not d.called and not env.store.closed
-    with pytest.raises(APIError):
+    with pytest.raises(Unavailable):
         env.registry.check_capacity()
     for execution in env.executor.executions:
         execution.finish(JobState.CANCELLED)
@@ -641,8 +641,8 @@ def test_add_requires_a_started_registry(make_env: Callable[..., Env]) -> None:
     env.registry.start()
     env.registry.stop()
     d = env.registry.add(on_disk(env.registry, new_job()))
-    assert isinstance(d.result.value, APIError)
-    assert (d.result.value.status, d.result.value.code) == (503, "shutting_down")
+    assert isinstance(d.result.value, Unavailable)
+    assert d.result.value.code == "shutting_down"
     d.addErrback(lambda f: None)
     assert env.store.rows == {}
 

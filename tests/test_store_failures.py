@@ -26,10 +26,10 @@ from fakes import FakeExecutor, MemoryStore
 from serverproc import ServerProcess, wait_for
 from twisted.internet.task import Clock
 
+from transcoder.core.errors import Unavailable
 from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
 from transcoder.core.profiles import Profile
 from transcoder.core.registry import STORE_RECHECK, JobRegistry
-from transcoder.http.errors import APIError
 
 PROFILE = Profile(
     name="copy",
@@ -116,18 +116,17 @@ def test_a_long_store_failure_records_the_job_as_failed_for_it(tmp_path: Path) -
 
 
 def test_a_failing_store_stops_new_work_until_it_takes_a_write(tmp_path: Path) -> None:
-    """While the store fails, uploads get 503 store_unavailable and queued jobs do not start; a periodic test write finds it working again, and the queue moves."""
+    """While the store fails, uploads are refused (store_unavailable) and queued jobs do not start; a periodic test write finds it working again, and the queue moves."""
     clock, store, executor, registry = make(tmp_path)
     first = add(registry)
     second = add(registry)
     (execution,) = executor.executions
     store.failing = FULL
     execution.finish(JobState.FAILED, exit_code=1, error="boom")
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Unavailable) as refused:
         registry.check_capacity()
-    assert refused.value.status == 503
     assert refused.value.code == "store_unavailable"
-    assert "Retry-After" in refused.value.headers
+    assert refused.value.retry_after > 0
     clock.pump([0.1, 0.5, 1.0, 2.0, STORE_RECHECK])
     assert len(executor.executions) == 1
     assert second.state is JobState.QUEUED

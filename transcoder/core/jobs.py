@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -26,12 +25,6 @@ def new_job_id() -> str:
 
 def is_job_id(value: str) -> bool:
     return bool(_JOB_ID.match(value))
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JobState(StrEnum):
@@ -56,14 +49,6 @@ class InputFile:
     sha256: str
     # Relative to the job's directory.
     path: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "filename": self.filename,
-            "size": self.size,
-            "sha256": self.sha256,
-        }
 
 
 @dataclass
@@ -116,38 +101,6 @@ class Job:
         d["inputs"] = [InputFile(**i) for i in d["inputs"]]
         d["output"] = OutputFile(**d["output"]) if d.get("output") else None
         return cls(**d)
-
-    def to_json(self, base_url: str = "") -> dict[str, Any]:
-        """The public view of the job, as the API answers it."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "profile": self.profile,
-            "params": self.params,
-            "state": self.state.value,
-            "progress": round(self.progress, 1),
-            "created_at": rfc3339(self.created_at),
-            "started_at": rfc3339(self.started_at),
-            "finished_at": rfc3339(self.finished_at),
-            "inputs": [i.to_json() for i in self.inputs],
-            "output": None,
-            "error": None,
-            "url": f"{base_url}/jobs/{self.id}",
-        }
-        if self.output is not None and self.state is JobState.SUCCEEDED:
-            out["output"] = {
-                "size": self.output.size,
-                "sha256": self.output.sha256,
-                "media_type": self.output.media_type,
-                "duration": self.output.duration,
-                "result_url": f"{base_url}/jobs/{self.id}/result",
-            }
-        if self.state is JobState.FAILED:
-            out["error"] = {
-                "message": self.error or "failed",
-                "exit_code": self.exit_code,
-                "log_tail": self.log_tail,
-            }
-        return out
 
 
 class IJobStore(Interface):

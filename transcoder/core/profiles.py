@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from transcoder.http.errors import APIError
+from transcoder.core.errors import Invalid
 
 ParamValue = int | float | str
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
@@ -52,7 +52,7 @@ class Parameter:
     description: str = ""
 
     def parse(self, raw: str) -> ParamValue:
-        """Convert a client's string, or raise L{APIError} 422 saying why not."""
+        """Convert a client's string, or raise L{Invalid} saying why not."""
         value: ParamValue
         if self.type == "choice":
             if raw not in self.choices:
@@ -118,13 +118,11 @@ class Profile:
         """
         Check a client's parameters and fill in defaults.
 
-        @raise APIError: 422 for an unknown parameter or a bad value.
+        @raise Invalid: for an unknown parameter or a bad value.
         """
         for name in raw:
             if name not in self.parameters:
-                raise APIError(
-                    422, "unknown_parameter", f"profile {self.name} has no parameter {name!r}"
-                )
+                raise Invalid("unknown_parameter", f"profile {self.name} has no parameter {name!r}")
         return {
             name: (p.parse(raw[name]) if name in raw else p.default)
             for name, p in self.parameters.items()
@@ -154,8 +152,21 @@ class Profile:
         }
 
 
-def _bad_param(name: str, why: str) -> APIError:
-    return APIError(422, "invalid_parameter", f"parameter {name!r} {why}")
+def _bad_param(name: str, why: str) -> Invalid:
+    return Invalid("invalid_parameter", f"parameter {name!r} {why}")
+
+
+def profile_for(profiles: Mapping[str, Profile], name: str | None) -> Profile:
+    """The profile a client named, or L{Invalid} saying what it may name."""
+    if not name:
+        raise Invalid("missing_profile", "name a profile: ?profile=NAME (see GET /profiles)")
+    profile = profiles.get(name)
+    if profile is None:
+        raise Invalid(
+            "unknown_profile",
+            f"no profile {name[:64]!r}; known: {', '.join(sorted(profiles))}",
+        )
+    return profile
 
 
 def _fmt(x: float) -> str:
@@ -201,7 +212,7 @@ def _parameter(profile: str, name: str, spec: Mapping[str, Any]) -> Parameter:
     )
     try:
         param.parse(str(param.default))
-    except APIError as e:
+    except Invalid as e:
         raise ProfileError(f"{where}: default {param.default!r} is invalid: {e.message}") from None
     return param
 

@@ -26,9 +26,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from transcoder.core.errors import Unavailable
 from transcoder.core.jobs import IJobStore, Job, JobState, OutputFile, is_job_id
 from transcoder.core.profiles import ParamValue, Profile
-from transcoder.http.errors import APIError
 
 _log = Logger()
 
@@ -227,28 +227,26 @@ class JobRegistry:
             those that will not find a free worker count as waiting, so that
             uploads at the same time cannot all pass the check (it is made
             before each body, and L{add} does not apply it).
-        @raise APIError: 503 with C{Retry-After} when C{max_queued} jobs already
+        @raise Unavailable: with a retry time when C{max_queued} jobs already
             wait, or will once those uploads end.
         """
         if self._stopping:
             raise _shutting_down()
         if self.store_error is not None:
-            raise APIError(
-                503,
+            raise Unavailable(
                 "store_unavailable",
                 "the server cannot record new jobs right now; try again later",
-                {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
+                _DEFAULT_RETRY_AFTER,
             )
         if self._max_queued is None:
             return
         free = max(0, self._workers - len(self._running))
         waiting = self.queued_count + max(0, arriving - free)
         if waiting >= self._max_queued:
-            raise APIError(
-                503,
+            raise Unavailable(
                 "queue_full",
                 f"{waiting} jobs are already waiting or being uploaded; try again later",
-                {"Retry-After": str(self._retry_after())},
+                self._retry_after(),
             )
 
     def add(self, job: Job) -> Deferred[Job]:
@@ -259,7 +257,7 @@ class JobRegistry:
         The queue limit is not applied here (L{check_capacity} is, before the
         upload), so a finished upload is never thrown away.  If the job cannot
         be stored, its directory is removed and the Deferred fails; once
-        L{stop} was called it fails with L{APIError} 503 C{shutting_down}.
+        L{stop} was called it fails with L{Unavailable} C{shutting_down}.
         """
         if self._stopping:
             return fail(_shutting_down())
@@ -741,12 +739,9 @@ class JobRegistry:
         return min(600, max(1, math.ceil(self._mean_run / self._workers)))
 
 
-def _shutting_down() -> APIError:
-    return APIError(
-        503,
-        "shutting_down",
-        "the server is shutting down; try again shortly",
-        {"Retry-After": str(_DEFAULT_RETRY_AFTER)},
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "shutting_down", "the server is shutting down; try again shortly", _DEFAULT_RETRY_AFTER
     )
 
 

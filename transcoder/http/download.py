@@ -22,6 +22,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from transcoder.core.errors import DomainError
 from transcoder.http.errors import APIError
 from transcoder.http.names import content_disposition
 from transcoder.http.responses import JSONResource, capped_int, write_error
@@ -284,7 +285,7 @@ class FileResource(JSONResource):
         wanted = self._range(request, last_modified)
         if wanted is not None:
             found = parse_range(wanted, size)
-            if isinstance(found, APIError):
+            if isinstance(found, DomainError):
                 f.close()
                 return write_error(request, found)
             if found is not None:

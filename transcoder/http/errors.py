@@ -1,9 +1,21 @@
-"""The one error type the HTTP API answers with, and its JSON form."""
+"""
+The one error type the HTTP API answers with, its JSON form, and the one
+table that maps the core's refusals (L{transcoder.core.errors}) to statuses.
+"""
 
 from __future__ import annotations
 
 import json
 from http import HTTPStatus
+
+from transcoder.core.errors import DomainError, Invalid, NotFound, Unavailable
+
+# Each kind of the core's refusals, and the status it is answered with.
+_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (Invalid, 422),
+    (NotFound, 404),
+    (Unavailable, 503),
+)
 
 
 def status_phrase(status: int) -> str:
@@ -14,9 +26,10 @@ def status_phrase(status: int) -> str:
         return "Error"
 
 
-class APIError(Exception):
+class APIError(DomainError):
     """
-    A failure to report to the client as C{{"error": {"code", "message"}}}.
+    A failure to report to the client as C{{"error": {"code", "message"}}},
+    with its HTTP status.
 
     @ivar status: the HTTP status code.
     @ivar code: a stable machine-readable identifier, e.g. C{"unknown_profile"}.
@@ -31,10 +44,9 @@ class APIError(Exception):
         message: str,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(code, message)
+        self.args = (f"{status} {code}: {message}",)
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = dict(headers or {})
 
     @property
@@ -59,3 +71,16 @@ def method_not_allowed(method: str, allowed: list[str]) -> APIError:
         f"{method} is not allowed here; use {', '.join(allowed)}",
         {"Allow": ", ".join(allowed)},
     )
+
+
+def http_error(error: DomainError) -> APIError:
+    """C{error} as the HTTP API answers it."""
+    if isinstance(error, APIError):
+        return error
+    for kind, status in _STATUS:
+        if isinstance(error, kind):
+            headers = {}
+            if isinstance(error, Unavailable):
+                headers["Retry-After"] = str(error.retry_after)
+            return APIError(status, error.code, error.message, headers)
+    return APIError(500, "internal", error.message)

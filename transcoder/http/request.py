@@ -26,7 +26,6 @@ import io
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -42,9 +41,11 @@ from twisted.web.http import _ChunkedTransferDecoder, parse_qs
 from twisted.web.resource import IResource
 from zope.interface import Interface, implementer
 
+from transcoder.core.errors import DomainError
 from transcoder.core.jobs import InputFile
-from transcoder.core.profiles import RESERVED_FIELDS, ParamValue, Profile
-from transcoder.http.errors import APIError, method_not_allowed
+from transcoder.core.profiles import RESERVED_FIELDS, Profile, profile_for
+from transcoder.core.submit import Submission
+from transcoder.http.errors import APIError, http_error, method_not_allowed
 from transcoder.http.names import extension, sanitise_filename
 from transcoder.http.pump import Chunked, PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
@@ -114,19 +115,6 @@ class IBodyReceiver(Interface):
         """
 
 
-@dataclass
-class Submission:
-    """A complete upload: everything needed to create its job."""
-
-    job_id: str
-    staging: Path
-    profile: Profile
-    params: dict[str, ParamValue]
-    inputs: list[InputFile]
-    callback_url: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
-
-
 def _arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
     values = args.get(name.encode("utf-8"))
     if not values:
@@ -152,19 +140,6 @@ def query_fields(args: Mapping[bytes, list[bytes]]) -> dict[str, str]:
         if value is not None:
             out[name] = value
     return out
-
-
-def _profile_for(profiles: Mapping[str, Profile], name: str | None) -> Profile:
-    if not name:
-        raise APIError(422, "missing_profile", "name a profile: ?profile=NAME (see GET /profiles)")
-    profile = profiles.get(name)
-    if profile is None:
-        raise APIError(
-            422,
-            "unknown_profile",
-            f"no profile {name[:64]!r}; known: {', '.join(sorted(profiles))}",
-        )
-    return profile
 
 
 def _split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -359,7 +334,7 @@ class _BaseBody:
 
     def _finished_files(self, d: Deferred[list[SpooledFile]]) -> Deferred[list[SpooledFile]]:
         def failed(f: Failure) -> Failure:
-            if not f.check(APIError):
+            if not f.check(DomainError):
                 return Failure(_storage_error(f.value or Exception()))
             return f
 
@@ -485,7 +460,7 @@ class MultipartBody(_BaseBody):
         self.fields = query_fields(request.args or {})
         self.profile: Profile | None = None
         if self.fields.get("profile"):
-            self.profile = _profile_for(profiles, self.fields["profile"])
+            self.profile = profile_for(profiles, self.fields["profile"])
         try:
             self.parser = multipart.PushMultipartParser(
                 boundary,
@@ -569,7 +544,7 @@ class MultipartBody(_BaseBody):
                 )
             self.fields[name] = value
             if name == "profile" and self.profile is None:
-                self.profile = _profile_for(self.profiles, value)
+                self.profile = profile_for(self.profiles, value)
                 for role in self.files:
                     if role not in self.profile.inputs:
                         raise APIError(
@@ -683,7 +658,7 @@ class MultipartBody(_BaseBody):
             self._feed(b"")
             if not self.parser.closed or self._segment is not None:
                 raise APIError(400, "bad_multipart", "the multipart body ended early")
-            profile = _profile_for(self.profiles, self.fields.get("profile"))
+            profile = profile_for(self.profiles, self.fields.get("profile"))
             missing = [r for r in profile.inputs if r not in self.files]
             if missing:
                 raise APIError(
@@ -698,7 +673,7 @@ class MultipartBody(_BaseBody):
             for h, want, header in self._bodyDigests:
                 if h.hexdigest() != want:
                     raise APIError(400, "digest_mismatch", f"the body does not match its {header}")
-        except APIError as e:
+        except DomainError as e:
             return fail(e)
 
         def checked(files: list[SpooledFile]) -> Submission:
@@ -820,7 +795,7 @@ class TranscoderRequest(server.Request):
                 super().gotLength(length)
                 return
             body = receiver.receiveBody(self, length)
-        except APIError as e:
+        except DomainError as e:
             self.content = io.BytesIO()
             self._refuse(e, bodyStarted=False)
             return
@@ -1005,7 +980,7 @@ class TranscoderRequest(server.Request):
             self._failMidBody(self.body.tooLarge())
         if end.reason == "failed":
             error = end.error
-            if not isinstance(error, APIError):
+            if not isinstance(error, DomainError):
                 log.failure(
                     "reading an upload failed",
                     failure=Failure(error) if error is not None else None,
@@ -1096,7 +1071,7 @@ class TranscoderRequest(server.Request):
             self._received += len(data)
             try:
                 body.dataReceived(data)
-            except APIError as e:
+            except DomainError as e:
                 self._failMidBody(e)
                 return
             if self._chunkedPumpAt is not None:
@@ -1139,7 +1114,7 @@ class TranscoderRequest(server.Request):
             # pause left of one.
             self.channel.resetTimeout()
 
-    def _failMidBody(self, error: APIError) -> None:
+    def _failMidBody(self, error: DomainError) -> None:
         self._stopWatchingRate()
         if self._pump is not None:
             # The answer goes out now; reading resumes (to linger) once the pump is off the socket.
@@ -1154,7 +1129,7 @@ class TranscoderRequest(server.Request):
             self._pressure(False)
             self._refuse(error, bodyStarted=True)
 
-    def _refuse(self, error: APIError, bodyStarted: bool) -> None:
+    def _refuse(self, error: DomainError, bodyStarted: bool) -> None:
         """
         Answer now, with the body unread.  A client that asked for C{100
         Continue} has sent nothing yet, so the connection can close at once;
@@ -1178,7 +1153,7 @@ class TranscoderRequest(server.Request):
             "refused {method} {uri}: {status} {code}",
             method=self.method,
             uri=self.uri,
-            status=error.status,
+            status=http_error(error).status,
             code=error.code,
         )
         if expect == b"100-continue" and not bodyStarted:

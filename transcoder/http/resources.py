@@ -32,22 +32,22 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from transcoder import __version__
+from transcoder.core.errors import DomainError
 from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
-from transcoder.core.profiles import Profile
+from transcoder.core.profiles import Profile, profile_for
 from transcoder.core.registry import JobRegistry
+from transcoder.core.submit import Submission, submit
 from transcoder.http.auth import TokenAuth
 from transcoder.http.download import FileResource, file_problem
-from transcoder.http.errors import APIError, method_not_allowed, not_found
+from transcoder.http.errors import APIError, http_error, method_not_allowed, not_found
 from transcoder.http.names import sanitise_filename
 from transcoder.http.request import (
     IBodyReceiver,
     IRequestBody,
     MultipartBody,
     RawBody,
-    Submission,
     TranscoderRequest,
     _arg,
-    _profile_for,
     multipart_boundary,
     read_stock_body,
     uploads_in_flight,
@@ -62,6 +62,7 @@ from transcoder.http.responses import (
     write_json,
 )
 from transcoder.http.spool import Opener, _open
+from transcoder.http.views import job_view
 
 log = Logger()
 
@@ -192,7 +193,7 @@ def job_json(registry: JobRegistry, job: Job) -> dict[str, Any]:
     result on disk is no longer what the job made (removed, replaced, cut
     short behind the server's back): a stat per succeeded job.
     """
-    out = job.to_json()
+    out = job_view(job)
     if out["output"] is not None and job.output is not None:
         path = registry.job_dir(job.id) / job.output.path
         if file_problem(path, job.output.size) is not None:
@@ -232,9 +233,9 @@ class _UploadOutcome:
         except Exception:
             log.failure("could not report an upload's outcome")
 
-    def error(self, error: APIError, read: bool = True) -> None:
+    def error(self, error: DomainError, read: bool = True) -> None:
         """An error answer, after the body was read (C{read}) or before any of it."""
-        self("rejected" if error.status < 500 else "failed", None if read else 0)
+        self("rejected" if http_error(error).status < 500 else "failed", None if read else 0)
 
     def _lost(self, f: Failure, request: server.Request) -> None:
         # A request refused mid-body (TranscoderRequest._refuse) also ends in a
@@ -304,7 +305,7 @@ class JobsResource(JSONResource):
             request.upload_outcome = outcome  # type: ignore[attr-defined]
         try:
             return self._receiveBody(request, length)
-        except APIError as e:
+        except DomainError as e:
             if outcome is not None:
                 outcome.error(e, read=False)
             raise
@@ -352,7 +353,7 @@ class JobsResource(JSONResource):
                 admit=admit,
             )
         else:
-            profile = _profile_for(self._profiles, _arg(request.args or {}, "profile"))
+            profile = profile_for(self._profiles, _arg(request.args or {}, "profile"))
             body = RawBody(
                 self._reactor,
                 request,
@@ -392,7 +393,7 @@ class JobsResource(JSONResource):
                 length = request.content.tell()
                 body = self.receiveBody(request, length)
                 read = read_stock_body(request, body)
-            except APIError as e:
+            except DomainError as e:
                 if body is not None:
                     body.abort()
                 return write_error(request, e)
@@ -418,17 +419,6 @@ class JobsResource(JSONResource):
         if isinstance(request, TranscoderRequest):
             # The files are no longer the request's to remove if it goes away.
             request.body = None
-        job_dir = self._registry.job_dir(submission.job_id)
-        job_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(submission.staging, job_dir)
-        job = Job(
-            id=submission.job_id,
-            profile=submission.profile.name,
-            params=submission.params,
-            inputs=submission.inputs,
-            owner=getattr(request, "owner", None),
-            callback_url=submission.callback_url,
-        )
 
         def created(job: Job) -> None:
             outcome = getattr(request, "upload_outcome", None)
@@ -437,18 +427,15 @@ class JobsResource(JSONResource):
             if _disconnected(request):
                 return
             request.setHeader(b"Location", f"/jobs/{job.id}".encode())
-            _finish_json(request, 201, job.to_json())
+            _finish_json(request, 201, job_view(job))
 
-        def not_added(f: Failure) -> Failure:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            return f
-
-        return self._registry.add(job).addCallbacks(created, not_added)
+        owner = getattr(request, "owner", None)
+        return submit(self._registry, submission, owner).addCallback(created)
 
     def _failed(self, f: Failure, request: server.Request, body: IRequestBody) -> None:
         body.abort()
-        error: APIError
-        if isinstance(f.value, APIError):
+        error: DomainError
+        if isinstance(f.value, DomainError):
             error = f.value
         else:
             log.failure("upload failed", failure=f)
@@ -466,7 +453,7 @@ class JobsResource(JSONResource):
             limit = _int_arg(request, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
             cursor = _arg(request.args or {}, "cursor")
             below = decode_cursor(cursor) if cursor else None
-        except APIError as e:
+        except DomainError as e:
             return write_error(request, e)
         owner = getattr(request, "owner", None) if self._private else None
         jobs = self._registry.jobs(state)
@@ -534,7 +521,7 @@ class JobResource(JSONResource):
     def render_GET(self, request: server.Request) -> bytes | int:
         try:
             wait = _number_arg(request, "wait", 0, MAX_WAIT)
-        except APIError as e:
+        except DomainError as e:
             return write_error(request, e)
         job = self._job
         if not wait or job.state.finished:
@@ -636,7 +623,7 @@ class LogResource(EndResource):
     def render_GET(self, request: server.Request) -> bytes | int:
         try:
             tail = _int_arg(request, "tail", 0, MAX_TAIL)
-        except APIError as e:
+        except DomainError as e:
             return write_error(request, e)
         if tail is None:
             if self._path.is_file():
@@ -739,7 +726,7 @@ class RootResource(JSONResource):
         if self._auth is not None and path not in PUBLIC:
             try:
                 request.owner = self._auth.authenticate(request)  # type: ignore[attr-defined]
-            except APIError as e:
+            except DomainError as e:
                 return ErrorResource(e)
         if path == b"":
             return self
@@ -872,7 +859,7 @@ class _Channel(HTTPChannel):
             return
         super().timeoutConnection()
 
-    def _answerAndClose(self, error: APIError) -> None:
+    def _answerAndClose(self, error: DomainError) -> None:
         transport: Any = self.transport
         transport.write(raw_response(error))
         self.loseConnection()

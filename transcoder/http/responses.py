@@ -8,7 +8,8 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from transcoder.http.errors import APIError, method_not_allowed, status_phrase
+from transcoder.core.errors import DomainError
+from transcoder.http.errors import APIError, http_error, method_not_allowed, status_phrase
 
 JSON_TYPE = b"application/json"
 
@@ -40,13 +41,14 @@ def write_json(request: Request, status: int, obj: Any) -> bytes:
     return json_body(obj)
 
 
-def write_error(request: Request, error: APIError) -> bytes:
+def write_error(request: Request, refusal: DomainError) -> bytes:
+    error = http_error(refusal)
     for name, value in error.headers.items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
     return write_json(request, error.status, error.to_json())
 
 
-def finish_error(request: Request, error: APIError) -> None:
+def finish_error(request: Request, error: DomainError) -> None:
     """Answer an asynchronous request with an error, unless the client has gone."""
     if getattr(request, "_disconnected", False) or request.finished:
         return
@@ -56,11 +58,12 @@ def finish_error(request: Request, error: APIError) -> None:
     request.finish()
 
 
-def raw_response(error: APIError) -> bytes:
+def raw_response(refusal: DomainError) -> bytes:
     """
     A complete HTTP/1.1 response, for answering from inside C{gotLength} or
     mid-body, where twisted.web's own response machinery cannot yet be used.
     """
+    error = http_error(refusal)
     body = error.body()
     lines = [
         f"HTTP/1.1 {error.status} {error.phrase}",
@@ -82,11 +85,11 @@ def allowed_methods(resource: IResource) -> list[str]:
 
 
 class ErrorResource(Resource):
-    """Answers every request with one L{APIError}."""
+    """Answers every request with one error."""
 
     isLeaf = True
 
-    def __init__(self, error: APIError) -> None:
+    def __init__(self, error: DomainError) -> None:
         super().__init__()
         self.error = error
 

@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from transcoder import __version__
 from transcoder.core.jobs import Job, is_job_id
+from transcoder.http.views import job_view
 
 _log = Logger()
 
@@ -358,7 +359,7 @@ class WebhookNotifier:
             )
             return
         # The job may change again (be deleted) before a retry: every attempt sends this snapshot.
-        body = json.dumps(job.to_json(self._base_url), separators=(",", ":")).encode("utf-8")
+        body = json.dumps(job_view(job, self._base_url), separators=(",", ":")).encode("utf-8")
         delivery = _Delivery(job.id, url, body, str(uuid.uuid4()))
         self._deliveries.add(delivery)
         self._attempt(delivery)
