@@ -25,7 +25,7 @@ import pytest
 from _servers import LISTEN, ServerProcess, random_file, serve, start, transcoder
 from twisted.python import usage
 
-from transcoder.cli import (
+from transcoder.client.cli import (
     DEFAULT_SERVER,
     EXIT_CONNECTION,
     EXIT_INTERRUPTED,
