@@ -25,9 +25,11 @@ from twisted.python.failure import Failure
 
 from transcoder.core.jobs import JobState
 from transcoder.core.profiles import ParamValue, Profile, builtin_profiles
+from transcoder.engine.outcome import Outcome
 from transcoder.engine.probe import MediaInfo
 from transcoder.engine.probe import probe as ffprobe
-from transcoder.engine.runner import PIPE_SIZE, IJobExecution, Outcome, _enlarge_pipes, execute_job
+from transcoder.engine.process import PIPE_SIZE, enlarge_pipes
+from transcoder.engine.runner import IJobExecution, execute_job
 
 if TYPE_CHECKING:
     from conftest import Clips
@@ -386,10 +388,10 @@ async def test_encoder_pipes_are_enlarged(tmp_path: Path) -> None:
         proto, "/bin/sleep", ["sleep", "0.2"], env={}, childFDs={0: "w", 1: "r", 2: "r"}
     )
     try:
-        assert _enlarge_pipes(transport)
+        assert enlarge_pipes(transport)
         for fd in (1, 2):
             pipe = transport.pipes[fd].fileno()  # type: ignore[attr-defined]
             assert fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) >= PIPE_SIZE
     finally:
         await proto.ended
-    assert not _enlarge_pipes(object())
+    assert not enlarge_pipes(object())

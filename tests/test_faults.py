@@ -388,7 +388,7 @@ def test_encoder_that_floods_its_output_does_not_grow_the_server(
     server: ServerProcess, clips
 ) -> None:  # type: ignore[no-untyped-def]
     """288 MiB of output (short lines on stdout, one endless line on stderr): the server's peak RSS grows by less than 20 MiB, the log on disk stops at its 16 MiB cap and says so, and the job's error stays short."""
-    from transcoder.engine.runner import LOG_LIMIT
+    from transcoder.engine.process import LOG_LIMIT
 
     before = server.rss()
     if not reset_peak_rss(server.pid):

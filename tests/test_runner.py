@@ -27,18 +27,14 @@ from zope.interface.verify import verifyObject
 
 from transcoder.core.jobs import JobState
 from transcoder.core.profiles import Profile
+from transcoder.engine.disk import DISK_WATCH
+from transcoder.engine.inputs import PROBE_BUDGET
+from transcoder.engine.outcome import Outcome
 from transcoder.engine.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
+from transcoder.engine.process import EncoderProtocol, env_chdir
 from transcoder.engine.progress import MencoderProgress
-from transcoder.engine.runner import (
-    DISK_WATCH,
-    PROBE_BUDGET,
-    IJobExecution,
-    Outcome,
-    _EncoderProtocol,
-    env_chdir,
-    execute_job,
-    looks_like_media,
-)
+from transcoder.engine.runner import IJobExecution, execute_job
+from transcoder.engine.sniff import looks_like_media
 from transcoder.engine.verify import Contents, Held
 
 
@@ -191,7 +187,7 @@ def test_spawn_through_setsid(h: Harness, monkeypatch: pytest.MonkeyPatch) -> No
     <argv>}, with no working directory given to spawnProcess (so that Twisted
     uses posix_spawn), and a small explicit environment.
     """
-    monkeypatch.setattr("transcoder.engine.runner.env_chdir", lambda: "/usr/bin/env")
+    monkeypatch.setattr("transcoder.engine.process.env_chdir", lambda: "/usr/bin/env")
     execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     verifyObject(IJobExecution, execution)
     [spawned] = h.reactor.spawned
@@ -224,7 +220,7 @@ def test_spawn_in_the_job_dir_without_env_chdir(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where env lacks -C, spawnProcess is given the job directory, and runs setsid there."""
-    monkeypatch.setattr("transcoder.engine.runner.env_chdir", lambda: None)
+    monkeypatch.setattr("transcoder.engine.process.env_chdir", lambda: None)
     h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     [spawned] = h.reactor.spawned
     assert os.path.basename(spawned["executable"]) == "setsid"
@@ -1103,7 +1099,7 @@ class PausableTransport:
 def _resting_protocol(tmp_path: Path) -> tuple[Any, PausableTransport, Clock, list[float]]:
     clock = Clock()
     progress: list[float] = []
-    proto = _EncoderProtocol(
+    proto = EncoderProtocol(
         (tmp_path / "log").open("wb"), 1 << 20, MencoderProgress(10.0), progress.append, clock
     )
     transport = PausableTransport()
@@ -1160,7 +1156,7 @@ def test_exit_ends_the_rest(tmp_path: Path) -> None:
 def test_no_rest_unless_allowed(tmp_path: Path) -> None:
     """Without rest() (pipes that could not be enlarged) every read is taken as it comes."""
     clock = Clock()
-    proto = _EncoderProtocol((tmp_path / "log").open("wb"), 1 << 20, None, lambda p: None, clock)
+    proto = EncoderProtocol((tmp_path / "log").open("wb"), 1 << 20, None, lambda p: None, clock)
     transport = PausableTransport()
     proto.makeConnection(transport)  # type: ignore[arg-type]
     proto.childDataReceived(1, b"short")

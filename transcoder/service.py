@@ -23,7 +23,8 @@ from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
 from transcoder.core.sqlite import SQLiteJobStore
-from transcoder.engine.runner import env_chdir, execute_job
+from transcoder.engine.process import env_chdir
+from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
 from transcoder.http.resources import TranscoderSite, build_root

@@ -12,12 +12,21 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transcoder.client.api import Client, ProgressCallback, RemoteJob, TranscoderError
+    from transcoder.client.api import Client
+    from transcoder.client.bodies import ProgressCallback
+    from transcoder.client.errors import TranscoderError
+    from transcoder.client.jobs import RemoteJob
 
+_WHERE = {
+    "Client": "transcoder.client.api",
+    "ProgressCallback": "transcoder.client.bodies",
+    "RemoteJob": "transcoder.client.jobs",
+    "TranscoderError": "transcoder.client.errors",
+}
 __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
 
 
 def __getattr__(name: str) -> object:
-    if name in __all__:
-        return getattr(import_module("transcoder.client.api"), name)
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
-from twisted.internet.error import ConnectError, ConnectingCancelledError
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
@@ -38,18 +36,19 @@ from twisted.web.client import (
     HTTPConnectionPool,
     RequestGenerationFailed,
     RequestTransmissionFailed,
-    ResponseDone,
     ResponseFailed,
-    ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
+from transcoder.client.errors import TranscoderError, error_from, network_failure
+from transcoder.client.jobs import JobCallback, RemoteJob
+from transcoder.client.retry import Streak, Watchdog, retryable
+from transcoder.client.sink import Sink
 
 __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
 
-FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The server answers a long-poll after at most 60 s.
 LONG_POLL = 30.0
 # An upload with nothing sent, or a download with nothing received, this long
@@ -65,168 +64,6 @@ REQUEST_TIMEOUT = 60.0
 RETRY_FOR = 60.0
 
 _T = TypeVar("_T")
-
-
-class TranscoderError(Exception):
-    """
-    The server answered with an error (C{{"error": {"code", "message"}}}), or
-    the answer was unusable.
-
-    @ivar status: the HTTP status; 0 for a check made by the client itself.
-    @ivar code: the server's machine-readable code, e.g. C{"unknown_profile"}.
-    @ivar message: its explanation.
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class RemoteJob:
-    """A job as the server last described it; C{data} is the whole JSON."""
-
-    id: str
-    profile: str
-    state: str
-    progress: float
-    params: dict[str, Any] = field(default_factory=dict)
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    output: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINISHED_STATES
-
-    @classmethod
-    def from_json(cls, data: Any) -> RemoteJob:
-        try:
-            return cls(
-                id=str(data["id"]),
-                profile=str(data["profile"]),
-                state=str(data["state"]),
-                progress=float(data.get("progress") or 0.0),
-                params=dict(data.get("params") or {}),
-                inputs=list(data.get("inputs") or []),
-                output=data.get("output"),
-                error=data.get("error"),
-                data=dict(data),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise TranscoderError(0, "bad_response", f"not a job: {e!r}") from None
-
-
-JobCallback = Callable[[RemoteJob], None]
-
-
-class _Streak:
-    """
-    Failures in a row: each is retried after a growing pause while there have
-    been at most C{retries} of them or the first is under C{period} seconds old.
-    """
-
-    def __init__(self, reactor: Any, retries: int, period: float) -> None:
-        self._reactor = reactor
-        self._retries = retries
-        self._period = period
-        self.count = 0
-        self._since: float | None = None
-
-    def reset(self) -> None:
-        self.count, self._since = 0, None
-
-    def failed(self) -> float | None:
-        """Count a failure; the pause before the next try, or None to give up."""
-        now = self._reactor.seconds()
-        if self._since is None:
-            self._since = now
-        self.count += 1
-        if self.count > self._retries and now - self._since >= self._period:
-            return None
-        return float(min(0.25 * 2 ** (self.count - 1), 5.0))
-
-
-def _retryable(e: BaseException) -> bool:
-    """A failure that a server being restarted gives: worth trying again."""
-    if isinstance(e, TranscoderError):
-        return e.status == 503
-    return isinstance(e, (ConnectError, ResponseFailed))
-
-
-class _Watchdog:
-    """
-    Cancels C{d} unless L{feed} is called within the current limit; records
-    which limit ran out in C{expired} (seconds, label).
-    """
-
-    def __init__(self, reactor: Any, d: Deferred[Any], seconds: float, label: str) -> None:
-        self.expired: tuple[float, str] | None = None
-        self._d = d
-        self._limit = (seconds, label)
-        self._call = reactor.callLater(seconds, self._expire)
-
-    def feed(self, seconds: float, label: str) -> None:
-        if self._call.active():
-            self._limit = (seconds, label)
-            self._call.reset(seconds)
-
-    def stop(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-    def _expire(self) -> None:
-        self.expired = self._limit
-        self._d.cancel()
-
-
-class _Sink(Protocol):
-    """
-    Receives a response body into a file, hashing it, and drops a connection
-    that stays silent for C{idle} seconds (so a stalled download resumes).
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        out: Any,
-        digest: Any,
-        on_data: Callable[[int], None],
-        idle: float,
-    ) -> None:
-        self.done: Deferred[None] = Deferred()
-        self._reactor = reactor
-        self._out = out
-        self._digest = digest
-        self._on_data = on_data
-        self._idle = idle
-        self._timer: Any = None
-        self.timed_out = False
-
-    def connectionMade(self) -> None:
-        self._timer = self._reactor.callLater(self._idle, self._silent)
-
-    def _silent(self) -> None:
-        self.timed_out = True
-        self.transport.stopProducing()  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle)
-        self._out.write(data)
-        self._digest.update(data)
-        self._on_data(len(data))
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
 
 
 class Client:
@@ -321,12 +158,12 @@ class Client:
             ResponseFailed,
             ConnectingCancelledError,
         ) as e:
-            translated = _network_failure(e)
+            translated = network_failure(e)
             if translated is e:
                 raise
             raise translated from e
         if response.code >= 400:
-            raise await _error_from(response)
+            raise await error_from(response)
         return response
 
     def _limit(self, d: Deferred[_T], seconds: float, what: str) -> Deferred[_T]:
@@ -404,7 +241,7 @@ class Client:
     ) -> RemoteJob:
         query: dict[str, Any] = {"profile": profile}
         query.update(params)
-        watchdog: list[_Watchdog] = []
+        watchdog: list[Watchdog] = []
         draining: list[Any] = []
 
         def progress(sent: int, total: int) -> None:
@@ -450,7 +287,7 @@ class Client:
         upload = Deferred.fromCoroutine(
             self._json_now(method, "/jobs", query, headers={b"Content-Type": ctype}, body=body)
         )
-        watchdog.append(_Watchdog(self._reactor, upload, self._idle_timeout, "sent"))
+        watchdog.append(Watchdog(self._reactor, upload, self._idle_timeout, "sent"))
         try:
             data = await upload
         except CancelledError:
@@ -516,12 +353,12 @@ class Client:
 
     async def _get_again(self, job_id: str, wait: float | None = None) -> RemoteJob:
         """L{_get}, retried through a restart of the server (up to C{retry_for})."""
-        streak = _Streak(self._reactor, 0, self._retry_for)
+        streak = Streak(self._reactor, 0, self._retry_for)
         while True:
             try:
                 return await self._get(job_id, wait)
             except Exception as e:
-                pause = streak.failed() if _retryable(e) else None
+                pause = streak.failed() if retryable(e) else None
                 if pause is None:
                     raise
             await deferLater(self._reactor, pause, lambda: None)
@@ -605,7 +442,7 @@ class Client:
         # A .part this call did not write may be of another file altogether.
         old_part = have > 0
         etag: bytes | None = None
-        streak = _Streak(self._reactor, retries, self._retry_for)
+        streak = Streak(self._reactor, retries, self._retry_for)
         while True:
             headers: dict[bytes, bytes] = {}
             if have:
@@ -626,7 +463,7 @@ class Client:
                     # Everything is here already (or the .part is not of this file:
                     # the digest check below tells).
                     break
-                pause = streak.failed() if _retryable(e) else None
+                pause = streak.failed() if retryable(e) else None
                 if pause is None:
                     raise
                 await deferLater(self._reactor, pause, lambda: None)
@@ -649,7 +486,7 @@ class Client:
                     on_progress(received, total if total is not None else -1)
 
             with partial.open(mode) as out:
-                sink = _Sink(self._reactor, out, digest, count, self._idle_timeout)
+                sink = Sink(self._reactor, out, digest, count, self._idle_timeout)
                 response.deliverBody(sink)
                 try:
                     await sink.done
@@ -686,30 +523,6 @@ async def _nothing() -> None:
     return None
 
 
-def _network_failure(e: Exception) -> BaseException:
-    """
-    What to raise for a failure of Twisted's HTTP client, so that callers
-    see the few exceptions the module documents rather than the many of
-    C{twisted.web._newclient}: a cancelled request (by the caller or a
-    timeout) as L{CancelledError}; a local error while producing the body
-    (a file that shrank, a read error) as itself; a connection lost or
-    unusable while the request was being sent as L{ResponseNeverReceived},
-    a L{ResponseFailed}: no answer came, as when it breaks while waiting.
-    """
-    if isinstance(e, ConnectingCancelledError):
-        return CancelledError()
-    reasons: list[Failure] = list(getattr(e, "reasons", None) or [])
-    if any(r.check(CancelledError) for r in reasons):
-        return CancelledError()
-    if isinstance(e, RequestGenerationFailed) and reasons and reasons[0].value is not None:
-        return reasons[0].value
-    if isinstance(e, RequestTransmissionFailed):
-        return ResponseNeverReceived(reasons)
-    if isinstance(e, RequestNotSent):
-        return ResponseNeverReceived([Failure(e)])
-    return e
-
-
 def _header(response: IResponse, name: bytes) -> bytes | None:
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
@@ -726,17 +539,3 @@ def _range_total(content_range: bytes | None) -> int | None:
 async def _content(response: Any) -> bytes:
     content: bytes = await response.content()
     return content
-
-
-async def _error_from(response: Any) -> TranscoderError:
-    try:
-        text = await _content(response)
-    except Exception:
-        text = b""
-    try:
-        error = json.loads(text)["error"]
-        return TranscoderError(response.code, str(error["code"]), str(error["message"]))
-    except (ValueError, KeyError, TypeError):
-        phrase = response.phrase.decode("latin-1", "replace") if response.phrase else ""
-        snippet = text[:200].decode("utf-8", "replace").strip()
-        return TranscoderError(response.code, f"http_{response.code}", snippet or phrase)

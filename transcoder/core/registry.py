@@ -52,7 +52,7 @@ STORE_RECHECK = 2.0
 
 
 class _Outcome(Protocol):
-    """What L{transcoder.engine.runner.Outcome} offers; typed here so the registry stands alone."""
+    """What L{transcoder.engine.outcome.Outcome} offers; typed here so the registry stands alone."""
 
     @property
     def state(self) -> JobState: ...
