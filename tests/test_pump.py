@@ -31,7 +31,8 @@ from transcoder.core.sqlite import SQLiteJobStore
 from transcoder.http import pump as _pump
 from transcoder.http import request as upload
 from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
-from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.http.resources import build_root
+from transcoder.http.site import TranscoderSite
 from transcoder.http.spool import _Lent, _ParallelWriter
 
 KiB = 1024

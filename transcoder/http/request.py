@@ -14,7 +14,7 @@ body byte or C{100 Continue}, what the body is for:
 
 L{RawBody} and L{MultipartBody} write through a L{Spool} into a staging
 directory, C{uploads/<job id>/}.  Only a complete, checked upload becomes a
-job, by renaming that directory (see L{transcoder.http.resources}).
+job, by renaming that directory (see L{transcoder.core.submit}).
 """
 
 from __future__ import annotations
