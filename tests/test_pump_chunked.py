@@ -32,7 +32,8 @@ from test_pump import (  # noqa: F401
 from test_spool import settle
 
 from transcoder.http import request as upload
-from transcoder.http.pump import MAX_SIZE_LINE, Chunked, PumpEnd, SocketPump
+from transcoder.http.chunked import MAX_SIZE_LINE, Chunked
+from transcoder.http.pump import PumpEnd, SocketPump
 
 KiB = 1024
 MiB = 1 << 20

@@ -25,17 +25,17 @@ the HTTP channel finishes the request the usual way.  A pump never reads past
 the bytes it was given, so a pipelined request stays in the socket.
 
 A chunked body (C{curl -T -}) has no length to stop at, so its pump reads
-the chunks' framing itself (see L{Chunked}): each size line is peeked at and
-taken, each chunk's bytes are received straight into a buffer, which holds
-nothing but the body's data, and the pump stops at the size line of the last
-chunk, which it leaves in the socket for the HTTP channel's own decoder.
+the chunks' framing itself (see L{transcoder.http.chunked}): each size line
+is peeked at and taken, each chunk's bytes are received straight into a
+buffer, which holds nothing but the body's data, and the pump stops at the
+size line of the last chunk, which it leaves in the socket for the HTTP
+channel's own decoder.
 """
 
 from __future__ import annotations
 
 import mmap
 import queue
-import re
 import socket
 import struct
 import threading
@@ -46,6 +46,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
+
+from transcoder.http.chunked import AFTER_DATA, SCRATCH, Chunked, Framing, MalformedChunk, TooLarge
 
 # Hands a full buffer (a view of it) to whoever writes it, with the function
 # that gives the buffer back once it is written.  Called on the pump's thread.
@@ -69,6 +71,8 @@ BUFFER_SIZE = 2 << 20
 BUFFERS = 3
 # How often a waiting pump looks at its stop flag and counts idle time.
 _POLL = 0.25
+# Reads of at least this many bytes set the low-water mark to their size.
+_WAKE_AT = 16 * 1024
 # The first buffer ends where the file's offset is a multiple of this, so that
 # every full buffer after it can be written with O_DIRECT (see _spool).
 ALIGN = 4096
@@ -96,33 +100,10 @@ class PumpEnd:
     leftover: bytes = b""
 
 
-@dataclass
-class Chunked:
-    """
-    Where a chunked body stands as a pump takes it over: C{left} bytes of
-    the current chunk still to come, then (if C{crlf}) the CRLF that ends a
-    chunk's data, then a size line; at most C{limit} more bytes of data.
-    """
-
-    left: int
-    crlf: bool
-    limit: int
-
-
-class MalformedChunk(ValueError):
-    """Chunked framing that breaks RFC 9112's rules."""
-
-
 class _End(Exception):
     def __init__(self, why: str, error: BaseException | None = None) -> None:
         self.why = why
         self.error = error
-
-
-# As twisted.web.http's decoder has them.
-MAX_SIZE_LINE = 1024
-_HEX = re.compile(rb"[0-9A-Fa-f]+")
-_EXTENSION = re.compile(rb"[\t !-\[\]-~\x80-\xff]*")
 
 
 class SocketPump:
@@ -297,12 +278,12 @@ class SocketPump:
     def _pumpChunked(self, state: Chunked) -> PumpEnd:
         # One scattering receive a chunk, in the steady state: its data
         # straight into the buffer, and the framing around it (see
-        # _Framing.plan) into a small one.  Reads are never for more than a
+        # Framing.plan) into a small one.  Reads are never for more than a
         # valid body surely holds, so the low-water mark can be the whole
         # read: the thread wakes once a chunk, not once a segment.
-        framing = _Framing(state)
-        scratch = memoryview(bytearray(_SCRATCH))
-        lf, tail = scratch[:1], scratch[1 : 1 + _AFTER_DATA]
+        framing = Framing(state)
+        scratch = memoryview(bytearray(SCRATCH))
+        lf, tail = scratch[:1], scratch[1 : 1 + AFTER_DATA]
         while True:
             buf = self._buffer()
             if buf is None:
@@ -316,13 +297,13 @@ class SocketPump:
                 while filled < want and not framing.last:
                     room = want - filled
                     size = framing.lineEnds()
-                    if size and room >= size + _AFTER_DATA:
+                    if size and room >= size + AFTER_DATA:
                         # The steady state: the size line's LF, the whole
                         # chunk into place, and the 7 bytes after it.
                         self._setLowat(size if size >= _WAKE_AT else 1)
                         data = view[filled : filled + size]
                         got = self._readInto([lf, data, tail])
-                        if got == size + 1 + _AFTER_DATA and lf[0] == 10:
+                        if got == size + 1 + AFTER_DATA and lf[0] == 10:
                             framing.chunk(size)
                             filled += size
                             out = bytearray()
@@ -392,7 +373,7 @@ class SocketPump:
                 end = PumpEnd(e.why, self.received, e.error)
             except MalformedChunk as e:
                 end = PumpEnd("malformed", self.received, e)
-            except _TooLarge:
+            except TooLarge:
                 end = PumpEnd("too_large", self.received)
             self._lend(buf, view, filled)
             if end is not None:
@@ -429,159 +410,6 @@ class SocketPump:
             self._idleFor = 0.0
             self.received += n
             return n
-
-
-class _TooLarge(Exception):
-    pass
-
-
-# Reads of at least this many bytes set the low-water mark to their size.
-_WAKE_AT = 16 * 1024
-# Framing read at most at once: a size line's end, and the data after it.
-_SCRATCH = 80
-# After a chunk's data the body holds at least CRLF, "0" CRLF and CRLF.
-_AFTER_DATA = 7
-
-
-class _Framing:
-    """
-    The framing of a chunked body (RFC 9112, section 7.1), as a pump reads
-    it.  It never asks for a byte that a valid body might not have, so that
-    a pump never reads into a pipelined request: after a chunk's data come
-    at least seven bytes (CRLF, the last chunk's "0" CRLF, and CRLF).
-    """
-
-    def __init__(self, state: Chunked) -> None:
-        self.left = state.left
-        self.crlf = state.crlf
-        self.limit = state.limit
-        #: Framing received and not yet understood: the start of a size line
-        #: (after the CRLF ending a chunk's data, if C{crlf}).
-        self.pending = bytearray()
-        #: The last chunk's size line has begun (it is in C{pending}).
-        self.last = False
-        # What L{lineEnds} and L{after} saw last.
-        self._line = b""
-        self._size = 0
-        self._tail = b""
-        self._next = b""
-
-    def lineEnds(self) -> int:
-        """
-        The size of the next chunk when its size line is all here but its
-        LF (where a chunk's 7 bytes after data end, with curl's 4-digit
-        sizes), else 0.  Lines repeat, so the last one's size is kept.
-        """
-        pending = self.pending
-        if self.left or self.crlf or not pending.endswith(b"\r"):
-            return 0
-        line = bytes(pending[:-1])
-        if line != self._line:
-            self._size = _chunkSize(line)
-            self._line = line
-        return self._size
-
-    def chunk(self, size: int) -> None:
-        """The line from L{lineEnds}, its LF and its C{size} bytes of data were received."""
-        if size > self.limit:
-            raise _TooLarge()
-        self.limit -= size
-        self.pending.clear()
-        self.crlf = True
-
-    def after(self, tail: memoryview, out: bytearray) -> None:
-        """
-        The bytes after a chunk's data, mostly the same as the last time:
-        its CRLF and the start of the next size line (and data, after a
-        short line, which goes to C{out}).
-        """
-        if tail == self._tail:
-            self.pending[:] = self._next
-            self.crlf = False
-            return
-        self.parse(tail, out)
-        if not out and not self.left and not self.crlf and not self.last:
-            self._tail = bytes(tail)
-            self._next = bytes(self.pending)
-
-    def received(self, n: int) -> None:
-        """C{n} bytes of the current chunk's data went straight into a buffer."""
-        self.left -= n
-        if not self.left:
-            self.crlf = True
-
-    def plan(self) -> list[tuple[str, int]]:
-        """What the next read should take: data or framing, and how much."""
-        if self.left:
-            return [("data", self.left), ("framing", _AFTER_DATA)]
-        pending = self.pending
-        if self.crlf:
-            return [("framing", 2 - len(pending) + 5)]
-        size, _, _ = bytes(pending).partition(b";")
-        size = size.rstrip(b"\r")
-        value = int(size, 16) if size else 0
-        if pending.endswith(b"\r"):
-            # The line ends with the next byte (a CR is nowhere else in a
-            # valid one): then come its data, and what follows data.
-            if value == 0:
-                return [("framing", 1)]
-            return [("framing", 1), ("data", value), ("framing", _AFTER_DATA)]
-        if value == 0:
-            # Perhaps the last chunk: its line's CRLF and the body's last CRLF.
-            return [("framing", 3)]
-        # A longer size line: at least its CRLF, then data, then 7 more.
-        return [("framing", min(_SCRATCH, value + 8))]
-
-    def parse(self, data: memoryview, out: bytearray) -> None:
-        """Take framing bytes; the data among them is added to C{out}."""
-        pending = self.pending
-        pending += data
-        i = 0
-        while i < len(pending) and not self.last:
-            if self.left:
-                k = min(self.left, len(pending) - i)
-                out += pending[i : i + k]
-                i += k
-                self.received(k)
-            elif self.crlf:
-                if bytes(pending[i : i + 2]) not in (b"\r\n", b"\r"):
-                    raise MalformedChunk("a chunk's data did not end with CRLF")
-                if len(pending) - i < 2:
-                    break
-                i += 2
-                self.crlf = False
-            else:
-                eol = pending.find(b"\r\n", i)
-                if eol == -1:
-                    line = pending[i:]
-                    if len(line) > MAX_SIZE_LINE:
-                        raise MalformedChunk(
-                            f"a chunk size line is longer than {MAX_SIZE_LINE} bytes"
-                        )
-                    size = line.partition(b";")[0].rstrip(b"\r")
-                    if (size and not _HEX.fullmatch(size)) or b"\r" in line[:-1]:
-                        raise MalformedChunk("a chunk size is not a hexadecimal number")
-                    break
-                value = _chunkSize(bytes(pending[i:eol]))
-                if value == 0:
-                    # Left for the HTTP channel, with what follows it.
-                    self.last = True
-                    break
-                if value > self.limit:
-                    raise _TooLarge()
-                self.limit -= value
-                self.left = value
-                i = eol + 2
-        del pending[:i]
-
-
-def _chunkSize(line: bytes) -> int:
-    size, _, extension = line.partition(b";")
-    if not _HEX.fullmatch(size):
-        raise MalformedChunk("a chunk size is not a hexadecimal number")
-    if extension and not _EXTENSION.fullmatch(extension):
-        raise MalformedChunk("a chunk extension holds characters it may not")
-    return int(size, 16)
 
 
 # setsockopt's SO_RCVBUFFORCE (Linux): past rmem_max, for a privileged process.

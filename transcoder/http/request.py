@@ -45,9 +45,10 @@ from transcoder.core.errors import DomainError
 from transcoder.core.jobs import InputFile
 from transcoder.core.profiles import RESERVED_FIELDS, Profile, profile_for
 from transcoder.core.submit import Submission
+from transcoder.http.chunked import Chunked
 from transcoder.http.errors import APIError, http_error, method_not_allowed
 from transcoder.http.names import extension, sanitise_filename
-from transcoder.http.pump import Chunked, PumpEnd, SocketPump
+from transcoder.http.pump import PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
 from transcoder.http.search import find
 from transcoder.http.spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
