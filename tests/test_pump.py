@@ -33,7 +33,7 @@ from transcoder.http import request as upload
 from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
-from transcoder.http.spool import _Lent, _ParallelWriter
+from transcoder.http.writer import Lent, ParallelWriter
 
 KiB = 1024
 MiB = 1 << 20
@@ -226,8 +226,8 @@ async def test_pump_hashes_what_it_reads_where_its_receive_buffer_can_be_big(pai
 # The parallel writer.
 
 
-def lent(data: bytes, given: list[bytes]) -> _Lent:
-    return _Lent(memoryview(data), lambda: given.append(data))
+def lent(data: bytes, given: list[bytes]) -> Lent:
+    return Lent(memoryview(data), lambda: given.append(data))
 
 
 def test_writer_puts_each_buffer_at_its_offset(tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_writer_puts_each_buffer_at_its_offset(tmp_path: Path) -> None:
     given: list[bytes] = []
     errors: list[OSError] = []
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), errors.append)
+        writer = ParallelWriter(path, f.fileno(), errors.append)
         offset = 0
         for c in chunks:
             item = lent(c, given)
@@ -265,7 +265,7 @@ def test_writer_reports_the_first_error_once(tmp_path: Path) -> None:
     given: list[bytes] = []
     errors: list[OSError] = []
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), errors.append, pwrite=pwrite)
+        writer = ParallelWriter(path, f.fileno(), errors.append, pwrite=pwrite)
         for i in range(6):
             item = lent(bytes([i]) * ALIGN, given)
             writer.submit(item, i * ALIGN)
@@ -290,12 +290,12 @@ def test_writer_falls_back_when_o_direct_is_refused(tmp_path: Path) -> None:
 
     data = os.urandom(8 * ALIGN)
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), lambda e: None, writers=1, pwrite=pwrite)
+        writer = ParallelWriter(path, f.fileno(), lambda e: None, writers=1, pwrite=pwrite)
         if writer._direct is None:
             # This filesystem refused O_DIRECT at open (tmpfs does): stand in
             # a descriptor that the fake pwrite refuses the same way.
             writer._direct = os.open(path, os.O_WRONLY)
-        item = _Lent(memoryview(data), lambda: None)
+        item = Lent(memoryview(data), lambda: None)
         writer.submit(item, 0)
         item.release()
         assert writer.drain() is None

@@ -14,7 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from transcoder.http.spool import ALLOCATION_STEP, Spool
+from transcoder.http.spool import Spool
+from transcoder.http.writer import ALLOCATION_STEP
 
 
 class FailingFile:
@@ -185,12 +186,12 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENOSPC from the allocation is reported once, finish fails, and abort removes the file."""
-    import transcoder.http.spool as spool_module
+    import transcoder.http.writer as writer_module
 
     def full(fd: int, offset: int, length: int) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module, "_allocate", full)
+    monkeypatch.setattr(writer_module, "_allocate", full)
     spool, _, errors = make_spool()
     path = tmp_path / "input"
     spool.open(path, size=1 << 20)

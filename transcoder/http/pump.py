@@ -74,7 +74,7 @@ _POLL = 0.25
 # Reads of at least this many bytes set the low-water mark to their size.
 _WAKE_AT = 16 * 1024
 # The first buffer ends where the file's offset is a multiple of this, so that
-# every full buffer after it can be written with O_DIRECT (see _spool).
+# every full buffer after it can be written with O_DIRECT (see http/writer.py).
 ALIGN = 4096
 
 

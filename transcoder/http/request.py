@@ -51,8 +51,9 @@ from transcoder.http.names import extension, sanitise_filename
 from transcoder.http.pump import PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
 from transcoder.http.search import find
-from transcoder.http.spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
+from transcoder.http.spool import Opener, Spool, SpooledFile, _open
 from transcoder.http.webhooks import callback_url_problem
+from transcoder.http.writer import STAGING_BUFFERS
 
 log = Logger()
 
