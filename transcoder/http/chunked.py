@@ -61,13 +61,13 @@ class Framing:
         self.pending = bytearray()
         #: The last chunk's size line has begun (it is in C{pending}).
         self.last = False
-        # What L{lineEnds} and L{after} saw last.
+        # What L{line_ends} and L{after} saw last.
         self._line = b""
         self._size = 0
         self._tail = b""
         self._next = b""
 
-    def lineEnds(self) -> int:
+    def line_ends(self) -> int:
         """
         The size of the next chunk when its size line is all here but its
         LF (where a chunk's 7 bytes after data end, with curl's 4-digit
@@ -78,12 +78,12 @@ class Framing:
             return 0
         line = bytes(pending[:-1])
         if line != self._line:
-            self._size = _chunkSize(line)
+            self._size = _chunk_size(line)
             self._line = line
         return self._size
 
     def chunk(self, size: int) -> None:
-        """The line from L{lineEnds}, its LF and its C{size} bytes of data were received."""
+        """The line from L{line_ends}, its LF and its C{size} bytes of data were received."""
         if size > self.limit:
             raise TooLarge()
         self.limit -= size
@@ -163,7 +163,7 @@ class Framing:
                     if (size and not _HEX.fullmatch(size)) or b"\r" in line[:-1]:
                         raise MalformedChunk("a chunk size is not a hexadecimal number")
                     break
-                value = _chunkSize(bytes(pending[i:eol]))
+                value = _chunk_size(bytes(pending[i:eol]))
                 if value == 0:
                     # Left for the HTTP channel, with what follows it.
                     self.last = True
@@ -176,7 +176,7 @@ class Framing:
         del pending[:i]
 
 
-def _chunkSize(line: bytes) -> int:
+def _chunk_size(line: bytes) -> int:
     size, _, extension = line.partition(b";")
     if not _HEX.fullmatch(size):
         raise MalformedChunk("a chunk size is not a hexadecimal number")

@@ -193,7 +193,7 @@ class _LongPoll:
         self._gone = False
         self._changed = registry.changed(job.id)
         self._timer = clock.callLater(wait, self._changed.cancel)
-        self._changed.addCallbacks(self._answer, self._timedOut)
+        self._changed.addCallbacks(self._answer, self._timed_out)
         request.notifyFinish().addErrback(self._lost)
 
     def _answer(self, _: object) -> None:
@@ -206,7 +206,7 @@ class _LongPoll:
         else:
             finish_json(self._request, 200, job_json(self._registry, self._job))
 
-    def _timedOut(self, f: Failure) -> None:
+    def _timed_out(self, f: Failure) -> None:
         f.trap(CancelledError)
         self._answer(None)
 

@@ -181,13 +181,13 @@ class JobsResource(JSONResource):
             outcome = _UploadOutcome(self._upload_finished, request, length)
             request.upload_outcome = outcome  # type: ignore[attr-defined]
         try:
-            return self._receiveBody(request, length)
+            return self._receive_body(request, length)
         except DomainError as e:
             if outcome is not None:
                 outcome.error(e, read=False)
             raise
 
-    def _receiveBody(self, request: server.Request, length: int | None) -> IRequestBody:
+    def _receive_body(self, request: server.Request, length: int | None) -> IRequestBody:
         if request.method not in (b"POST", b"PUT"):
             raise APIError(400, "unexpected_body", f"{request.method.decode()} takes no body")
         # The client's own errors first: a body over the maximum will never fit.

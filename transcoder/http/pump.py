@@ -13,7 +13,7 @@ copies and SHA-256 cost, as in nginx plus a hash.
 
 A raw body's pump hashes it itself, a quarter buffer at a time as it comes,
 where it may give the socket a 32 MiB receive buffer (root may: see
-L{_bigReceiveBuffer}).  SHA-256 of bytes this core has just received costs
+L{_big_receive_buffer}).  SHA-256 of bytes this core has just received costs
 about 0.55 CPU s/GiB; on the spool's thread, which reads them from another
 core's cache or from memory, 0.85 to 1.0.  The big buffer lets the client
 send on while the pump hashes; without it, hashing here was no cheaper and
@@ -122,11 +122,11 @@ class SocketPump:
         sock: socket.socket,
         nbytes: int,
         sink: Sink,
-        idleTimeout: float | None,
+        idle_timeout: float | None,
         offset: int = 0,
-        bufferSize: int = BUFFER_SIZE,
+        buffer_size: int = BUFFER_SIZE,
         buffers: int = BUFFERS,
-        fileStart: FileStart | None = None,
+        file_start: FileStart | None = None,
         chunked: Chunked | None = None,
         hashes: Hashes | None = None,
     ) -> None:
@@ -136,20 +136,20 @@ class SocketPump:
         self._sock = sock.dup()
         self._left = nbytes
         self._sink = sink
-        self._idle = idleTimeout
+        self._idle = idle_timeout
         self._offset = offset
-        self._fileStart = fileStart
+        self._file_start = file_start
         self._chunked = chunked
         self._hashes = hashes
-        self._bufferSize = bufferSize
+        self._buffer_size = buffer_size
         #: Whether the pump hashes what it lends (see _pump).
         self.hashing = False
         self._lent = 0
-        self._idleFor = 0.0
+        self._idle_for = 0.0
         # Anonymous maps: page-aligned, as O_DIRECT wants them.
         self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
         for _ in range(buffers):
-            self._free.put(mmap.mmap(-1, bufferSize))
+            self._free.put(mmap.mmap(-1, buffer_size))
         self._stop = False
         self._lowat = 1
         #: Bytes read so far; read by the reactor thread to judge the rate.
@@ -187,7 +187,7 @@ class SocketPump:
                 self.stalled = True
         return None
 
-    def _waitedForServer(self) -> bool:
+    def _waited_for_server(self) -> bool:
         """A wait on the spool timed out: the server's slowness, not the client's.  Stop now?"""
         self.stalled = True
         return self._stop
@@ -204,7 +204,7 @@ class SocketPump:
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL))
             self._lowat = 1
-            end = self._pump() if self._chunked is None else self._pumpChunked(self._chunked)
+            end = self._pump() if self._chunked is None else self._pump_chunked(self._chunked)
         except OSError as e:
             end = PumpEnd("error", self.received, e)
         except Exception as e:
@@ -224,20 +224,20 @@ class SocketPump:
 
     def _pump(self) -> PumpEnd:
         hashers: list[Any] = []
-        if self._hashes is not None and _bigReceiveBuffer(self._sock):
-            hashers = self._hashes(self._waitedForServer) or []
+        if self._hashes is not None and _big_receive_buffer(self._sock):
+            hashers = self._hashes(self._waited_for_server) or []
             if self._stop:
                 return PumpEnd("stopped", self.received)
         self.hashing = bool(hashers)
         # Hashed a quarter buffer at a time, as it comes, while it is in this
         # core's cache; the low-water mark wakes the thread once a quarter.
-        piece = max(ALIGN, self._bufferSize // 4) if hashers else self._bufferSize
+        piece = max(ALIGN, self._buffer_size // 4) if hashers else self._buffer_size
         while self._left > 0:
             buf = self._buffer()
             if buf is None:
                 return PumpEnd("stopped", self.received)
             view = memoryview(buf)
-            start = self._fileStart() if self._fileStart is not None else 0
+            start = self._file_start() if self._file_start is not None else 0
             want = min(len(buf) - (self._offset - start) % ALIGN, self._left)
             filled = 0
             why: str | None = None
@@ -247,9 +247,9 @@ class SocketPump:
                 # Wake this thread when a good part of the buffer has come,
                 # not for every segment: the wake-ups cost more than the
                 # copying.  No more than is asked for, which surely comes.
-                self._setLowat(max(1, min(end - filled, len(buf) // 4)))
+                self._set_lowat(max(1, min(end - filled, len(buf) // 4)))
                 try:
-                    n = self._readInto([view[filled:end]])
+                    n = self._read_into([view[filled:end]])
                 except _End as e:
                     why, error = e.why, e.error
                     break
@@ -275,7 +275,7 @@ class SocketPump:
         else:
             self._free.put(buf)
 
-    def _pumpChunked(self, state: Chunked) -> PumpEnd:
+    def _pump_chunked(self, state: Chunked) -> PumpEnd:
         # One scattering receive a chunk, in the steady state: its data
         # straight into the buffer, and the framing around it (see
         # Framing.plan) into a small one.  Reads are never for more than a
@@ -296,13 +296,13 @@ class SocketPump:
             try:
                 while filled < want and not framing.last:
                     room = want - filled
-                    size = framing.lineEnds()
+                    size = framing.line_ends()
                     if size and room >= size + AFTER_DATA:
                         # The steady state: the size line's LF, the whole
                         # chunk into place, and the 7 bytes after it.
-                        self._setLowat(size if size >= _WAKE_AT else 1)
+                        self._set_lowat(size if size >= _WAKE_AT else 1)
                         data = view[filled : filled + size]
-                        got = self._readInto([lf, data, tail])
+                        got = self._read_into([lf, data, tail])
                         if got == size + 1 + AFTER_DATA and lf[0] == 10:
                             framing.chunk(size)
                             filled += size
@@ -347,8 +347,8 @@ class SocketPump:
                     # Wake when a whole chunk has come (a valid body brings
                     # every byte asked for), not for each segment of it; but
                     # a few bytes of framing come at once, or after a pause.
-                    self._setLowat(asked if asked >= _WAKE_AT else 1)
-                    got = self._readInto(parts)
+                    self._set_lowat(asked if asked >= _WAKE_AT else 1)
+                    got = self._read_into(parts)
                     out = bytearray()
                     left = got
                     for part in parts:
@@ -381,13 +381,13 @@ class SocketPump:
             if framing.last:
                 return PumpEnd("complete", self.received, leftover=bytes(framing.pending))
 
-    def _setLowat(self, lowat: int) -> None:
+    def _set_lowat(self, lowat: int) -> None:
         """Wake this thread's receives once C{lowat} bytes are there (set only when it changes)."""
         if lowat != self._lowat:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             self._lowat = lowat
 
-    def _readInto(self, parts: list[memoryview]) -> int:
+    def _read_into(self, parts: list[memoryview]) -> int:
         """
         Receive into C{parts}, all of them unless the receive timeout cut
         it short; raises L{_End} for a stop, an idle client, the end of the
@@ -399,15 +399,15 @@ class SocketPump:
             try:
                 n = self._sock.recvmsg_into(parts, 0, socket.MSG_WAITALL)[0]
             except BlockingIOError:
-                self._idleFor += _POLL
-                if self._idle and self._idleFor >= self._idle:
+                self._idle_for += _POLL
+                if self._idle and self._idle_for >= self._idle:
                     raise _End("idle") from None
                 continue
             except OSError as e:
                 raise _End("error", e) from None
             if n == 0:
                 raise _End("eof")
-            self._idleFor = 0.0
+            self._idle_for = 0.0
             self.received += n
             return n
 
@@ -417,7 +417,7 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 BIG_RECEIVE_BUFFER = 32 << 20
 
 
-def _bigReceiveBuffer(sock: socket.socket) -> bool:
+def _big_receive_buffer(sock: socket.socket) -> bool:
     """
     Give the socket a receive buffer big enough that the client never waits
     while the pump hashes; False where that is not allowed.  The kernel then

@@ -310,11 +310,11 @@ class _BaseBody:
         highWater, stagingBuffers = spool_limits(crowd)
         self.spool = Spool(
             reactor,
-            onPressure=lambda paused: self.onPressure(paused),
-            onError=self._spoolFailed,
+            on_pressure=lambda paused: self.onPressure(paused),
+            on_error=self._spoolFailed,
             opener=opener,
-            highWater=highWater,
-            stagingBuffers=stagingBuffers,
+            high_water=highWater,
+            staging_buffers=stagingBuffers,
         )
 
     def _count(self, data: bytes) -> None:
@@ -416,7 +416,7 @@ class RawBody(_BaseBody):
         self._finishing = True
         if self._received == 0:
             return fail(APIError(400, "empty_body", "the upload is empty"))
-        self.spool.closeFile()
+        self.spool.close_file()
         return self._finished_files(self.spool.finish()).addCallback(self._checked)
 
     def _checked(self, files: list[SpooledFile]) -> Submission:
@@ -533,7 +533,7 @@ class MultipartBody(_BaseBody):
 
     def _endSegment(self) -> None:
         if self._isFile:
-            self.spool.closeFile()
+            self.spool.close_file()
         else:
             name = self._segment.name
             try:
@@ -855,7 +855,7 @@ class TranscoderRequest(server.Request):
         self._runPump(
             body,
             left,
-            fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
+            file_start=body.fileStart if isinstance(body, MultipartBody) else None,
             hashes=body.hashes if isinstance(body, RawBody) else None,
         )
 

@@ -31,29 +31,29 @@ class _Channel(HTTPChannel):
     sending its headers a byte at a time would hold the connection forever.
     """
 
-    _headDeadline: Any = None
+    _head_deadline: Any = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._headDeadline is None and self.line_mode and self.timeOut:
-            self._headDeadline = self.callLater(self.timeOut, self._headTooSlow)
+        if self._head_deadline is None and self.line_mode and self.timeOut:
+            self._head_deadline = self.callLater(self.timeOut, self._head_too_slow)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._cancelHeadDeadline()
+        self._cancel_head_deadline()
         super().allHeadersReceived()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancelHeadDeadline()
+        self._cancel_head_deadline()
         super().connectionLost(reason)
 
-    def _cancelHeadDeadline(self) -> None:
-        if self._headDeadline is not None and self._headDeadline.active():
-            self._headDeadline.cancel()
-        self._headDeadline = None
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
 
-    def _headTooSlow(self) -> None:
-        self._headDeadline = None
-        self._answerAndClose(APIError(408, "request_timeout", "the request head came too slowly"))
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        self._answer_and_close(APIError(408, "request_timeout", "the request head came too slowly"))
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
@@ -61,7 +61,7 @@ class _Channel(HTTPChannel):
             return
         super().timeoutConnection()
 
-    def _answerAndClose(self, error: DomainError) -> None:
+    def _answer_and_close(self, error: DomainError) -> None:
         transport: Any = self.transport
         transport.write(raw_response(error))
         self.loseConnection()
@@ -76,7 +76,7 @@ class _Channel(HTTPChannel):
         return result
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        self._answerAndClose(APIError(400, "bad_request", "malformed HTTP request"))
+        self._answer_and_close(APIError(400, "bad_request", "malformed HTTP request"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Past the request line (its parts are kept until the body is in), a header is too long.
@@ -84,7 +84,7 @@ class _Channel(HTTPChannel):
             error = APIError(431, "header_too_large", "a request header line is too long")
         else:
             error = APIError(414, "uri_too_long", "the request line is too long")
-        self._answerAndClose(error)
+        self._answer_and_close(error)
 
 
 def _channel_factory(factory: Any) -> _GenericHTTPChannelProtocol:

@@ -7,7 +7,7 @@ hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
 thread (or on a pump's, see L{Spool.hashes}), and writing on two writer
 threads (see L{transcoder.http.writer}), all of which release the GIL, so an upload
 can use both cores.  The backlog between the reactor and the spool is
-bounded: above C{highWater} bytes the reactor is told to stop reading from
+bounded: above C{high_water} bytes the reactor is told to stop reading from
 the socket, and told to resume once the thread has caught up, so a slow disk
 slows the client instead of growing memory.
 """
@@ -70,31 +70,31 @@ class Spool:
     Writes one or more files, one after another, from chunks handed over by the
     reactor thread.
 
-    Call L{open}, L{write} any number of times, L{closeFile}; repeat for more
+    Call L{open}, L{write} any number of times, L{close_file}; repeat for more
     files; then L{finish}, or L{abort} at any time.  A write error (ENOSPC, EIO)
-    is reported once through C{onError} on the reactor thread, and every file
+    is reported once through C{on_error} on the reactor thread, and every file
     written so far is removed.
     """
 
     def __init__(
         self,
         reactor: IReactorThreads,
-        onPressure: Callable[[bool], None],
-        onError: Callable[[OSError], None],
+        on_pressure: Callable[[bool], None],
+        on_error: Callable[[OSError], None],
         opener: Opener = _open,
-        highWater: int = 4 << 20,
+        high_water: int = 4 << 20,
         pwrite: PWrite = os.pwrite,
-        stagingBuffers: int = STAGING_BUFFERS,
+        staging_buffers: int = STAGING_BUFFERS,
     ) -> None:
         self._reactor = reactor
-        self._stagingBuffers = stagingBuffers
+        self._staging_buffers = staging_buffers
         self._pwrite = pwrite
-        self._errorReported = False
-        self._onPressure = onPressure
-        self._onError = onError
+        self._error_reported = False
+        self._on_pressure = on_pressure
+        self._on_error = on_error
         self._opener = opener
-        self._high = highWater
-        self._low = highWater // 2
+        self._high = high_water
+        self._low = high_water // 2
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # Signalled as the backlog drains, for writers on other threads that wait.
@@ -124,7 +124,7 @@ class Spool:
     def write(self, data: bytes, wait: bool = False) -> None:
         """
         Write C{data} to the open file.  On the reactor thread, a backlog above
-        C{highWater} calls C{onPressure(True)}; another thread (a pump's)
+        C{high_water} calls C{on_pressure(True)}; another thread (a pump's)
         passes C{wait} and is held here while the backlog is above it.
         """
         n = len(data)
@@ -141,18 +141,18 @@ class Spool:
                 self._paused = True
         self._queue.put(data)
         if pause:
-            self._onPressure(True)
+            self._on_pressure(True)
 
-    def lend(self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False) -> None:
+    def lend(self, view: memoryview, give_back: Callable[[], None], hashed: bool = False) -> None:
         """
-        Write a buffer that stays its owner's: C{giveBack} is called once it
+        Write a buffer that stays its owner's: C{give_back} is called once it
         is hashed and written (or dropped, after a failure), on the spool's
         thread or a writer's, whichever finishes with it last.  With
         C{hashed}, the lender has hashed it already (see L{hashes}).
         Callable from any thread; the owner bounds how much it lends, so
         this does not count towards the pressure that pauses the reactor.
         """
-        self._queue.put(Lent(view, giveBack, hashed))
+        self._queue.put(Lent(view, give_back, hashed))
 
     def hashes(self, stop: Callable[[], bool]) -> list[Any] | None:
         """
@@ -169,7 +169,7 @@ class Spool:
                 return None
         return ready.objects
 
-    def closeFile(self) -> None:
+    def close_file(self) -> None:
         self._queue.put(_CLOSE)
 
     def finish(self) -> Deferred[list[SpooledFile]]:
@@ -237,7 +237,7 @@ class Spool:
                         item.md5,
                         report,
                         self._pwrite,
-                        self._stagingBuffers,
+                        self._staging_buffers,
                         declared=item.size or None,
                     )
                 except OSError as e:
@@ -290,7 +290,7 @@ class Spool:
             if self._pending <= self._high:
                 self._room.notify_all()
         if resume:
-            self._reactor.callFromThread(self._onPressure, False)
+            self._reactor.callFromThread(self._on_pressure, False)
 
     # Back on the reactor thread.
 
@@ -300,9 +300,9 @@ class Spool:
             self._done.callback(files)
 
     def _failed(self, error: OSError) -> None:
-        if self._errorReported:
+        if self._error_reported:
             return
-        self._errorReported = True
-        self._onError(error)
+        self._error_reported = True
+        self._on_error(error)
         if self._done is not None and not self._done.called:
             self._done.errback(error)

@@ -71,13 +71,13 @@ class Lent:
     written by a L{ParallelWriter}, and given back once both are done.
     """
 
-    __slots__ = ("_holds", "_lock", "giveBack", "hashed", "view")
+    __slots__ = ("_holds", "_lock", "give_back", "hashed", "view")
 
     def __init__(
-        self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False
+        self, view: memoryview, give_back: Callable[[], None], hashed: bool = False
     ) -> None:
         self.view = view
-        self.giveBack = giveBack
+        self.give_back = give_back
         #: Hashed already, by the lender (see Spool.hashes).
         self.hashed = hashed
         self._holds = 1
@@ -92,7 +92,7 @@ class Lent:
             self._holds -= 1
             last = self._holds == 0
         if last:
-            self.giveBack()
+            self.give_back()
 
 
 # O_DIRECT writes need their offset and length (and the buffer's address: the
@@ -129,13 +129,13 @@ class ParallelWriter:
         self,
         path: Path,
         fd: int,
-        onError: Callable[[OSError], None],
+        on_error: Callable[[OSError], None],
         writers: int = WRITERS,
         pwrite: PWrite = os.pwrite,
     ) -> None:
         self._fd = fd
         self._pwrite = pwrite
-        self._onError = onError
+        self._on_error = on_error
         self._direct: int | None = None
         if _O_DIRECT:
             try:
@@ -191,7 +191,7 @@ class ParallelWriter:
                         self.error = e
                         first = True
                 if first:
-                    self._onError(e)
+                    self._on_error(e)
             finally:
                 item.release()
                 with self._idle:
@@ -211,9 +211,9 @@ class ParallelWriter:
                 # O_DIRECT: this one goes through the page cache.
                 n = 0
             view, offset = view[n:], offset + n
-        self._pwriteAll(self._fd, view, offset)
+        self._pwrite_all(self._fd, view, offset)
 
-    def _pwriteAll(self, fd: int, view: memoryview, offset: int) -> None:
+    def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
         while view:
             n = self._pwrite(fd, view, offset)
             if n <= 0:
@@ -232,9 +232,9 @@ class FileWriter:
         path: Path,
         f: IO[bytes],
         md5: bool,
-        onError: Callable[[OSError], None],
+        on_error: Callable[[OSError], None],
         pwrite: PWrite,
-        stagingBuffers: int = STAGING_BUFFERS,
+        staging_buffers: int = STAGING_BUFFERS,
         declared: int | None = None,
     ) -> None:
         self.path = path
@@ -242,20 +242,20 @@ class FileWriter:
         # Allocated so far, of a file whose size is known (see ALLOCATION_STEP).
         self._declared = declared if isinstance(f, io.FileIO) else None
         self._allocated = 0
-        self._stagingBuffers = stagingBuffers
+        self._staging_buffers = staging_buffers
         self.size = 0
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5() if md5 else None
         # A file object that is not a real file (a test's stand-in) is
         # written in order, through its own write().
         self._writer = (
-            ParallelWriter(path, f.fileno(), onError, pwrite=pwrite)
+            ParallelWriter(path, f.fileno(), on_error, pwrite=pwrite)
             if isinstance(f, io.FileIO)
             else None
         )
         self._staging: mmap.mmap | None = None
         self._staged = 0
-        self._stagedAt = 0
+        self._staged_at = 0
         self._made = 0
         self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
 
@@ -274,7 +274,7 @@ class FileWriter:
             self.size += n
         elif lent is not None and not (self.size % ALIGN or n % ALIGN):
             # Aligned already: written from the lender's buffer, no copy.
-            self._flushStaging()
+            self._flush_staging()
             writer.submit(lent, self.size)
             self.size += n
         else:
@@ -303,14 +303,14 @@ class FileWriter:
             if self._staging is None:
                 self._staging = self._buffer()
                 self._staged = 0
-                self._stagedAt = self.size
+                self._staged_at = self.size
             k = min(STAGING_SIZE - self._staged, len(view))
             self._staging[self._staged : self._staged + k] = view[:k]
             self._staged += k
             self.size += k
             view = view[k:]
             if self._staged == STAGING_SIZE:
-                self._flushStaging()
+                self._flush_staging()
 
     def _buffer(self) -> mmap.mmap:
         # Most recently used first, so that a slow upload touches one buffer.
@@ -318,24 +318,24 @@ class FileWriter:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        if self._made < self._stagingBuffers:
+        if self._made < self._staging_buffers:
             self._made += 1
             return mmap.mmap(-1, STAGING_SIZE)
         return self._free.get()
 
-    def _flushStaging(self) -> None:
+    def _flush_staging(self) -> None:
         buf, self._staging = self._staging, None
         if buf is None or self._writer is None:
             return
         item = Lent(memoryview(buf)[: self._staged], partial(self._free.put, buf))
-        self._writer.submit(item, self._stagedAt)
+        self._writer.submit(item, self._staged_at)
         item.release()
 
     def close(self) -> OSError | None:
         """Write what is staged, wait for the writers, close; the first write error."""
         error = None
         if self._writer is not None:
-            self._flushStaging()
+            self._flush_staging()
             error = self._writer.drain()
             self._writer.close()
         self._f.close()
