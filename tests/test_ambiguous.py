@@ -243,7 +243,7 @@ def test_names_never_start_with_a_dash_nor_name_a_windows_device(
 
 def test_a_result_is_never_named_for_an_option(tmp_path: Path) -> None:
     """The result of an input named "-rf .mov" is offered as "rf .mp4" (ASCII "rf.mp4"), not "-rf.mp4"."""
-    from transcoder.http.resources import result_filename
+    from transcoder.http.job import result_filename
 
     class _Input:
         filename = sanitise_filename("-rf .mov")

@@ -50,14 +50,11 @@ from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
 from transcoder.http.errors import APIError, http_error
+from transcoder.http.job import MAX_TAIL, tail_lines
+from transcoder.http.jobs import decode_cursor
 from transcoder.http.request import IBodyReceiver
-from transcoder.http.resources import (
-    MAX_TAIL,
-    TranscoderSite,
-    build_root,
-    decode_cursor,
-    tail_lines,
-)
+from transcoder.http.resources import build_root
+from transcoder.http.site import TranscoderSite
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 API_MD = SPEC_PATH.parent / "api.md"
@@ -517,7 +514,7 @@ async def test_listing_bad_query(make_api: Callable[..., Api], query: str) -> No
 
 def test_cursor_round_trip() -> None:
     """A cursor is opaque text that decodes back to the position it was made from."""
-    from transcoder.http.resources import encode_cursor
+    from transcoder.http.jobs import encode_cursor
 
     for seq in (1, 42, 10**12):
         cursor = encode_cursor(seq)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from serverproc import ServerProcess, wait_for
 
-from transcoder.http.spool import ALLOCATION_STEP
+from transcoder.http.writer import ALLOCATION_STEP
 
 MiB = 1 << 20
 KB = 1000

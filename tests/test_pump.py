@@ -31,8 +31,9 @@ from transcoder.core.sqlite import SQLiteJobStore
 from transcoder.http import pump as _pump
 from transcoder.http import request as upload
 from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
-from transcoder.http.resources import TranscoderSite, build_root
-from transcoder.http.spool import _Lent, _ParallelWriter
+from transcoder.http.resources import build_root
+from transcoder.http.site import TranscoderSite
+from transcoder.http.writer import Lent, ParallelWriter
 
 KiB = 1024
 MiB = 1 << 20
@@ -46,12 +47,12 @@ class Collector:
         self.hold = hold
         self.held: list[Callable[[], None]] = []
 
-    def __call__(self, view: memoryview, giveBack: Callable[[], None]) -> None:
+    def __call__(self, view: memoryview, give_back: Callable[[], None]) -> None:
         self.chunks.append(bytes(view))
         if self.hold:
-            self.held.append(giveBack)
+            self.held.append(give_back)
         else:
-            giveBack()
+            give_back()
 
     @property
     def data(self) -> bytes:
@@ -83,7 +84,7 @@ async def test_reads_exactly_its_bytes_and_leaves_the_rest_in_the_socket(pair: A
     a, b = pair
     body = os.urandom(3 * MiB + 12345)
     sink = Collector()
-    _, ends = pump_for(a, len(body), sink, bufferSize=256 * KiB, buffers=2)
+    _, ends = pump_for(a, len(body), sink, buffer_size=256 * KiB, buffers=2)
     threading.Thread(target=b.sendall, args=(body + b"GET / HTTP/1.1\r\n",)).start()
     await settle(lambda: ends, timeout=10)
     assert ends == [PumpEnd("complete", len(body), lent=len(body))]
@@ -98,7 +99,7 @@ async def test_first_buffer_ends_on_an_aligned_offset(pair: Any) -> None:
     a, b = pair
     body = os.urandom(MiB)
     sink = Collector()
-    _, ends = pump_for(a, len(body), sink, offset=100, bufferSize=64 * KiB, buffers=2)
+    _, ends = pump_for(a, len(body), sink, offset=100, buffer_size=64 * KiB, buffers=2)
     b.sendall(body)
     await settle(lambda: ends, timeout=10)
     assert (100 + len(sink.chunks[0])) % ALIGN == 0
@@ -108,7 +109,7 @@ async def test_first_buffer_ends_on_an_aligned_offset(pair: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_buffers_are_cut_where_the_sink_says_its_file_starts(pair: Any) -> None:
-    """With fileStart (a multipart file part that began at body offset 5000), buffers are cut at that file's aligned offsets, not the body's: after the first one, each starts at a multiple of ALIGN in the file."""
+    """With file_start (a multipart file part that began at body offset 5000), buffers are cut at that file's aligned offsets, not the body's: after the first one, each starts at a multiple of ALIGN in the file."""
     a, b = pair
     body = os.urandom(MiB)
     sink = Collector()
@@ -117,9 +118,9 @@ async def test_buffers_are_cut_where_the_sink_says_its_file_starts(pair: Any) ->
         len(body),
         sink,
         offset=100,
-        bufferSize=64 * KiB,
+        buffer_size=64 * KiB,
         buffers=2,
-        fileStart=lambda: 5000,
+        file_start=lambda: 5000,
     )
     b.sendall(body)
     await settle(lambda: ends, timeout=10)
@@ -171,7 +172,7 @@ async def test_buffers_not_given_back_stall_the_pump(pair: Any) -> None:
     """With its buffers all lent and none given back, the pump reads no more and says it stalled: memory stays at its buffers."""
     a, b = pair
     sink = Collector(hold=True)
-    pump, ends = pump_for(a, 8 * MiB, sink, bufferSize=64 * KiB, buffers=2)
+    pump, ends = pump_for(a, 8 * MiB, sink, buffer_size=64 * KiB, buffers=2)
     sender = threading.Thread(target=lambda: _send_quietly(b, os.urandom(8 * MiB)))
     sender.start()
     await settle(lambda: pump.stalled, timeout=5)
@@ -195,7 +196,7 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 def can_force_receive_buffer() -> bool:
     """Whether this process may give a socket a receive buffer past rmem_max (root may)."""
     with socket.socket() as s:
-        return _pump._bigReceiveBuffer(s)
+        return _pump._big_receive_buffer(s)
 
 
 @pytest_twisted.ensureDeferred
@@ -211,7 +212,7 @@ async def test_pump_hashes_what_it_reads_where_its_receive_buffer_can_be_big(pai
         return [h]
 
     sink = Collector()
-    pump, ends = pump_for(a, len(body), sink, bufferSize=256 * KiB, buffers=2, hashes=hashes)
+    pump, ends = pump_for(a, len(body), sink, buffer_size=256 * KiB, buffers=2, hashes=hashes)
     b.sendall(body)
     await settle(lambda: ends, timeout=10)
     assert sink.data == body
@@ -225,8 +226,8 @@ async def test_pump_hashes_what_it_reads_where_its_receive_buffer_can_be_big(pai
 # The parallel writer.
 
 
-def lent(data: bytes, given: list[bytes]) -> _Lent:
-    return _Lent(memoryview(data), lambda: given.append(data))
+def lent(data: bytes, given: list[bytes]) -> Lent:
+    return Lent(memoryview(data), lambda: given.append(data))
 
 
 def test_writer_puts_each_buffer_at_its_offset(tmp_path: Path) -> None:
@@ -236,7 +237,7 @@ def test_writer_puts_each_buffer_at_its_offset(tmp_path: Path) -> None:
     given: list[bytes] = []
     errors: list[OSError] = []
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), errors.append)
+        writer = ParallelWriter(path, f.fileno(), errors.append)
         offset = 0
         for c in chunks:
             item = lent(c, given)
@@ -264,7 +265,7 @@ def test_writer_reports_the_first_error_once(tmp_path: Path) -> None:
     given: list[bytes] = []
     errors: list[OSError] = []
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), errors.append, pwrite=pwrite)
+        writer = ParallelWriter(path, f.fileno(), errors.append, pwrite=pwrite)
         for i in range(6):
             item = lent(bytes([i]) * ALIGN, given)
             writer.submit(item, i * ALIGN)
@@ -289,12 +290,12 @@ def test_writer_falls_back_when_o_direct_is_refused(tmp_path: Path) -> None:
 
     data = os.urandom(8 * ALIGN)
     with open(path, "xb", buffering=0) as f:
-        writer = _ParallelWriter(path, f.fileno(), lambda e: None, writers=1, pwrite=pwrite)
+        writer = ParallelWriter(path, f.fileno(), lambda e: None, writers=1, pwrite=pwrite)
         if writer._direct is None:
             # This filesystem refused O_DIRECT at open (tmpfs does): stand in
             # a descriptor that the fake pwrite refuses the same way.
             writer._direct = os.open(path, os.O_WRONLY)
-        item = _Lent(memoryview(data), lambda: None)
+        item = Lent(memoryview(data), lambda: None)
         writer.submit(item, 0)
         item.release()
         assert writer.drain() is None
@@ -398,7 +399,7 @@ async def test_pumped_raw_body_is_hashed_right_either_way(
 ) -> None:
     """A 12 MiB PUT read by a pump gets the right SHA-256 whether the pump hashes it as it reads (where the socket may have a big receive buffer) or leaves that to the spool's thread (where it may not)."""
     if not big_buffer:
-        monkeypatch.setattr(_pump, "_bigReceiveBuffer", lambda sock: False)
+        monkeypatch.setattr(_pump, "_big_receive_buffer", lambda sock: False)
     port, _ = served
     body = os.urandom(12 * MiB + 777)
     head = b"PUT /jobs?profile=avi-mpeg4 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
@@ -433,7 +434,7 @@ async def test_spool_mixes_copied_and_lent_bytes_in_order(tmp_path: Path) -> Non
     tail = os.urandom(70_000)
     spool.write(tail)
     pieces.append(tail)
-    spool.closeFile()
+    spool.close_file()
     (f,) = await spool.finish()
     data = b"".join(pieces)
     assert path.read_bytes() == data

@@ -32,7 +32,8 @@ from test_pump import (  # noqa: F401
 from test_spool import settle
 
 from transcoder.http import request as upload
-from transcoder.http.pump import MAX_SIZE_LINE, Chunked, PumpEnd, SocketPump
+from transcoder.http.chunked import MAX_SIZE_LINE, Chunked
+from transcoder.http.pump import PumpEnd, SocketPump
 
 KiB = 1024
 MiB = 1 << 20
@@ -59,7 +60,7 @@ def run(
     idle: float | None = 5.0,
     pause: float = 0.0,
     close: bool = False,
-    bufferSize: int = 64 * KiB,
+    buffer_size: int = 64 * KiB,
 ) -> tuple[PumpEnd, Collector, bytes]:
     """
     Send C{pieces} (pausing between them) to a pump that starts in C{state};
@@ -75,7 +76,7 @@ def run(
         0,
         sink,
         idle,
-        bufferSize=bufferSize,
+        buffer_size=buffer_size,
         buffers=2,
         chunked=state,
     )
@@ -190,7 +191,7 @@ def test_buffers_hold_only_data_and_end_on_aligned_offsets() -> None:
     """With curl's chunks (0xfff4 bytes), each lent buffer holds data only, and all but the last end at a multiple of 4096 in the file."""
     chunks = [os.urandom(0xFFF4) for _ in range(20)]
     ended, sink, _ = run(
-        [encode(chunks) + b"0\r\n\r\n"], Chunked(0, False, 1 << 40), bufferSize=256 * KiB
+        [encode(chunks) + b"0\r\n\r\n"], Chunked(0, False, 1 << 40), buffer_size=256 * KiB
     )
     assert ended.reason == "complete"
     assert sink.data == b"".join(chunks)

@@ -14,7 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from transcoder.http.spool import ALLOCATION_STEP, Spool
+from transcoder.http.spool import Spool
+from transcoder.http.writer import ALLOCATION_STEP
 
 
 class FailingFile:
@@ -53,7 +54,7 @@ class SlowFile:
 def make_spool(**kw) -> tuple[Spool, list[bool], list[OSError]]:  # type: ignore[no-untyped-def]
     pressure: list[bool] = []
     errors: list[OSError] = []
-    spool = Spool(reactor, onPressure=pressure.append, onError=errors.append, **kw)
+    spool = Spool(reactor, on_pressure=pressure.append, on_error=errors.append, **kw)
     return spool, pressure, errors
 
 
@@ -75,7 +76,7 @@ async def test_files_are_written_in_order_with_their_digests(tmp_path: Path) -> 
         spool.open(tmp_path / name, md5=(name == "a"))
         for part in parts:
             spool.write(part)
-        spool.closeFile()
+        spool.close_file()
     files = await spool.finish()
     assert [f.path.name for f in files] == ["a", "b"]
     for f in files:
@@ -90,15 +91,15 @@ async def test_files_are_written_in_order_with_their_digests(tmp_path: Path) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_backlog_above_high_water_pauses_then_resumes(tmp_path: Path) -> None:
-    """More than highWater bytes waiting for a slow disk asks the reactor to pause reading, then to resume once drained."""
+    """More than high_water bytes waiting for a slow disk asks the reactor to pause reading, then to resume once drained."""
     gate = threading.Event()
-    spool, pressure, _ = make_spool(opener=lambda p: SlowFile(p, gate), highWater=100_000)
+    spool, pressure, _ = make_spool(opener=lambda p: SlowFile(p, gate), high_water=100_000)
     spool.open(tmp_path / "f")
     for _ in range(5):
         spool.write(b"x" * 30_000)
     assert pressure == [True]
     gate.set()
-    spool.closeFile()
+    spool.close_file()
     files = await spool.finish()
     await settle(lambda: pressure == [True, False])
     assert pressure == [True, False]
@@ -112,7 +113,7 @@ async def test_disk_full_is_reported_once_and_abort_removes_the_files(tmp_path: 
     spool.open(tmp_path / "f")
     for _ in range(10):
         spool.write(b"x" * 20_000)
-    spool.closeFile()
+    spool.close_file()
     d = spool.finish()
     with pytest.raises(OSError) as e:
         await d
@@ -130,7 +131,7 @@ async def test_abort_mid_write_removes_partial_files(tmp_path: Path) -> None:
     spool, _, errors = make_spool()
     spool.open(tmp_path / "one")
     spool.write(b"a" * 1000)
-    spool.closeFile()
+    spool.close_file()
     spool.open(tmp_path / "two")
     spool.write(b"b" * 1000)
     cleaned = threading.Event()
@@ -148,7 +149,7 @@ async def test_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     spool, _, errors = make_spool()
     spool.open(tmp_path / "f")
     spool.write(b"new")
-    spool.closeFile()
+    spool.close_file()
     with pytest.raises(FileExistsError):
         await spool.finish()
     assert len(errors) == 1
@@ -173,7 +174,7 @@ async def test_a_file_of_known_size_is_allocated_a_step_ahead_of_its_bytes(
     await settle(lambda: path.stat().st_size > 20 << 20)
     assert path.stat().st_size <= (20 << 20) + 1000 + ALLOCATION_STEP
     spool.write(data[20 << 20 :])
-    spool.closeFile()
+    spool.close_file()
     (f,) = await spool.finish()
     assert path.read_bytes() == b"x" * 1000 + data
     assert f.size == size == path.stat().st_size
@@ -185,17 +186,17 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENOSPC from the allocation is reported once, finish fails, and abort removes the file."""
-    import transcoder.http.spool as spool_module
+    import transcoder.http.writer as writer_module
 
     def full(fd: int, offset: int, length: int) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module, "_allocate", full)
+    monkeypatch.setattr(writer_module, "_allocate", full)
     spool, _, errors = make_spool()
     path = tmp_path / "input"
     spool.open(path, size=1 << 20)
     spool.write(b"x" * 1000)
-    spool.closeFile()
+    spool.close_file()
     await settle(lambda: errors)
     assert [e.errno for e in errors] == [errno.ENOSPC]
     done: list[None] = []
@@ -241,7 +242,7 @@ async def test_a_lender_that_hashes_what_it_lends(tmp_path: Path) -> None:
     given: list[bool] = []
     spool.lend(memoryview(bytearray(lent)), lambda: given.append(True), hashed=True)
     spool.write(tail)
-    spool.closeFile()
+    spool.close_file()
     (f,) = await spool.finish()
     whole = head + lent + tail
     assert path.read_bytes() == whole

@@ -22,7 +22,8 @@ from transcoder.core.jobs import JobState
 from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
-from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.http.resources import build_root
+from transcoder.http.site import TranscoderSite
 
 
 class FailingExecutor(FakeExecutor):

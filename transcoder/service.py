@@ -27,7 +27,8 @@ from transcoder.engine.process import env_chdir
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
-from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.http.resources import build_root
+from transcoder.http.site import TranscoderSite
 from transcoder.http.webhooks import WebhookNotifier
 
 log = Logger()

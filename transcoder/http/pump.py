@@ -13,7 +13,7 @@ copies and SHA-256 cost, as in nginx plus a hash.
 
 A raw body's pump hashes it itself, a quarter buffer at a time as it comes,
 where it may give the socket a 32 MiB receive buffer (root may: see
-L{_bigReceiveBuffer}).  SHA-256 of bytes this core has just received costs
+L{_big_receive_buffer}).  SHA-256 of bytes this core has just received costs
 about 0.55 CPU s/GiB; on the spool's thread, which reads them from another
 core's cache or from memory, 0.85 to 1.0.  The big buffer lets the client
 send on while the pump hashes; without it, hashing here was no cheaper and
@@ -25,17 +25,17 @@ the HTTP channel finishes the request the usual way.  A pump never reads past
 the bytes it was given, so a pipelined request stays in the socket.
 
 A chunked body (C{curl -T -}) has no length to stop at, so its pump reads
-the chunks' framing itself (see L{Chunked}): each size line is peeked at and
-taken, each chunk's bytes are received straight into a buffer, which holds
-nothing but the body's data, and the pump stops at the size line of the last
-chunk, which it leaves in the socket for the HTTP channel's own decoder.
+the chunks' framing itself (see L{transcoder.http.chunked}): each size line
+is peeked at and taken, each chunk's bytes are received straight into a
+buffer, which holds nothing but the body's data, and the pump stops at the
+size line of the last chunk, which it leaves in the socket for the HTTP
+channel's own decoder.
 """
 
 from __future__ import annotations
 
 import mmap
 import queue
-import re
 import socket
 import struct
 import threading
@@ -46,6 +46,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
+
+from transcoder.http.chunked import AFTER_DATA, SCRATCH, Chunked, Framing, MalformedChunk, TooLarge
 
 # Hands a full buffer (a view of it) to whoever writes it, with the function
 # that gives the buffer back once it is written.  Called on the pump's thread.
@@ -69,8 +71,10 @@ BUFFER_SIZE = 2 << 20
 BUFFERS = 3
 # How often a waiting pump looks at its stop flag and counts idle time.
 _POLL = 0.25
+# Reads of at least this many bytes set the low-water mark to their size.
+_WAKE_AT = 16 * 1024
 # The first buffer ends where the file's offset is a multiple of this, so that
-# every full buffer after it can be written with O_DIRECT (see _spool).
+# every full buffer after it can be written with O_DIRECT (see http/writer.py).
 ALIGN = 4096
 
 
@@ -96,33 +100,10 @@ class PumpEnd:
     leftover: bytes = b""
 
 
-@dataclass
-class Chunked:
-    """
-    Where a chunked body stands as a pump takes it over: C{left} bytes of
-    the current chunk still to come, then (if C{crlf}) the CRLF that ends a
-    chunk's data, then a size line; at most C{limit} more bytes of data.
-    """
-
-    left: int
-    crlf: bool
-    limit: int
-
-
-class MalformedChunk(ValueError):
-    """Chunked framing that breaks RFC 9112's rules."""
-
-
 class _End(Exception):
     def __init__(self, why: str, error: BaseException | None = None) -> None:
         self.why = why
         self.error = error
-
-
-# As twisted.web.http's decoder has them.
-MAX_SIZE_LINE = 1024
-_HEX = re.compile(rb"[0-9A-Fa-f]+")
-_EXTENSION = re.compile(rb"[\t !-\[\]-~\x80-\xff]*")
 
 
 class SocketPump:
@@ -141,11 +122,11 @@ class SocketPump:
         sock: socket.socket,
         nbytes: int,
         sink: Sink,
-        idleTimeout: float | None,
+        idle_timeout: float | None,
         offset: int = 0,
-        bufferSize: int = BUFFER_SIZE,
+        buffer_size: int = BUFFER_SIZE,
         buffers: int = BUFFERS,
-        fileStart: FileStart | None = None,
+        file_start: FileStart | None = None,
         chunked: Chunked | None = None,
         hashes: Hashes | None = None,
     ) -> None:
@@ -155,20 +136,20 @@ class SocketPump:
         self._sock = sock.dup()
         self._left = nbytes
         self._sink = sink
-        self._idle = idleTimeout
+        self._idle = idle_timeout
         self._offset = offset
-        self._fileStart = fileStart
+        self._file_start = file_start
         self._chunked = chunked
         self._hashes = hashes
-        self._bufferSize = bufferSize
+        self._buffer_size = buffer_size
         #: Whether the pump hashes what it lends (see _pump).
         self.hashing = False
         self._lent = 0
-        self._idleFor = 0.0
+        self._idle_for = 0.0
         # Anonymous maps: page-aligned, as O_DIRECT wants them.
         self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
         for _ in range(buffers):
-            self._free.put(mmap.mmap(-1, bufferSize))
+            self._free.put(mmap.mmap(-1, buffer_size))
         self._stop = False
         self._lowat = 1
         #: Bytes read so far; read by the reactor thread to judge the rate.
@@ -206,7 +187,7 @@ class SocketPump:
                 self.stalled = True
         return None
 
-    def _waitedForServer(self) -> bool:
+    def _waited_for_server(self) -> bool:
         """A wait on the spool timed out: the server's slowness, not the client's.  Stop now?"""
         self.stalled = True
         return self._stop
@@ -223,7 +204,7 @@ class SocketPump:
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL))
             self._lowat = 1
-            end = self._pump() if self._chunked is None else self._pumpChunked(self._chunked)
+            end = self._pump() if self._chunked is None else self._pump_chunked(self._chunked)
         except OSError as e:
             end = PumpEnd("error", self.received, e)
         except Exception as e:
@@ -243,20 +224,20 @@ class SocketPump:
 
     def _pump(self) -> PumpEnd:
         hashers: list[Any] = []
-        if self._hashes is not None and _bigReceiveBuffer(self._sock):
-            hashers = self._hashes(self._waitedForServer) or []
+        if self._hashes is not None and _big_receive_buffer(self._sock):
+            hashers = self._hashes(self._waited_for_server) or []
             if self._stop:
                 return PumpEnd("stopped", self.received)
         self.hashing = bool(hashers)
         # Hashed a quarter buffer at a time, as it comes, while it is in this
         # core's cache; the low-water mark wakes the thread once a quarter.
-        piece = max(ALIGN, self._bufferSize // 4) if hashers else self._bufferSize
+        piece = max(ALIGN, self._buffer_size // 4) if hashers else self._buffer_size
         while self._left > 0:
             buf = self._buffer()
             if buf is None:
                 return PumpEnd("stopped", self.received)
             view = memoryview(buf)
-            start = self._fileStart() if self._fileStart is not None else 0
+            start = self._file_start() if self._file_start is not None else 0
             want = min(len(buf) - (self._offset - start) % ALIGN, self._left)
             filled = 0
             why: str | None = None
@@ -266,9 +247,9 @@ class SocketPump:
                 # Wake this thread when a good part of the buffer has come,
                 # not for every segment: the wake-ups cost more than the
                 # copying.  No more than is asked for, which surely comes.
-                self._setLowat(max(1, min(end - filled, len(buf) // 4)))
+                self._set_lowat(max(1, min(end - filled, len(buf) // 4)))
                 try:
-                    n = self._readInto([view[filled:end]])
+                    n = self._read_into([view[filled:end]])
                 except _End as e:
                     why, error = e.why, e.error
                     break
@@ -294,15 +275,15 @@ class SocketPump:
         else:
             self._free.put(buf)
 
-    def _pumpChunked(self, state: Chunked) -> PumpEnd:
+    def _pump_chunked(self, state: Chunked) -> PumpEnd:
         # One scattering receive a chunk, in the steady state: its data
         # straight into the buffer, and the framing around it (see
-        # _Framing.plan) into a small one.  Reads are never for more than a
+        # Framing.plan) into a small one.  Reads are never for more than a
         # valid body surely holds, so the low-water mark can be the whole
         # read: the thread wakes once a chunk, not once a segment.
-        framing = _Framing(state)
-        scratch = memoryview(bytearray(_SCRATCH))
-        lf, tail = scratch[:1], scratch[1 : 1 + _AFTER_DATA]
+        framing = Framing(state)
+        scratch = memoryview(bytearray(SCRATCH))
+        lf, tail = scratch[:1], scratch[1 : 1 + AFTER_DATA]
         while True:
             buf = self._buffer()
             if buf is None:
@@ -315,14 +296,14 @@ class SocketPump:
             try:
                 while filled < want and not framing.last:
                     room = want - filled
-                    size = framing.lineEnds()
-                    if size and room >= size + _AFTER_DATA:
+                    size = framing.line_ends()
+                    if size and room >= size + AFTER_DATA:
                         # The steady state: the size line's LF, the whole
                         # chunk into place, and the 7 bytes after it.
-                        self._setLowat(size if size >= _WAKE_AT else 1)
+                        self._set_lowat(size if size >= _WAKE_AT else 1)
                         data = view[filled : filled + size]
-                        got = self._readInto([lf, data, tail])
-                        if got == size + 1 + _AFTER_DATA and lf[0] == 10:
+                        got = self._read_into([lf, data, tail])
+                        if got == size + 1 + AFTER_DATA and lf[0] == 10:
                             framing.chunk(size)
                             filled += size
                             out = bytearray()
@@ -366,8 +347,8 @@ class SocketPump:
                     # Wake when a whole chunk has come (a valid body brings
                     # every byte asked for), not for each segment of it; but
                     # a few bytes of framing come at once, or after a pause.
-                    self._setLowat(asked if asked >= _WAKE_AT else 1)
-                    got = self._readInto(parts)
+                    self._set_lowat(asked if asked >= _WAKE_AT else 1)
+                    got = self._read_into(parts)
                     out = bytearray()
                     left = got
                     for part in parts:
@@ -392,7 +373,7 @@ class SocketPump:
                 end = PumpEnd(e.why, self.received, e.error)
             except MalformedChunk as e:
                 end = PumpEnd("malformed", self.received, e)
-            except _TooLarge:
+            except TooLarge:
                 end = PumpEnd("too_large", self.received)
             self._lend(buf, view, filled)
             if end is not None:
@@ -400,13 +381,13 @@ class SocketPump:
             if framing.last:
                 return PumpEnd("complete", self.received, leftover=bytes(framing.pending))
 
-    def _setLowat(self, lowat: int) -> None:
+    def _set_lowat(self, lowat: int) -> None:
         """Wake this thread's receives once C{lowat} bytes are there (set only when it changes)."""
         if lowat != self._lowat:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             self._lowat = lowat
 
-    def _readInto(self, parts: list[memoryview]) -> int:
+    def _read_into(self, parts: list[memoryview]) -> int:
         """
         Receive into C{parts}, all of them unless the receive timeout cut
         it short; raises L{_End} for a stop, an idle client, the end of the
@@ -418,170 +399,17 @@ class SocketPump:
             try:
                 n = self._sock.recvmsg_into(parts, 0, socket.MSG_WAITALL)[0]
             except BlockingIOError:
-                self._idleFor += _POLL
-                if self._idle and self._idleFor >= self._idle:
+                self._idle_for += _POLL
+                if self._idle and self._idle_for >= self._idle:
                     raise _End("idle") from None
                 continue
             except OSError as e:
                 raise _End("error", e) from None
             if n == 0:
                 raise _End("eof")
-            self._idleFor = 0.0
+            self._idle_for = 0.0
             self.received += n
             return n
-
-
-class _TooLarge(Exception):
-    pass
-
-
-# Reads of at least this many bytes set the low-water mark to their size.
-_WAKE_AT = 16 * 1024
-# Framing read at most at once: a size line's end, and the data after it.
-_SCRATCH = 80
-# After a chunk's data the body holds at least CRLF, "0" CRLF and CRLF.
-_AFTER_DATA = 7
-
-
-class _Framing:
-    """
-    The framing of a chunked body (RFC 9112, section 7.1), as a pump reads
-    it.  It never asks for a byte that a valid body might not have, so that
-    a pump never reads into a pipelined request: after a chunk's data come
-    at least seven bytes (CRLF, the last chunk's "0" CRLF, and CRLF).
-    """
-
-    def __init__(self, state: Chunked) -> None:
-        self.left = state.left
-        self.crlf = state.crlf
-        self.limit = state.limit
-        #: Framing received and not yet understood: the start of a size line
-        #: (after the CRLF ending a chunk's data, if C{crlf}).
-        self.pending = bytearray()
-        #: The last chunk's size line has begun (it is in C{pending}).
-        self.last = False
-        # What L{lineEnds} and L{after} saw last.
-        self._line = b""
-        self._size = 0
-        self._tail = b""
-        self._next = b""
-
-    def lineEnds(self) -> int:
-        """
-        The size of the next chunk when its size line is all here but its
-        LF (where a chunk's 7 bytes after data end, with curl's 4-digit
-        sizes), else 0.  Lines repeat, so the last one's size is kept.
-        """
-        pending = self.pending
-        if self.left or self.crlf or not pending.endswith(b"\r"):
-            return 0
-        line = bytes(pending[:-1])
-        if line != self._line:
-            self._size = _chunkSize(line)
-            self._line = line
-        return self._size
-
-    def chunk(self, size: int) -> None:
-        """The line from L{lineEnds}, its LF and its C{size} bytes of data were received."""
-        if size > self.limit:
-            raise _TooLarge()
-        self.limit -= size
-        self.pending.clear()
-        self.crlf = True
-
-    def after(self, tail: memoryview, out: bytearray) -> None:
-        """
-        The bytes after a chunk's data, mostly the same as the last time:
-        its CRLF and the start of the next size line (and data, after a
-        short line, which goes to C{out}).
-        """
-        if tail == self._tail:
-            self.pending[:] = self._next
-            self.crlf = False
-            return
-        self.parse(tail, out)
-        if not out and not self.left and not self.crlf and not self.last:
-            self._tail = bytes(tail)
-            self._next = bytes(self.pending)
-
-    def received(self, n: int) -> None:
-        """C{n} bytes of the current chunk's data went straight into a buffer."""
-        self.left -= n
-        if not self.left:
-            self.crlf = True
-
-    def plan(self) -> list[tuple[str, int]]:
-        """What the next read should take: data or framing, and how much."""
-        if self.left:
-            return [("data", self.left), ("framing", _AFTER_DATA)]
-        pending = self.pending
-        if self.crlf:
-            return [("framing", 2 - len(pending) + 5)]
-        size, _, _ = bytes(pending).partition(b";")
-        size = size.rstrip(b"\r")
-        value = int(size, 16) if size else 0
-        if pending.endswith(b"\r"):
-            # The line ends with the next byte (a CR is nowhere else in a
-            # valid one): then come its data, and what follows data.
-            if value == 0:
-                return [("framing", 1)]
-            return [("framing", 1), ("data", value), ("framing", _AFTER_DATA)]
-        if value == 0:
-            # Perhaps the last chunk: its line's CRLF and the body's last CRLF.
-            return [("framing", 3)]
-        # A longer size line: at least its CRLF, then data, then 7 more.
-        return [("framing", min(_SCRATCH, value + 8))]
-
-    def parse(self, data: memoryview, out: bytearray) -> None:
-        """Take framing bytes; the data among them is added to C{out}."""
-        pending = self.pending
-        pending += data
-        i = 0
-        while i < len(pending) and not self.last:
-            if self.left:
-                k = min(self.left, len(pending) - i)
-                out += pending[i : i + k]
-                i += k
-                self.received(k)
-            elif self.crlf:
-                if bytes(pending[i : i + 2]) not in (b"\r\n", b"\r"):
-                    raise MalformedChunk("a chunk's data did not end with CRLF")
-                if len(pending) - i < 2:
-                    break
-                i += 2
-                self.crlf = False
-            else:
-                eol = pending.find(b"\r\n", i)
-                if eol == -1:
-                    line = pending[i:]
-                    if len(line) > MAX_SIZE_LINE:
-                        raise MalformedChunk(
-                            f"a chunk size line is longer than {MAX_SIZE_LINE} bytes"
-                        )
-                    size = line.partition(b";")[0].rstrip(b"\r")
-                    if (size and not _HEX.fullmatch(size)) or b"\r" in line[:-1]:
-                        raise MalformedChunk("a chunk size is not a hexadecimal number")
-                    break
-                value = _chunkSize(bytes(pending[i:eol]))
-                if value == 0:
-                    # Left for the HTTP channel, with what follows it.
-                    self.last = True
-                    break
-                if value > self.limit:
-                    raise _TooLarge()
-                self.limit -= value
-                self.left = value
-                i = eol + 2
-        del pending[:i]
-
-
-def _chunkSize(line: bytes) -> int:
-    size, _, extension = line.partition(b";")
-    if not _HEX.fullmatch(size):
-        raise MalformedChunk("a chunk size is not a hexadecimal number")
-    if extension and not _EXTENSION.fullmatch(extension):
-        raise MalformedChunk("a chunk extension holds characters it may not")
-    return int(size, 16)
 
 
 # setsockopt's SO_RCVBUFFORCE (Linux): past rmem_max, for a privileged process.
@@ -589,7 +417,7 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 BIG_RECEIVE_BUFFER = 32 << 20
 
 
-def _bigReceiveBuffer(sock: socket.socket) -> bool:
+def _big_receive_buffer(sock: socket.socket) -> bool:
     """
     Give the socket a receive buffer big enough that the client never waits
     while the pump hashes; False where that is not allowed.  The kernel then

@@ -14,7 +14,7 @@ body byte or C{100 Continue}, what the body is for:
 
 L{RawBody} and L{MultipartBody} write through a L{Spool} into a staging
 directory, C{uploads/<job id>/}.  Only a complete, checked upload becomes a
-job, by renaming that directory (see L{transcoder.http.resources}).
+job, by renaming that directory (see L{transcoder.core.submit}).
 """
 
 from __future__ import annotations
@@ -45,13 +45,15 @@ from transcoder.core.errors import DomainError
 from transcoder.core.jobs import InputFile
 from transcoder.core.profiles import RESERVED_FIELDS, Profile, profile_for
 from transcoder.core.submit import Submission
+from transcoder.http.chunked import Chunked
 from transcoder.http.errors import APIError, http_error, method_not_allowed
 from transcoder.http.names import extension, sanitise_filename
-from transcoder.http.pump import Chunked, PumpEnd, SocketPump
+from transcoder.http.pump import PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
 from transcoder.http.search import find
-from transcoder.http.spool import STAGING_BUFFERS, Opener, Spool, SpooledFile, _open
+from transcoder.http.spool import Opener, Spool, SpooledFile, _open
 from transcoder.http.webhooks import callback_url_problem
+from transcoder.http.writer import STAGING_BUFFERS
 
 log = Logger()
 
@@ -308,11 +310,11 @@ class _BaseBody:
         highWater, stagingBuffers = spool_limits(crowd)
         self.spool = Spool(
             reactor,
-            onPressure=lambda paused: self.onPressure(paused),
-            onError=self._spoolFailed,
+            on_pressure=lambda paused: self.onPressure(paused),
+            on_error=self._spoolFailed,
             opener=opener,
-            highWater=highWater,
-            stagingBuffers=stagingBuffers,
+            high_water=highWater,
+            staging_buffers=stagingBuffers,
         )
 
     def _count(self, data: bytes) -> None:
@@ -414,7 +416,7 @@ class RawBody(_BaseBody):
         self._finishing = True
         if self._received == 0:
             return fail(APIError(400, "empty_body", "the upload is empty"))
-        self.spool.closeFile()
+        self.spool.close_file()
         return self._finished_files(self.spool.finish()).addCallback(self._checked)
 
     def _checked(self, files: list[SpooledFile]) -> Submission:
@@ -531,7 +533,7 @@ class MultipartBody(_BaseBody):
 
     def _endSegment(self) -> None:
         if self._isFile:
-            self.spool.closeFile()
+            self.spool.close_file()
         else:
             name = self._segment.name
             try:
@@ -853,7 +855,7 @@ class TranscoderRequest(server.Request):
         self._runPump(
             body,
             left,
-            fileStart=body.fileStart if isinstance(body, MultipartBody) else None,
+            file_start=body.fileStart if isinstance(body, MultipartBody) else None,
             hashes=body.hashes if isinstance(body, RawBody) else None,
         )
 

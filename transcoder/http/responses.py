@@ -1,4 +1,7 @@
-"""Small HTTP helpers shared by the resources and the request: JSON answers and errors."""
+"""
+Small HTTP helpers shared by the resources and the request: JSON answers and
+errors, and the base resources that answer in JSON.
+"""
 
 from __future__ import annotations
 
@@ -112,3 +115,26 @@ class JSONResource(Resource):
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
         return ErrorResource(APIError(404, "not_found", "no such resource"))
+
+
+def disconnected(request: Request) -> bool:
+    return bool(request.finished or getattr(request, "_disconnected", False))
+
+
+def finish_json(request: Request, status: int, obj: Any) -> None:
+    """Answer an asynchronous request with JSON, unless the client has gone."""
+    if disconnected(request):
+        return
+    body = write_json(request, status, obj)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+class EndResource(JSONResource):
+    """A resource with no children: C{/x/} is C{/x}, and C{/x/y} a JSON 404."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
+        if path == b"" and not request.postpath:
+            return self
+        return super().getChild(path, request)

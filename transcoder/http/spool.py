@@ -5,31 +5,27 @@ The reactor thread only parses HTTP and hands chunks over (or a
 L{transcoder.http.pump.SocketPump} lends whole buffers, from its own thread);
 hashing (SHA-256 alone costs about 0.55 CPU s/GiB here) happens on the spool's
 thread (or on a pump's, see L{Spool.hashes}), and writing on two writer
-threads (see L{_ParallelWriter}), all of which release the GIL, so an upload
+threads (see L{transcoder.http.writer}), all of which release the GIL, so an upload
 can use both cores.  The backlog between the reactor and the spool is
-bounded: above C{highWater} bytes the reactor is told to stop reading from
+bounded: above C{high_water} bytes the reactor is told to stop reading from
 the socket, and told to resume once the thread has caught up, so a slow disk
 slows the client instead of growing memory.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import hashlib
-import io
-import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
+
+from transcoder.http.writer import STAGING_BUFFERS, FileWriter, Lent, PWrite
 
 Opener = Callable[[Path], IO[bytes]]
 
@@ -47,51 +43,6 @@ class SpooledFile:
     md5: str | None
 
 
-# fallocate(2) itself, not posix_fallocate: where a filesystem cannot
-# allocate, glibc's posix_fallocate writes a zero into every block instead.
-try:
-    _libc: Any = ctypes.CDLL(None, use_errno=True)
-    _fallocate: Any = _libc.fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-except (OSError, AttributeError):
-    _fallocate = None
-
-
-def _allocate(fd: int, offset: int, length: int) -> bool:
-    """
-    Allocate C{length} bytes of the file from C{offset}, extending it; False
-    where the filesystem cannot (then the bytes are simply written).
-
-    @raise OSError: ENOSPC or EDQUOT.
-    """
-    if _fallocate is None:
-        return False
-    if _fallocate(fd, 0, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSPC, errno.EDQUOT):
-        raise OSError(err, os.strerror(err))
-    return False
-
-
-# A file of known size is allocated this far ahead of its bytes, never all at
-# once: a client that declares 60 MB and sends 70 KB now and then must not
-# hold 60 MB of a small disk that other uploads need (issue 14).  The direct
-# writes inside an allocated range are still not extending ones (what the
-# allocation saves, see Spool.open), for one fallocate call per step.
-ALLOCATION_STEP = 8 << 20
-
-
-def _write_all(f: IO[bytes], data: bytes | bytearray | memoryview) -> None:
-    # A raw file's write() may write less than asked (a full disk, a signal).
-    view = memoryview(data)
-    while view:
-        written = f.write(view)
-        if written is None or written <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
-
-
 class _Open:
     __slots__ = ("md5", "path", "size")
 
@@ -99,291 +50,6 @@ class _Open:
         self.path = path
         self.md5 = md5
         self.size = size
-
-
-class _Lent:
-    """
-    A buffer lent by a L{transcoder.http.pump.SocketPump}: hashed by the spool,
-    written by a L{_ParallelWriter}, and given back once both are done.
-    """
-
-    __slots__ = ("_holds", "_lock", "giveBack", "hashed", "view")
-
-    def __init__(
-        self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False
-    ) -> None:
-        self.view = view
-        self.giveBack = giveBack
-        #: Hashed already, by the lender (see Spool.hashes).
-        self.hashed = hashed
-        self._holds = 1
-        self._lock = threading.Lock()
-
-    def hold(self) -> None:
-        with self._lock:
-            self._holds += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._holds -= 1
-            last = self._holds == 0
-        if last:
-            self.giveBack()
-
-
-# O_DIRECT writes need their offset and length (and the buffer's address: the
-# pump's buffers are page-aligned) to be multiples of the device's block size.
-ALIGN = 4096
-WRITERS = 2
-# Bytes that do not come in lent, aligned buffers (from the reactor: chunked
-# and multipart bodies, a raw body's first and last bytes) are copied into
-# staging buffers of this size, which are written whole.  A copy costs a
-# tenth of what writing into fresh page-cache pages costs here.  Smaller
-# buffers mean more hand-overs between threads: a 1 GiB multipart upload
-# took 1.63 s with 256 KiB ones and 1.23 s with 1 MiB (measured).
-STAGING_SIZE = 1 << 20
-STAGING_BUFFERS = 4
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-PWrite = Callable[[int, memoryview, int], int]
-
-
-class _ParallelWriter:
-    """
-    Writes lent buffers at their offsets, on C{writers} threads at once, with
-    C{O_DIRECT} where a buffer is aligned, and through the page cache where it
-    is not (or where the filesystem refuses C{O_DIRECT}, as tmpfs does).
-
-    Why not plain writes: on these virtual machines a write into page-cache
-    pages the guest has not used lately costs up to 2.4 CPU s/GiB (the host
-    backs each page as it is first touched), more than all the rest of an
-    upload; a direct write costs about 0.1 s/GiB, and two in flight reach
-    about 2 GB/s (measured; docs/performance.md).  An upload is written once
-    and read back later by an encoder, so the page cache gains nothing from it.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        fd: int,
-        onError: Callable[[OSError], None],
-        writers: int = WRITERS,
-        pwrite: PWrite = os.pwrite,
-    ) -> None:
-        self._fd = fd
-        self._pwrite = pwrite
-        self._onError = onError
-        self._direct: int | None = None
-        if _O_DIRECT:
-            try:
-                self._direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
-            except OSError:
-                pass
-        self._jobs: queue.SimpleQueue[tuple[_Lent, int] | None] = queue.SimpleQueue()
-        self._idle = threading.Condition()
-        self._outstanding = 0
-        self.error: OSError | None = None
-        self._threads = [
-            threading.Thread(target=self._run, name="transcoder-writer", daemon=True)
-            for _ in range(writers)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, item: _Lent, offset: int) -> None:
-        """Write C{item} at C{offset} soon; it is held until written."""
-        with self._idle:
-            self._outstanding += 1
-        item.hold()
-        self._jobs.put((item, offset))
-
-    def drain(self) -> OSError | None:
-        """Wait until every submitted buffer is written; the first error, if any."""
-        with self._idle:
-            while self._outstanding:
-                self._idle.wait()
-        return self.error
-
-    def close(self) -> None:
-        """Drain, stop the threads and close the C{O_DIRECT} descriptor."""
-        self.drain()
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join()
-        if self._direct is not None:
-            os.close(self._direct)
-            self._direct = None
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            item, offset = job
-            try:
-                if self.error is None:
-                    self._write(item.view, offset)
-            except OSError as e:
-                first = False
-                with self._idle:
-                    if self.error is None:
-                        self.error = e
-                        first = True
-                if first:
-                    self._onError(e)
-            finally:
-                item.release()
-                with self._idle:
-                    self._outstanding -= 1
-                    if not self._outstanding:
-                        self._idle.notify_all()
-
-    def _write(self, view: memoryview, offset: int) -> None:
-        direct = self._direct
-        if direct is not None and not (offset % ALIGN or len(view) % ALIGN):
-            try:
-                n = self._pwrite(direct, view, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # This buffer (its address) or the filesystem does not suit
-                # O_DIRECT: this one goes through the page cache.
-                n = 0
-            view, offset = view[n:], offset + n
-        self._pwriteAll(self._fd, view, offset)
-
-    def _pwriteAll(self, fd: int, view: memoryview, offset: int) -> None:
-        while view:
-            n = self._pwrite(fd, view, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, "write made no progress")
-            view, offset = view[n:], offset + n
-
-
-class _File:
-    """
-    One file being written: its size and hashes, and the way its bytes reach
-    the disk.  Used on the spool's thread only.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        f: IO[bytes],
-        md5: bool,
-        onError: Callable[[OSError], None],
-        pwrite: PWrite,
-        stagingBuffers: int = STAGING_BUFFERS,
-        declared: int | None = None,
-    ) -> None:
-        self.path = path
-        self._f = f
-        # Allocated so far, of a file whose size is known (see ALLOCATION_STEP).
-        self._declared = declared if isinstance(f, io.FileIO) else None
-        self._allocated = 0
-        self._stagingBuffers = stagingBuffers
-        self.size = 0
-        self.sha = hashlib.sha256()
-        self.md5 = hashlib.md5() if md5 else None
-        # A file object that is not a real file (a test's stand-in) is
-        # written in order, through its own write().
-        self._writer = (
-            _ParallelWriter(path, f.fileno(), onError, pwrite=pwrite)
-            if isinstance(f, io.FileIO)
-            else None
-        )
-        self._staging: mmap.mmap | None = None
-        self._staged = 0
-        self._stagedAt = 0
-        self._made = 0
-        self._free: queue.LifoQueue[mmap.mmap] = queue.LifoQueue()
-
-    @property
-    def failed(self) -> bool:
-        """True once a writer thread failed (it has reported the error)."""
-        return self._writer is not None and self._writer.error is not None
-
-    def write(self, data: bytes | bytearray | memoryview, lent: _Lent | None) -> None:
-        n = len(data)
-        if self._declared is not None and self.size + n > self._allocated:
-            self._claim(self.size + n)
-        writer = self._writer
-        if writer is None:
-            _write_all(self._f, data)
-            self.size += n
-        elif lent is not None and not (self.size % ALIGN or n % ALIGN):
-            # Aligned already: written from the lender's buffer, no copy.
-            self._flushStaging()
-            writer.submit(lent, self.size)
-            self.size += n
-        else:
-            self._stage(memoryview(data))
-        if lent is not None and lent.hashed:
-            return
-        self.sha.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
-
-    def _claim(self, end: int) -> None:
-        # Before the bytes are handed to a writer thread, so that no write
-        # lands beyond the allocation; never past the declared size, so
-        # that the file ends with exactly the bytes written.
-        assert self._declared is not None
-        target = min(self._declared, max(end, self._allocated + ALLOCATION_STEP))
-        if target <= self._allocated:
-            return
-        if _allocate(self._f.fileno(), self._allocated, target - self._allocated):
-            self._allocated = target
-        else:
-            self._declared = None
-
-    def _stage(self, view: memoryview) -> None:
-        while view:
-            if self._staging is None:
-                self._staging = self._buffer()
-                self._staged = 0
-                self._stagedAt = self.size
-            k = min(STAGING_SIZE - self._staged, len(view))
-            self._staging[self._staged : self._staged + k] = view[:k]
-            self._staged += k
-            self.size += k
-            view = view[k:]
-            if self._staged == STAGING_SIZE:
-                self._flushStaging()
-
-    def _buffer(self) -> mmap.mmap:
-        # Most recently used first, so that a slow upload touches one buffer.
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        if self._made < self._stagingBuffers:
-            self._made += 1
-            return mmap.mmap(-1, STAGING_SIZE)
-        return self._free.get()
-
-    def _flushStaging(self) -> None:
-        buf, self._staging = self._staging, None
-        if buf is None or self._writer is None:
-            return
-        item = _Lent(memoryview(buf)[: self._staged], partial(self._free.put, buf))
-        self._writer.submit(item, self._stagedAt)
-        item.release()
-
-    def close(self) -> OSError | None:
-        """Write what is staged, wait for the writers, close; the first write error."""
-        error = None
-        if self._writer is not None:
-            self._flushStaging()
-            error = self._writer.drain()
-            self._writer.close()
-        self._f.close()
-        return error
-
-    def abandon(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        try:
-            self._f.close()
-        except OSError:
-            pass
 
 
 _CLOSE = object()
@@ -404,31 +70,31 @@ class Spool:
     Writes one or more files, one after another, from chunks handed over by the
     reactor thread.
 
-    Call L{open}, L{write} any number of times, L{closeFile}; repeat for more
+    Call L{open}, L{write} any number of times, L{close_file}; repeat for more
     files; then L{finish}, or L{abort} at any time.  A write error (ENOSPC, EIO)
-    is reported once through C{onError} on the reactor thread, and every file
+    is reported once through C{on_error} on the reactor thread, and every file
     written so far is removed.
     """
 
     def __init__(
         self,
         reactor: IReactorThreads,
-        onPressure: Callable[[bool], None],
-        onError: Callable[[OSError], None],
+        on_pressure: Callable[[bool], None],
+        on_error: Callable[[OSError], None],
         opener: Opener = _open,
-        highWater: int = 4 << 20,
+        high_water: int = 4 << 20,
         pwrite: PWrite = os.pwrite,
-        stagingBuffers: int = STAGING_BUFFERS,
+        staging_buffers: int = STAGING_BUFFERS,
     ) -> None:
         self._reactor = reactor
-        self._stagingBuffers = stagingBuffers
+        self._staging_buffers = staging_buffers
         self._pwrite = pwrite
-        self._errorReported = False
-        self._onPressure = onPressure
-        self._onError = onError
+        self._error_reported = False
+        self._on_pressure = on_pressure
+        self._on_error = on_error
         self._opener = opener
-        self._high = highWater
-        self._low = highWater // 2
+        self._high = high_water
+        self._low = high_water // 2
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # Signalled as the backlog drains, for writers on other threads that wait.
@@ -448,7 +114,7 @@ class Spool:
     def open(self, path: Path, md5: bool = False, size: int | None = None) -> None:
         """
         Start a new file.  Given its C{size}, the space is allocated ahead of
-        the bytes, L{ALLOCATION_STEP} at a time (never all of it at once: the
+        the bytes, L{transcoder.http.writer.ALLOCATION_STEP} at a time (never all of it at once: the
         size is only what the client declares): a full disk fails before the
         bytes of that step are sent to it, and the direct writes are not
         extending ones, which cost half the CPU (0.03 against 0.06 s/GiB).
@@ -458,7 +124,7 @@ class Spool:
     def write(self, data: bytes, wait: bool = False) -> None:
         """
         Write C{data} to the open file.  On the reactor thread, a backlog above
-        C{highWater} calls C{onPressure(True)}; another thread (a pump's)
+        C{high_water} calls C{on_pressure(True)}; another thread (a pump's)
         passes C{wait} and is held here while the backlog is above it.
         """
         n = len(data)
@@ -475,18 +141,18 @@ class Spool:
                 self._paused = True
         self._queue.put(data)
         if pause:
-            self._onPressure(True)
+            self._on_pressure(True)
 
-    def lend(self, view: memoryview, giveBack: Callable[[], None], hashed: bool = False) -> None:
+    def lend(self, view: memoryview, give_back: Callable[[], None], hashed: bool = False) -> None:
         """
-        Write a buffer that stays its owner's: C{giveBack} is called once it
+        Write a buffer that stays its owner's: C{give_back} is called once it
         is hashed and written (or dropped, after a failure), on the spool's
         thread or a writer's, whichever finishes with it last.  With
         C{hashed}, the lender has hashed it already (see L{hashes}).
         Callable from any thread; the owner bounds how much it lends, so
         this does not count towards the pressure that pauses the reactor.
         """
-        self._queue.put(_Lent(view, giveBack, hashed))
+        self._queue.put(Lent(view, give_back, hashed))
 
     def hashes(self, stop: Callable[[], bool]) -> list[Any] | None:
         """
@@ -503,7 +169,7 @@ class Spool:
                 return None
         return ready.objects
 
-    def closeFile(self) -> None:
+    def close_file(self) -> None:
         self._queue.put(_CLOSE)
 
     def finish(self) -> Deferred[list[SpooledFile]]:
@@ -535,7 +201,7 @@ class Spool:
     # Spool-thread side.
 
     def _run(self) -> None:
-        current: _File | None = None
+        current: FileWriter | None = None
         files: list[SpooledFile] = []
         failed = False
 
@@ -546,9 +212,9 @@ class Spool:
             item = self._queue.get()
             if item is _ABORT:
                 break
-            if isinstance(item, _Lent | bytes | bytearray | memoryview):
-                lent = item if isinstance(item, _Lent) else None
-                data = item.view if isinstance(item, _Lent) else item
+            if isinstance(item, Lent | bytes | bytearray | memoryview):
+                lent = item if isinstance(item, Lent) else None
+                data = item.view if isinstance(item, Lent) else item
                 if current is not None and current.failed:
                     failed = True
                 if not failed and current is not None:
@@ -565,13 +231,13 @@ class Spool:
                 try:
                     f = self._opener(item.path)
                     self._created.append(item.path)
-                    current = _File(
+                    current = FileWriter(
                         item.path,
                         f,
                         item.md5,
                         report,
                         self._pwrite,
-                        self._stagingBuffers,
+                        self._staging_buffers,
                         declared=item.size or None,
                     )
                 except OSError as e:
@@ -624,7 +290,7 @@ class Spool:
             if self._pending <= self._high:
                 self._room.notify_all()
         if resume:
-            self._reactor.callFromThread(self._onPressure, False)
+            self._reactor.callFromThread(self._on_pressure, False)
 
     # Back on the reactor thread.
 
@@ -634,9 +300,9 @@ class Spool:
             self._done.callback(files)
 
     def _failed(self, error: OSError) -> None:
-        if self._errorReported:
+        if self._error_reported:
             return
-        self._errorReported = True
-        self._onError(error)
+        self._error_reported = True
+        self._on_error(error)
         if self._done is not None and not self._done.called:
             self._done.errback(error)
