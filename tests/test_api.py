@@ -49,8 +49,8 @@ from transcoder.core.jobs import JobState, OutputFile
 from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
+from transcoder.http.bodies import IBodyReceiver
 from transcoder.http.errors import APIError, http_error
-from transcoder.http.request import IBodyReceiver
 from transcoder.http.resources import (
     MAX_TAIL,
     TranscoderSite,

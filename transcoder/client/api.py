@@ -32,7 +32,6 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -45,6 +44,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from transcoder._twisted import RequestNotSent
 from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
 
 __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]

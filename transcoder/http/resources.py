@@ -27,31 +27,31 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
+from twisted.web.http import parse_qs
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from transcoder import __version__
+from transcoder._twisted import HookedHTTPChannel, channel_protocol, disconnected, past_request_line
 from transcoder.core.errors import DomainError
 from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.core.profiles import Profile, profile_for
 from transcoder.core.registry import JobRegistry
 from transcoder.core.submit import Submission, submit
 from transcoder.http.auth import TokenAuth
-from transcoder.http.download import FileResource, file_problem
-from transcoder.http.errors import APIError, http_error, method_not_allowed, not_found
-from transcoder.http.names import sanitise_filename
-from transcoder.http.request import (
+from transcoder.http.bodies import (
     IBodyReceiver,
     IRequestBody,
-    MultipartBody,
     RawBody,
-    TranscoderRequest,
-    _arg,
-    multipart_boundary,
     read_stock_body,
     uploads_in_flight,
 )
+from transcoder.http.download import FileResource, file_problem
+from transcoder.http.errors import APIError, http_error, method_not_allowed, not_found
+from transcoder.http.fields import query_arg as _arg
+from transcoder.http.formdata import MultipartBody, multipart_boundary
+from transcoder.http.names import sanitise_filename
+from transcoder.http.request import TranscoderRequest
 from transcoder.http.responses import (
     ErrorResource,
     JSONResource,
@@ -87,7 +87,7 @@ def _free_disk(path: Path) -> int:
 
 
 def _disconnected(request: server.Request) -> bool:
-    return bool(request.finished or getattr(request, "_disconnected", False))
+    return bool(request.finished or disconnected(request))
 
 
 def _finish_json(request: server.Request, status: int, obj: Any) -> None:
@@ -821,7 +821,7 @@ def build_root(
     return root
 
 
-class _Channel(HTTPChannel):
+class _Channel(HookedHTTPChannel):
     """
     An HTTP channel whose every answer is JSON, down to a malformed request's,
     and that gives a request's head one idle timeout to arrive in full:
@@ -855,7 +855,7 @@ class _Channel(HTTPChannel):
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
-        if isinstance(request, TranscoderRequest) and request.bodyTimedOut():
+        if isinstance(request, TranscoderRequest) and request.body_timed_out():
             return
         super().timeoutConnection()
 
@@ -864,30 +864,29 @@ class _Channel(HTTPChannel):
         transport.write(raw_response(error))
         self.loseConnection()
 
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+    def framing_header(self, header: bytes, data: bytes) -> bytes:
         # HTTPChannel int()s the length, and Python refuses more than 4300
         # digits: an unhandled error and no answer.  A length that long is past
         # any limit, so it is read as the largest (the request refuses it).
         if header == b"Content-Length" and data.isdigit():
             data = b"%d" % capped_int(data.decode("ascii"))
-        result: bool = super()._maybeChooseTransferDecoder(header, data)
-        return result
+        return data
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         self._answerAndClose(APIError(400, "bad_request", "malformed HTTP request"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Past the request line (its parts are kept until the body is in), a header is too long.
-        if hasattr(self, "_command"):
+        if past_request_line(self):
             error = APIError(431, "header_too_large", "a request header line is too long")
         else:
             error = APIError(414, "uri_too_long", "the request line is too long")
         self._answerAndClose(error)
 
 
-def _channel_factory(factory: Any) -> _GenericHTTPChannelProtocol:
+def _channel_factory(factory: Any) -> Any:
     # As http._genericHTTPChannelProtocolFactory, with the channel above.
-    return _GenericHTTPChannelProtocol(_Channel())
+    return channel_protocol(_Channel())
 
 
 class TranscoderSite(server.Site):

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from transcoder._twisted import disconnected
 from transcoder.core.errors import DomainError
 from transcoder.http.errors import APIError, http_error, method_not_allowed, status_phrase
 
@@ -50,7 +51,7 @@ def write_error(request: Request, refusal: DomainError) -> bytes:
 
 def finish_error(request: Request, error: DomainError) -> None:
     """Answer an asynchronous request with an error, unless the client has gone."""
-    if getattr(request, "_disconnected", False) or request.finished:
+    if disconnected(request) or request.finished:
         return
     body = write_error(request, error)
     request.setHeader(b"Content-Length", b"%d" % len(body))
