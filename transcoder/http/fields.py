@@ -22,6 +22,7 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def query_arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
+    """Query parameter C{name}, or None; 400 if given twice with different values, or not UTF-8."""
     values = args.get(name.encode("utf-8"))
     if not values:
         return None
@@ -36,6 +37,7 @@ def query_arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
 
 
 def query_fields(args: Mapping[bytes, list[bytes]]) -> dict[str, str]:
+    """Every query parameter, each checked as by L{query_arg}."""
     out: dict[str, str] = {}
     for key in args:
         try:
@@ -56,6 +58,7 @@ def split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, s
 
 
 def check_callback(url: str | None) -> str | None:
+    """The C{callback_url} field, None if empty; 422 if it is no URL a webhook may go to."""
     if url is None or url == "":
         return None
     problem = callback_url_problem(url)
@@ -128,6 +131,7 @@ def body_sha256(request: server.Request) -> str | None:
 
 
 def content_md5(request: server.Request) -> str | None:
+    """The hex of the C{Content-MD5} header's digest, if any."""
     value = request.requestHeaders.getRawHeaders(b"content-md5", [None])[0]
     if value is None:
         return None
