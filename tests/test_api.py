@@ -49,10 +49,10 @@ from transcoder.core.jobs import JobState, OutputFile
 from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
+from transcoder.http.bodies import IBodyReceiver
 from transcoder.http.errors import APIError, http_error
 from transcoder.http.job import MAX_TAIL, tail_lines
 from transcoder.http.jobs import decode_cursor
-from transcoder.http.request import IBodyReceiver
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
 

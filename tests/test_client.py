@@ -33,6 +33,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
+from transcoder._twisted import disconnected
 from transcoder.client import Client, RemoteJob, TranscoderError
 from transcoder.client.bodies import StreamingBody
 
@@ -391,7 +392,7 @@ async def test_download_resumes_a_stalled_connection(tmp_path: Path) -> None:
     finally:
         await c.close()
         for request in result.stalled:
-            if not request.finished and not request._disconnected:
+            if not request.finished and not disconnected(request):
                 request.finish()
         await port.stopListening()
     assert out.read_bytes() == payload

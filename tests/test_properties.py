@@ -1,6 +1,6 @@
 """
 Property-based tests (hypothesis) of the code that reads what clients and
-encoders send: the streaming multipart reader (L{transcoder.http.request.MultipartBody}),
+encoders send: the streaming multipart reader (L{transcoder.http.formdata.MultipartBody}),
 the sanitising of file names, and the progress parsers (beyond
 C{tests/test_progress.py}: garbage never poisons later lines, and the figure
 is the position over the duration).
@@ -33,8 +33,8 @@ from transcoder.core.errors import DomainError
 from transcoder.core.profiles import load_profiles
 from transcoder.core.submit import Submission
 from transcoder.engine.progress import MAX_LINE, FfmpegProgress, MencoderProgress
+from transcoder.http.formdata import MultipartBody
 from transcoder.http.names import MAX_NAME, content_disposition, extension, sanitise_filename
-from transcoder.http.request import MultipartBody
 
 PROFILES = load_profiles()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -84,7 +84,7 @@ class Lender:
     Lends chunks to a body as a L{transcoder.http.pump.SocketPump} does: each in a
     buffer of its own, an mmap, whose bytes must not change until the body
     gives it back (they are overwritten when it does, so a late reader sees
-    garbage); and asks C{fileStart} between buffers, as the pump does.
+    garbage); and asks C{file_start} between buffers, as the pump does.
     """
 
     def __init__(self) -> None:
@@ -104,7 +104,7 @@ class Lender:
             self.given += 1
 
         body.lend(memoryview(buf), giveBack)
-        self.starts.append(body.fileStart())
+        self.starts.append(body.file_start())
 
 
 def feed(
@@ -252,7 +252,7 @@ def test_multipart_lent_buffers_store_the_same_files(
 
 
 def test_multipart_file_start_is_where_the_file_begins_in_the_body() -> None:
-    """Between lent buffers inside a file part, fileStart() is the body offset of that file's first byte (where a pump aligns its buffers to), and 0 outside file parts."""
+    """Between lent buffers inside a file part, file_start() is the body offset of that file's first byte (where a pump aligns its buffers to), and 0 outside file parts."""
     head = (
         b'--XyZ\r\nContent-Disposition: form-data; name="profile"\r\n\r\navi-mpeg4\r\n'
         b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.flv"\r\n\r\n'

@@ -31,7 +31,7 @@ from test_pump import (  # noqa: F401
 )
 from test_spool import settle
 
-from transcoder.http import request as upload
+from transcoder.http import bodies
 from transcoder.http.chunked import MAX_SIZE_LINE, Chunked
 from transcoder.http.pump import PumpEnd, SocketPump
 
@@ -318,15 +318,15 @@ async def test_chunked_body_past_the_maximum_while_pumped_gets_413(
     """A chunked body read by a pump that announces a chunk past the maximum upload size is answered 413 at once, and its partial file is removed."""
     port, data_dir = served
     resource_max: list[int] = []
-    original = upload.RawBody.room
+    original = bodies.RawBody.room
 
-    def room(self: upload.RawBody) -> int:
+    def room(self: bodies.RawBody) -> int:
         # The served site allows 1 GiB: pretend this body may bring 12 MiB in all.
         left = original(self) - ((1 << 30) - 12 * MiB)
         resource_max.append(left)
         return left
 
-    monkeypatch.setattr(upload.RawBody, "room", room)
+    monkeypatch.setattr(bodies.RawBody, "room", room)
     answer = await answer_to_8_mib_then(port, b"800000\r\n" + b"x" * 1000)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b'"too_large"' in answer

@@ -207,7 +207,7 @@ async def test_no_space_for_the_allocation_is_reported_and_cleans_up(
 
 def test_uploads_in_a_crowd_each_hold_less() -> None:
     """An upload alone may queue 4 MiB and use four staging buffers; with others in flight each holds less, down to 1 MiB and two buffers, so that the server's memory does not grow with the number of uploads at once."""
-    from transcoder.http.request import spool_limits
+    from transcoder.http.bodies import spool_limits
 
     assert spool_limits(1) == (4 << 20, 4)
     limits = [spool_limits(n) for n in range(1, 40)]

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from transcoder._twisted import raise_listen_errors
 from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
@@ -317,7 +318,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     RegistryService(registry).setServiceParent(top)
     _Hooked(sweeper.start, sweeper.stop).setServiceParent(top)
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
-    listener._raiseSynchronously = True
+    raise_listen_errors(listener)
     listener.setServiceParent(top)
     log.info(
         "transcoder: data in {data_dir}, {workers} workers, profiles: {profiles}",

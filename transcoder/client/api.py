@@ -30,7 +30,6 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensur
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -41,6 +40,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from transcoder._twisted import RequestNotSent
 from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
 from transcoder.client.errors import TranscoderError, error_from, network_failure
 from transcoder.client.jobs import JobCallback, RemoteJob

@@ -343,9 +343,9 @@ async def run_command(
     SIGTERM (on which the caller cancels this coroutine's L{Deferred}).
     """
     # The HTTP client's modules only for client commands: `serve` never loads them.
-    from twisted.web._newclient import RequestNotSent
     from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 
+    from transcoder._twisted import RequestNotSent
     from transcoder.client import Client, TranscoderError
 
     own_client = client is None

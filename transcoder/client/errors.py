@@ -12,12 +12,13 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectingCancelledError
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
+
+from transcoder._twisted import RequestNotSent
 
 
 class TranscoderError(Exception):

@@ -29,20 +29,19 @@ from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.core.profiles import Profile, profile_for
 from transcoder.core.registry import JobRegistry
 from transcoder.core.submit import Submission, submit
-from transcoder.http.errors import APIError, http_error, not_found
-from transcoder.http.job import JobResource, job_json
-from transcoder.http.query import bad_query, int_arg
-from transcoder.http.request import (
+from transcoder.http.bodies import (
     IBodyReceiver,
     IRequestBody,
-    MultipartBody,
     RawBody,
-    TranscoderRequest,
-    _arg,
-    multipart_boundary,
     read_stock_body,
     uploads_in_flight,
 )
+from transcoder.http.errors import APIError, http_error, not_found
+from transcoder.http.fields import query_arg
+from transcoder.http.formdata import MultipartBody, multipart_boundary
+from transcoder.http.job import JobResource, job_json
+from transcoder.http.query import bad_query, int_arg
+from transcoder.http.request import TranscoderRequest
 from transcoder.http.responses import (
     ErrorResource,
     JSONResource,
@@ -230,7 +229,7 @@ class JobsResource(JSONResource):
                 admit=admit,
             )
         else:
-            profile = profile_for(self._profiles, _arg(request.args or {}, "profile"))
+            profile = profile_for(self._profiles, query_arg(request.args or {}, "profile"))
             body = RawBody(
                 self._reactor,
                 request,
@@ -328,7 +327,7 @@ class JobsResource(JSONResource):
         try:
             state = self._state_arg(request)
             limit = int_arg(request, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
-            cursor = _arg(request.args or {}, "cursor")
+            cursor = query_arg(request.args or {}, "cursor")
             below = decode_cursor(cursor) if cursor else None
         except DomainError as e:
             return write_error(request, e)
@@ -352,7 +351,7 @@ class JobsResource(JSONResource):
 
     @staticmethod
     def _state_arg(request: server.Request) -> JobState | None:
-        raw = _arg(request.args or {}, "state")
+        raw = query_arg(request.args or {}, "state")
         if raw is None or raw == "":
             return None
         try:

@@ -7,7 +7,7 @@ import re
 from twisted.web import server
 
 from transcoder.http.errors import APIError
-from transcoder.http.request import _arg
+from transcoder.http.fields import query_arg
 
 
 def bad_query(name: str, why: str) -> APIError:
@@ -15,7 +15,7 @@ def bad_query(name: str, why: str) -> APIError:
 
 
 def number_arg(request: server.Request, name: str, low: float, high: float) -> float | None:
-    raw = _arg(request.args or {}, name)
+    raw = query_arg(request.args or {}, name)
     if raw is None:
         return None
     try:
@@ -28,7 +28,7 @@ def number_arg(request: server.Request, name: str, low: float, high: float) -> f
 
 
 def int_arg(request: server.Request, name: str, low: int, high: int) -> int | None:
-    raw = _arg(request.args or {}, name)
+    raw = query_arg(request.args or {}, name)
     if raw is None:
         return None
     if not re.fullmatch(r"\d{1,9}", raw):

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from transcoder import _twisted
 from transcoder.core.errors import DomainError
 from transcoder.http.errors import APIError, http_error, method_not_allowed, status_phrase
 
@@ -53,7 +54,7 @@ def write_error(request: Request, refusal: DomainError) -> bytes:
 
 def finish_error(request: Request, error: DomainError) -> None:
     """Answer an asynchronous request with an error, unless the client has gone."""
-    if getattr(request, "_disconnected", False) or request.finished:
+    if _twisted.disconnected(request) or request.finished:
         return
     body = write_error(request, error)
     request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -118,7 +119,7 @@ class JSONResource(Resource):
 
 
 def disconnected(request: Request) -> bool:
-    return bool(request.finished or getattr(request, "_disconnected", False))
+    return bool(request.finished or _twisted.disconnected(request))
 
 
 def finish_json(request: Request, status: int, obj: Any) -> None:

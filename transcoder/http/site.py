@@ -12,9 +12,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 
+from transcoder._twisted import HookedHTTPChannel, channel_protocol, past_request_line
 from transcoder.core.errors import DomainError
 from transcoder.http.errors import APIError
 from transcoder.http.request import TranscoderRequest
@@ -23,7 +23,7 @@ from transcoder.http.responses import capped_int, raw_response
 log = Logger()
 
 
-class _Channel(HTTPChannel):
+class _Channel(HookedHTTPChannel):
     """
     An HTTP channel whose every answer is JSON, down to a malformed request's,
     and that gives a request's head one idle timeout to arrive in full:
@@ -57,7 +57,7 @@ class _Channel(HTTPChannel):
 
     def timeoutConnection(self) -> None:
         request = self.requests[-1] if self.requests else None
-        if isinstance(request, TranscoderRequest) and request.bodyTimedOut():
+        if isinstance(request, TranscoderRequest) and request.body_timed_out():
             return
         super().timeoutConnection()
 
@@ -66,30 +66,29 @@ class _Channel(HTTPChannel):
         transport.write(raw_response(error))
         self.loseConnection()
 
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+    def framing_header(self, header: bytes, data: bytes) -> bytes:
         # HTTPChannel int()s the length, and Python refuses more than 4300
         # digits: an unhandled error and no answer.  A length that long is past
         # any limit, so it is read as the largest (the request refuses it).
         if header == b"Content-Length" and data.isdigit():
             data = b"%d" % capped_int(data.decode("ascii"))
-        result: bool = super()._maybeChooseTransferDecoder(header, data)
-        return result
+        return data
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         self._answer_and_close(APIError(400, "bad_request", "malformed HTTP request"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Past the request line (its parts are kept until the body is in), a header is too long.
-        if hasattr(self, "_command"):
+        if past_request_line(self):
             error = APIError(431, "header_too_large", "a request header line is too long")
         else:
             error = APIError(414, "uri_too_long", "the request line is too long")
         self._answer_and_close(error)
 
 
-def _channel_factory(factory: Any) -> _GenericHTTPChannelProtocol:
+def _channel_factory(factory: Any) -> Any:
     # As http._genericHTTPChannelProtocolFactory, with the channel above.
-    return _GenericHTTPChannelProtocol(_Channel())
+    return channel_protocol(_Channel())
 
 
 class TranscoderSite(server.Site):
