@@ -44,7 +44,7 @@ from transcoder.http.bodies import IBodyReceiver, IRequestBody, RawBody
 from transcoder.http.chunked import Chunked
 from transcoder.http.errors import APIError, http_error, method_not_allowed
 from transcoder.http.formdata import MultipartBody
-from transcoder.http.pump import PumpEnd, SocketPump
+from transcoder.http.pump import FileStart, Hashes, PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
 
 log = Logger()
@@ -195,11 +195,18 @@ class TranscoderRequest(server.Request):
         self._run_pump(
             body,
             left,
-            fileStart=body.file_start if isinstance(body, MultipartBody) else None,
+            file_start=body.file_start if isinstance(body, MultipartBody) else None,
             hashes=body.hashes if isinstance(body, RawBody) else None,
         )
 
-    def _run_pump(self, body: RawBody | MultipartBody, length: int, **options: Any) -> None:
+    def _run_pump(
+        self,
+        body: RawBody | MultipartBody,
+        length: int,
+        file_start: FileStart | None = None,
+        hashes: Hashes | None = None,
+        chunked: Chunked | None = None,
+    ) -> None:
         """Start a L{SocketPump} reading C{length} bytes (0: a chunked body) into C{body}."""
         channel: Any = self.channel
         transport: Any = self.transport
@@ -213,7 +220,9 @@ class TranscoderRequest(server.Request):
             body.lend,
             self._timeOut,
             offset=self._received,
-            **options,
+            file_start=file_start,
+            hashes=hashes,
+            chunked=chunked,
         )
         self._pump.start().addCallback(self._pump_ended)
 
