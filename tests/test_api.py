@@ -541,7 +541,7 @@ async def test_long_poll_answers_at_the_next_change(make_api: Callable[..., Api]
     reply = await pending
     assert reply.json()["progress"] == 42.0
     assert api.poll_clock.getDelayedCalls() == []
-    assert api.registry._waiters == {}
+    assert api.registry._events.waiters == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -557,7 +557,7 @@ async def test_long_poll_times_out_with_the_current_job(make_api: Callable[..., 
     api.poll_clock.advance(0.2)
     reply = await pending
     assert reply.json()["state"] == "running"
-    assert api.registry._waiters == {}
+    assert api.registry._events.waiters == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -609,7 +609,7 @@ async def test_abandoned_long_poll_leaves_nothing(make_api: Callable[..., Api]) 
         while not api.poll_clock.getDelayedCalls() and time.monotonic() < end:
             await sleep(0.01)
         assert len(api.poll_clock.getDelayedCalls()) == 1
-        assert len(api.registry._waiters[job["id"]]) == 1
+        assert len(api.registry._events.waiters[job["id"]]) == 1
         assert raw.transport is not None
         raw.transport.loseConnection()
         await raw.closed
@@ -617,7 +617,7 @@ async def test_abandoned_long_poll_leaves_nothing(make_api: Callable[..., Api]) 
         while api.poll_clock.getDelayedCalls() and time.monotonic() < end:
             await sleep(0.01)
         assert api.poll_clock.getDelayedCalls() == []
-        assert api.registry._waiters == {}
+        assert api.registry._events.waiters == {}
         assert raw.data == b""
 
 

@@ -359,11 +359,11 @@ def test_changed_cancelled_is_forgotten(make_env: Callable[..., Env]) -> None:
     d.cancel()
     assert isinstance(d.result.value, CancelledError)
     d.addErrback(lambda f: None)
-    assert env.registry._waiters[job.id] == [kept]
+    assert env.registry._events.waiters[job.id] == [kept]
     kept.cancel()
     kept.addErrback(lambda f: None)
     # Nothing is left behind for a job whose waiters all gave up.
-    assert job.id not in env.registry._waiters
+    assert job.id not in env.registry._events.waiters
     env.executor.executions[0].progress(50)
     assert job.progress == 50
 

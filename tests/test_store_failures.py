@@ -29,7 +29,8 @@ from twisted.internet.task import Clock
 from transcoder.core.errors import Unavailable
 from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
 from transcoder.core.profiles import Profile
-from transcoder.core.registry import STORE_RECHECK, JobRegistry
+from transcoder.core.registry import JobRegistry
+from transcoder.core.storewriter import STORE_RECHECK
 
 PROFILE = Profile(
     name="copy",
