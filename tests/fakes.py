@@ -17,6 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import IJobStore, Job, JobState, OutputFile
 
 
@@ -192,6 +193,7 @@ class FakeReactor(Clock):
         return transport
 
 
+@implementer(IJobSource)
 class AnnouncingRegistry:
     """The registry's read and subscription surface, with changes announced by the test (L{change})."""
 
@@ -208,6 +210,9 @@ class AnnouncingRegistry:
 
     def get(self, job_id: str) -> Job | None:
         return self.live.get(job_id)
+
+    def delete(self, job_id: str) -> Deferred[bool]:
+        return succeed(self.live.pop(job_id, None) is not None)
 
     queued_count = 0
     running_count = 0

@@ -20,12 +20,14 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from transcoder.core import recovery
 from transcoder.core.errors import Unavailable
 from transcoder.core.events import JobEvents
 from transcoder.core.executor import Ended, Executor, Outcome, Run, default_executor
 from transcoder.core.files import empty_uploads, remove, remove_partials
+from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import RUNNING_MAX_PROGRESS, IJobStore, Job, JobState, is_job_id
 from transcoder.core.profiles import Profile
 from transcoder.core.storewriter import StoreWriter, call_store
@@ -41,6 +43,7 @@ _DEFAULT_RETRY_AFTER = 30
 STORE_HEADROOM = 1 << 20
 
 
+@implementer(IJobSource)
 class JobRegistry:
     """
     Holds every job, schedules queued ones onto encoders, and records what happens.
