@@ -26,7 +26,6 @@ from urllib.parse import parse_qsl, quote
 import pytest
 import pytest_twisted
 import yaml
-from fakes import FakeExecution, FakeExecutor, MemoryStore
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.response.exceptions import MissingData
@@ -58,6 +57,7 @@ from transcoder.http.resources import (
     decode_cursor,
     tail_lines,
 )
+from transcoder.testing import FakeExecution, FakeExecutor, MemoryStore
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 API_MD = SPEC_PATH.parent / "api.md"

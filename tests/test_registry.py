@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from fakes import FakeExecutor, MemoryStore
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
@@ -24,6 +23,7 @@ from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_i
 from transcoder.core.profiles import Profile, builtin_profiles
 from transcoder.core.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.testing import FakeExecutor, MemoryStore
 
 PROFILE = Profile(
     name="copy",

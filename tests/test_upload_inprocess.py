@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest_twisted
 import treq
-from fakes import FakeExecutor, FakeOutcome
 from test_spool import FailingFile, settle
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -23,6 +22,7 @@ from transcoder.core.profiles import load_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
 from transcoder.http.resources import TranscoderSite, build_root
+from transcoder.testing import FakeExecutor, FakeOutcome
 
 
 class FailingExecutor(FakeExecutor):
