@@ -196,13 +196,13 @@ class JobRegistry:
             self._schedule()
             return job
 
-        def notStored(f: Failure) -> Failure:
+        def not_stored(f: Failure) -> Failure:
             _log.failure("could not store new job {job_id}", f, job_id=job.id)
             self._writer.failed(f.value)
             remove(self.job_dir(job.id))
             return f
 
-        return call_store(self._store.save, job).addCallbacks(stored, notStored)
+        return call_store(self._store.save, job).addCallbacks(stored, not_stored)
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
