@@ -4,7 +4,7 @@ What the registry asks of whatever runs a job's encoder.
 L{transcoder.engine.runner.execute_job} is the real one; the registry takes
 any L{Executor}, so that it can be built and tested without the engine
 (L{transcoder.testing.FakeExecutor}).  The types are structural: the engine
-does not import them.
+does not import them.  L{Run} is the registry's record of one execution.
 """
 
 from __future__ import annotations
