@@ -26,7 +26,6 @@ from urllib.parse import parse_qsl, quote
 import pytest
 import pytest_twisted
 import yaml
-from fakes import FakeExecution, FakeExecutor, MemoryStore
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.response.exceptions import MissingData
@@ -55,6 +54,7 @@ from transcoder.http.job import MAX_TAIL, tail_lines
 from transcoder.http.jobs import decode_cursor
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
+from transcoder.testing import FakeExecution, FakeExecutor, MemoryStore
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 API_MD = SPEC_PATH.parent / "api.md"
@@ -538,7 +538,7 @@ async def test_long_poll_answers_at_the_next_change(make_api: Callable[..., Api]
     reply = await pending
     assert reply.json()["progress"] == 42.0
     assert api.poll_clock.getDelayedCalls() == []
-    assert api.registry._waiters == {}
+    assert api.registry._events.waiters == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -554,7 +554,7 @@ async def test_long_poll_times_out_with_the_current_job(make_api: Callable[..., 
     api.poll_clock.advance(0.2)
     reply = await pending
     assert reply.json()["state"] == "running"
-    assert api.registry._waiters == {}
+    assert api.registry._events.waiters == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -606,7 +606,7 @@ async def test_abandoned_long_poll_leaves_nothing(make_api: Callable[..., Api]) 
         while not api.poll_clock.getDelayedCalls() and time.monotonic() < end:
             await sleep(0.01)
         assert len(api.poll_clock.getDelayedCalls()) == 1
-        assert len(api.registry._waiters[job["id"]]) == 1
+        assert len(api.registry._events.waiters[job["id"]]) == 1
         assert raw.transport is not None
         raw.transport.loseConnection()
         await raw.closed
@@ -614,7 +614,7 @@ async def test_abandoned_long_poll_leaves_nothing(make_api: Callable[..., Api]) 
         while api.poll_clock.getDelayedCalls() and time.monotonic() < end:
             await sleep(0.01)
         assert api.poll_clock.getDelayedCalls() == []
-        assert api.registry._waiters == {}
+        assert api.registry._events.waiters == {}
         assert raw.data == b""
 
 

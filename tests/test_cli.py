@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import LISTEN, ServerProcess, random_file, serve, start, transcoder
+from serverproc import LISTEN, ServerProcess, random_file, serve, start, transcoder
 from twisted.python import usage
 
 from transcoder.client.cli import (

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import ServerProcess, serve
+from serverproc import ServerProcess, serve
 from test_recovery import (
     PACED_PROFILE,
     alive,

@@ -10,7 +10,6 @@ from pathlib import Path
 import prometheus_client
 import pytest
 import pytest_twisted
-from fakes import AnnouncingRegistry, EndingExecutor, MemoryStore
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from treq.testing import StubTreq
@@ -22,6 +21,7 @@ from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
 from transcoder.core.profiles import Profile
 from transcoder.core.registry import JobRegistry
 from transcoder.http.metrics import UPLOAD_OUTCOMES, Metrics
+from transcoder.testing import EndingExecutor, FakeJobSource, MemoryStore
 
 T0 = 1_700_000_000.0
 PROFILES = {
@@ -206,7 +206,7 @@ def finished(profile: str = "fast", took: float = 10.0) -> Job:
 
 def test_each_job_is_timed_once(tmp_path: Path) -> None:
     """A finished job notified again is not observed twice; nor after stop()."""
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     metrics = Metrics(registry, tmp_path)
     metrics.start()
     job = finished(took=7)
@@ -224,7 +224,7 @@ def test_each_job_is_timed_once(tmp_path: Path) -> None:
 
 def test_memory_of_observed_jobs_follows_the_registry(tmp_path: Path) -> None:
     """Deleted jobs are forgotten once many were timed; live ones are still timed only once."""
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     metrics = Metrics(registry, tmp_path)
     metrics.start()
     kept = finished()
@@ -241,8 +241,8 @@ def test_memory_of_observed_jobs_follows_the_registry(tmp_path: Path) -> None:
 
 def test_instances_do_not_clash(tmp_path: Path) -> None:
     """Two instances count apart, and prometheus_client's global registry is left alone."""
-    one = Metrics(AnnouncingRegistry(), tmp_path)
-    two = Metrics(AnnouncingRegistry(), tmp_path)
+    one = Metrics(FakeJobSource(), tmp_path)
+    two = Metrics(FakeJobSource(), tmp_path)
     one.upload_finished("created", 10)
     assert Scrape(one.generate().decode()).value("transcoder_upload_bytes_total") == 10
     assert Scrape(two.generate().decode()).value("transcoder_upload_bytes_total") == 0
@@ -251,7 +251,7 @@ def test_instances_do_not_clash(tmp_path: Path) -> None:
 
 def test_missing_data_dir_leaves_out_free_disk(tmp_path: Path) -> None:
     """When free space cannot be read, that one metric is left out and the scrape still works."""
-    metrics = Metrics(AnnouncingRegistry(), tmp_path / "gone")
+    metrics = Metrics(FakeJobSource(), tmp_path / "gone")
     scrape = Scrape(metrics.generate().decode())
     assert scrape.samples("transcoder_free_disk_bytes") == []
     assert scrape.value("transcoder_queue_depth") == 0

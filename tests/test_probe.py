@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_twisted
-from fakes import FakeReactor
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -25,6 +24,7 @@ from transcoder.engine.probe import (
     probe_counting,
     tool_env,
 )
+from transcoder.testing import FakeReactor
 
 if TYPE_CHECKING:
     from conftest import Clips

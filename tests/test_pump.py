@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from fakes import FakeExecutor, FakeOutcome
 from serverproc import no_uploads_left
 from test_spool import settle
 from twisted.internet import reactor
@@ -34,6 +33,7 @@ from transcoder.http.pump import ALIGN, PumpEnd, SocketPump
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
 from transcoder.http.writer import Lent, ParallelWriter
+from transcoder.testing import FakeExecutor, FakeOutcome
 
 KiB = 1024
 MiB = 1 << 20

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import ServerProcess, processes_mentioning, serve
+from serverproc import ServerProcess, processes_mentioning, serve
 
 from transcoder.core.jobs import new_job_id
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from fakes import FakeExecutor, MemoryStore
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
@@ -24,6 +23,7 @@ from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_i
 from transcoder.core.profiles import Profile, builtin_profiles
 from transcoder.core.registry import PROGRESS_SAVE_INTERVAL, JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.testing import FakeExecutor, MemoryStore
 
 PROFILE = Profile(
     name="copy",
@@ -359,11 +359,11 @@ def test_changed_cancelled_is_forgotten(make_env: Callable[..., Env]) -> None:
     d.cancel()
     assert isinstance(d.result.value, CancelledError)
     d.addErrback(lambda f: None)
-    assert env.registry._waiters[job.id] == [kept]
+    assert env.registry._events.waiters[job.id] == [kept]
     kept.cancel()
     kept.addErrback(lambda f: None)
     # Nothing is left behind for a job whose waiters all gave up.
-    assert job.id not in env.registry._waiters
+    assert job.id not in env.registry._events.waiters
     env.executor.executions[0].progress(50)
     assert job.progress == 50
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fakes import EndingExecutor, MemoryStore
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
@@ -16,6 +15,7 @@ from transcoder.core.jobs import InputFile, Job, JobState, new_job_id
 from transcoder.core.profiles import Profile
 from transcoder.core.registry import JobRegistry
 from transcoder.core.retention import RetentionSweeper
+from transcoder.testing import EndingExecutor, FakeJobSource, MemoryStore
 
 T0 = 1_700_000_000.0
 PROFILE = Profile(
@@ -197,10 +197,11 @@ def finished(age: float, now: float = T0) -> Job:
     )
 
 
-class FakeRegistry:
+class FakeRegistry(FakeJobSource):
     """A registry whose deletions complete when the test says, or fail."""
 
     def __init__(self, jobs: list[Job]) -> None:
+        super().__init__()
         self.live = {j.id: j for j in jobs}
         self.deleting: dict[str, Deferred[bool]] = {}
         self.broken: set[str] = set()

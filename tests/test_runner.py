@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeReactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess
@@ -36,6 +35,7 @@ from transcoder.engine.progress import MencoderProgress
 from transcoder.engine.runner import IJobExecution, execute_job
 from transcoder.engine.sniff import looks_like_media
 from transcoder.engine.verify import Contents, Held
+from transcoder.testing import FakeReactor
 
 
 def _info(duration: float | None, *types: str) -> MediaInfo:

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeExecutor, MemoryStore
 from serverproc import ServerProcess, wait_for
 from twisted.internet.task import Clock
 
 from transcoder.core.errors import Unavailable
 from transcoder.core.jobs import InputFile, Job, JobState, OutputFile, new_job_id
 from transcoder.core.profiles import Profile
-from transcoder.core.registry import STORE_RECHECK, JobRegistry
+from transcoder.core.registry import JobRegistry
+from transcoder.core.storewriter import STORE_RECHECK
+from transcoder.testing import FakeExecutor, MemoryStore
 
 PROFILE = Profile(
     name="copy",

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from _servers import LISTEN, REPO, ServerProcess, processes_mentioning, random_file, start, twistd
+from serverproc import LISTEN, REPO, ServerProcess, processes_mentioning, random_file, start, twistd
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -257,10 +257,10 @@ def _upload_costs(server: ServerProcess, file: Path) -> dict[str, float]:
     _curl_upload(url, "-T", str(REPO / "pyproject.toml"))
     costs: dict[str, float] = {}
     for name, args in (("raw", ["-T", str(file)]), ("multipart", ["-F", f"file=@{file}"])):
-        server.reset_peak()
-        base = server.status_kib("VmHWM")
+        assert server.reset_peak()
+        base = server.peak_rss()
         answer = _curl_upload(url, *args)
-        costs[name] = (server.status_kib("VmHWM") - base) / 1024
+        costs[name] = (server.peak_rss() - base) / (1 << 20)
         costs[name + "_status"] = answer["status"]
     return costs
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest_twisted
 import treq
-from fakes import FakeExecutor, FakeOutcome
 from test_spool import FailingFile, settle
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -24,6 +23,7 @@ from transcoder.core.registry import JobRegistry
 from transcoder.core.sqlite import SQLiteJobStore
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
+from transcoder.testing import FakeExecutor, FakeOutcome
 
 
 class FailingExecutor(FakeExecutor):

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from fakes import AnnouncingRegistry
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
@@ -38,6 +37,7 @@ from transcoder.http.webhooks import (
     sign,
     verify_signature,
 )
+from transcoder.testing import FakeJobSource
 
 SECRET = b"s3cret-for-tests"
 URL = "http://hooks.example/transcoder?token=abc"
@@ -114,7 +114,7 @@ def finished_job(
 @dataclass
 class Env:
     clock: Clock
-    registry: AnnouncingRegistry
+    registry: FakeJobSource
     receiver: Receiver
     http: StubTreq
     notifier: WebhookNotifier
@@ -129,7 +129,7 @@ def make_env(
     codes: list[int] | None = None, hang: bool = False, secret: bytes | None = SECRET, **kw: Any
 ) -> Env:
     clock = Clock()
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     receiver = Receiver(codes, hang)
     http = StubTreq(receiver)
     notifier = WebhookNotifier(clock, registry, secret=secret, http=http, **kw)
@@ -308,7 +308,7 @@ def test_timeout_counts_as_a_failure() -> None:
 def test_stop_cancels_timers_and_requests() -> None:
     """stop() cancels retry timers and requests in flight, and no later change sends anything."""
     clock = Clock()
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     failing = Receiver([500])
     hanging = Receiver(hang=True)
     failing_notifier = WebhookNotifier(clock, registry, secret=None, http=StubTreq(failing))
@@ -364,7 +364,7 @@ def _raise() -> Deferred[Any]:
 def test_client_errors_are_retried_and_never_raised() -> None:
     """A client that raises or fails (connection refused) is retried; the registry sees no error."""
     clock = Clock()
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     http = FakeHTTP(
         _raise,
         lambda: fail(ConnectionRefusedError()),
@@ -390,7 +390,7 @@ def test_client_errors_are_retried_and_never_raised() -> None:
 def test_invalid_url_is_not_called() -> None:
     """A callback URL that is not http(s) (stored before validation got stricter) is skipped."""
     clock = Clock()
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     http = FakeHTTP(lambda: succeed(FakeResponse(200)))
     notifier = WebhookNotifier(clock, registry, secret=None, http=http)
     notifier.start()
@@ -457,7 +457,7 @@ def test_credentials_are_refused_with_a_reason() -> None:
 def test_memory_of_handled_jobs_follows_the_registry() -> None:
     """Deleted jobs are forgotten once many have been handled; live ones still get one POST."""
     clock = Clock()
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     http = FakeHTTP(lambda: succeed(FakeResponse(200)))
     notifier = WebhookNotifier(clock, registry, secret=None, http=http)
     notifier.start()
@@ -476,9 +476,9 @@ def test_memory_of_handled_jobs_follows_the_registry() -> None:
 def test_bad_arguments() -> None:
     """Nonsense limits are refused when the notifier is built."""
     with pytest.raises(ValueError):
-        WebhookNotifier(Clock(), AnnouncingRegistry(), secret=None, http=FakeHTTP(), max_attempts=0)
+        WebhookNotifier(Clock(), FakeJobSource(), secret=None, http=FakeHTTP(), max_attempts=0)
     with pytest.raises(ValueError):
-        WebhookNotifier(Clock(), AnnouncingRegistry(), secret=None, http=FakeHTTP(), timeout=0)
+        WebhookNotifier(Clock(), FakeJobSource(), secret=None, http=FakeHTTP(), timeout=0)
 
 
 @pytest_twisted.ensureDeferred
@@ -486,7 +486,7 @@ async def test_real_loopback_server_with_treq() -> None:
     """Through real treq and a real loopback server: a 500 is retried, then the signed POST lands."""
     receiver = Receiver([500, 200])
     port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     notifier = WebhookNotifier(reactor, registry, secret=SECRET, base_delay=0.05, timeout=5.0)
     notifier.start()
     try:
@@ -647,7 +647,7 @@ async def test_an_ipv6_literal_is_delivered() -> None:
         port = reactor.listenTCP(0, Site(receiver), interface="::1")
     except CannotListenError:
         pytest.skip("no ::1 here")
-    registry = AnnouncingRegistry()
+    registry = FakeJobSource()
     notifier = WebhookNotifier(reactor, registry, secret=SECRET, timeout=5.0)
     notifier.start()
     try:

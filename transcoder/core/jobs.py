@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# The most a running job shows: 100 means succeeded.
+RUNNING_MAX_PROGRESS = 99.9
 
 
 def new_job_id() -> str:

@@ -11,23 +11,16 @@ the loop.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job
 
 _log = Logger()
-
-
-class _Registry(Protocol):
-    def jobs(self) -> list[Job]: ...
-    def get(self, job_id: str) -> Job | None: ...
-    def delete(self, job_id: str) -> Deferred[bool]: ...
 
 
 def _finished_since(job: Job) -> float | None:
@@ -61,7 +54,7 @@ class RetentionSweeper:
     def __init__(
         self,
         reactor: IReactorTime,
-        registry: _Registry,
+        registry: IJobSource,
         *,
         keep: float,
         interval: float | None = None,

@@ -112,12 +112,12 @@ class SQLiteJobStore:
         d = self._write(self._close_connection)
         self._closed = True
 
-        def stopPool(result: Failure | None) -> Failure | None:
+        def stop_pool(result: Failure | None) -> Failure | None:
             # The pool's only thread is idle now, so this join is immediate.
             self._pool.stop()
             return result
 
-        d.addBoth(stopPool)
+        d.addBoth(stop_pool)
         return d
 
     def _write(self, f: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as _generate_latest
@@ -19,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job, JobState
 from transcoder.http.responses import JSONResource
 
@@ -31,16 +31,6 @@ ENCODE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400
 _PRUNE_AT = 1024
 
 
-class _Registry(Protocol):
-    def jobs(self) -> list[Job]: ...
-    def get(self, job_id: str) -> Job | None: ...
-    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]: ...
-    @property
-    def queued_count(self) -> int: ...
-    @property
-    def running_count(self) -> int: ...
-
-
 class Metrics:
     """
     The service's metrics.
@@ -49,7 +39,7 @@ class Metrics:
         global one, so that several instances do not clash).
     """
 
-    def __init__(self, registry: _Registry, data_dir: Path) -> None:
+    def __init__(self, registry: IJobSource, data_dir: Path) -> None:
         self._jobs = registry
         self._data_dir = Path(data_dir)
         self.registry = CollectorRegistry()
@@ -138,7 +128,7 @@ class Metrics:
 class _ScrapeTimeCollector:
     """The metrics read from the registry and the disk at each scrape."""
 
-    def __init__(self, registry: _Registry, data_dir: Path) -> None:
+    def __init__(self, registry: IJobSource, data_dir: Path) -> None:
         self._registry = registry
         self._data_dir = data_dir
 

@@ -43,6 +43,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from transcoder import __version__
+from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job, is_job_id
 from transcoder.http.views import job_view
 
@@ -57,11 +58,6 @@ EVENT_FINISHED = "job.finished"
 _MAX_RESPONSE_BODY = 64 * 1024
 # The set of jobs already handled is pruned of deleted jobs when it grows past this.
 _PRUNE_AT = 1024
-
-
-class _Registry(Protocol):
-    def subscribe(self, callback: Callable[[Job], None]) -> Callable[[], None]: ...
-    def get(self, job_id: str) -> Job | None: ...
 
 
 class _HTTP(Protocol):
@@ -259,7 +255,7 @@ class WebhookNotifier:
     def __init__(
         self,
         reactor: IReactorTime,
-        registry: _Registry,
+        registry: IJobSource,
         *,
         secret: bytes | None,
         http: _HTTP | None = None,
