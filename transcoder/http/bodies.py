@@ -58,7 +58,7 @@ class IRequestBody(Interface):
 class IBodyReceiver(Interface):
     """A resource that takes streamed bodies."""
 
-    def receiveBody(request: server.Request, length: int | None) -> IRequestBody:
+    def receive_body(request: server.Request, length: int | None) -> IRequestBody:
         """
         Accept the body of C{request}, whose C{method}, C{uri}, C{path},
         C{args} and headers are set, or raise L{APIError} to refuse it before

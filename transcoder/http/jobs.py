@@ -174,7 +174,7 @@ class JobsResource(JSONResource):
 
     # Uploads.
 
-    def receiveBody(self, request: server.Request, length: int | None) -> IRequestBody:
+    def receive_body(self, request: server.Request, length: int | None) -> IRequestBody:
         outcome = None
         if self._upload_finished is not None:
             outcome = _UploadOutcome(self._upload_finished, request, length)
@@ -267,7 +267,7 @@ class JobsResource(JSONResource):
                 request.args = parse_qs(query, 1) if query else {}
                 request.content.seek(0, os.SEEK_END)
                 length = request.content.tell()
-                body = self.receiveBody(request, length)
+                body = self.receive_body(request, length)
                 read = read_stock_body(request, body)
             except DomainError as e:
                 if body is not None:

@@ -136,7 +136,7 @@ class TranscoderRequest(server.Request):
                     raise APIError(413, "too_large", "this endpoint takes no large body")
                 super().gotLength(length)
                 return
-            body = receiver.receiveBody(self, length)
+            body = receiver.receive_body(self, length)
         except DomainError as e:
             self.content = io.BytesIO()
             self._refuse(e, body_started=False)
