@@ -6,7 +6,6 @@ covered by test_runner with a fake reactor.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -19,16 +18,13 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from transcoder.core.jobs import JobState
 from transcoder.core.profiles import ParamValue, Profile, builtin_profiles
 from transcoder.engine.outcome import Outcome
 from transcoder.engine.probe import MediaInfo
 from transcoder.engine.probe import probe as ffprobe
-from transcoder.engine.process import PIPE_SIZE, enlarge_pipes
 from transcoder.engine.runner import IJobExecution, execute_job
 
 if TYPE_CHECKING:
@@ -367,31 +363,3 @@ async def test_short_output_fails(clips: Clips, tmp_path: Path) -> None:
     assert all(p < 100 for p in run.progress)
     # Told by the output's header, without ffprobe.
     assert sorted(run.probed) == sorted([clips.flv_video, clips.mp3_audio])
-
-
-class _Waiter(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[None] = Deferred()
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-
-@pytest_twisted.ensureDeferred
-async def test_encoder_pipes_are_enlarged(tmp_path: Path) -> None:
-    """
-    A real process transport's stdout and stderr pipes can be made to hold
-    PIPE_SIZE bytes, so an encoder keeps writing while reading rests.
-    """
-    proto = _Waiter()
-    transport = reactor.spawnProcess(
-        proto, "/bin/sleep", ["sleep", "0.2"], env={}, childFDs={0: "w", 1: "r", 2: "r"}
-    )
-    try:
-        assert enlarge_pipes(transport)
-        for fd in (1, 2):
-            pipe = transport.pipes[fd].fileno()  # type: ignore[attr-defined]
-            assert fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) >= PIPE_SIZE
-    finally:
-        await proto.ended
-    assert not enlarge_pipes(object())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -29,9 +27,7 @@ from transcoder.core.profiles import Profile
 from transcoder.engine.disk import DISK_WATCH
 from transcoder.engine.inputs import PROBE_BUDGET
 from transcoder.engine.outcome import Outcome
-from transcoder.engine.probe import MediaInfo, NotMediaError, StreamInfo, tool_env
-from transcoder.engine.process import EncoderProtocol, env_chdir
-from transcoder.engine.progress import MencoderProgress
+from transcoder.engine.probe import MediaInfo, NotMediaError, StreamInfo
 from transcoder.engine.runner import IJobExecution, execute_job
 from transcoder.engine.sniff import looks_like_media
 from transcoder.engine.verify import Contents, Held
@@ -181,47 +177,13 @@ def h(tmp_path: Path) -> Harness:
     return harness
 
 
-def test_spawn_through_setsid(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spawn_through_setsid(h: Harness) -> None:
     """
-    Where env takes -C, the encoder starts as C{env -C <job dir> setsid
-    <argv>}, with no working directory given to spawnProcess (so that Twisted
-    uses posix_spawn), and a small explicit environment.
+    The encoder starts as C{setsid <argv>} (its own process group), in the
+    job directory, with stdin closed and a small explicit environment.
     """
-    monkeypatch.setattr("transcoder.engine.process.env_chdir", lambda: "/usr/bin/env")
     execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     verifyObject(IJobExecution, execution)
-    [spawned] = h.reactor.spawned
-    assert spawned["executable"] == "/usr/bin/env"
-    setsid = spawned["args"][3]
-    assert os.path.basename(setsid) == "setsid"
-    assert spawned["args"] == [
-        "env",
-        "-C",
-        str(h.job_dir),
-        setsid,
-        "mencoder",
-        str(h.job_dir / "in.mp4"),
-        *("-ovc", "lavc", "-lavcopts", "vbitrate=900", "-o"),
-        str(h.job_dir / "result.partial.avi"),
-    ]
-    assert spawned["path"] is None
-    env = spawned["env"]
-    assert env["PATH"] == os.environ["PATH"]
-    assert env["HOME"] == str(h.job_dir)
-    assert env["LANG"] == "C.UTF-8"
-    assert set(env) == {"PATH", "HOME", "LANG"}
-    assert h.proto.transport.stdin_closed  # type: ignore[union-attr]
-    assert h.spawns == [90000]
-    assert execution.pid == 90000
-    assert h.probed == [h.job_dir / "in.mp4"]
-
-
-def test_spawn_in_the_job_dir_without_env_chdir(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where env lacks -C, spawnProcess is given the job directory, and runs setsid there."""
-    monkeypatch.setattr("transcoder.engine.process.env_chdir", lambda: None)
-    h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     [spawned] = h.reactor.spawned
     assert os.path.basename(spawned["executable"]) == "setsid"
     assert spawned["args"] == [
@@ -232,16 +194,15 @@ def test_spawn_in_the_job_dir_without_env_chdir(
         str(h.job_dir / "result.partial.avi"),
     ]
     assert spawned["path"] == str(h.job_dir)
-
-
-def test_env_chdir_runs_a_command_in_a_directory(tmp_path: Path) -> None:
-    """The env that env_chdir finds (this Debian's coreutils has one) starts a command in the directory given."""
-    env = env_chdir()
-    assert env is not None
-    out = subprocess.run(
-        [env, "-C", str(tmp_path), "pwd"], capture_output=True, check=True, env=tool_env()
-    )
-    assert out.stdout.decode().strip() == str(tmp_path)
+    env = spawned["env"]
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["HOME"] == str(h.job_dir)
+    assert env["LANG"] == "C.UTF-8"
+    assert set(env) == {"PATH", "HOME", "LANG"}
+    assert h.proto.transport.stdin_closed  # type: ignore[union-attr]
+    assert h.spawns == [90000]
+    assert execution.pid == 90000
+    assert h.probed == [h.job_dir / "in.mp4"]
 
 
 def test_probes_beside_the_encoder_run_one_after_another(h: Harness) -> None:
@@ -1078,90 +1039,6 @@ def test_progress_callback_type(h: Harness) -> None:
         h.proto.childDataReceived(1, noise(i) + _pos(i / 5))
     assert all(isinstance(p, float) and 0 <= p < 100 for p in h.progress)
     assert h.progress == sorted(h.progress)
-
-
-@dataclass
-class PausableTransport:
-    """A process transport that records pauses of its readers."""
-
-    pid: int = 90000
-    paused: bool = False
-    pauses: int = 0
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-
-def _resting_protocol(tmp_path: Path) -> tuple[Any, PausableTransport, Clock, list[float]]:
-    clock = Clock()
-    progress: list[float] = []
-    proto = EncoderProtocol(
-        (tmp_path / "log").open("wb"), 1 << 20, MencoderProgress(10.0), progress.append, clock
-    )
-    transport = PausableTransport()
-    proto.makeConnection(transport)  # type: ignore[arg-type]
-    proto.rest(0.1)
-    return proto, transport, clock, progress
-
-
-def test_reading_rests_after_a_pipe_is_emptied(tmp_path: Path) -> None:
-    """
-    A short read (the pipe was emptied) pauses reading for the rest time,
-    so a status line per frame is not a wake-up per frame; the data read is
-    still all logged and parsed.
-    """
-    proto, transport, clock, progress = _resting_protocol(tmp_path)
-    proto.childDataReceived(1, _pos(1.0))
-    assert transport.paused and transport.pauses == 1
-    assert progress == [10.0]
-    clock.advance(0.099)
-    assert transport.paused
-    clock.advance(0.001)
-    assert not transport.paused
-    proto.childDataReceived(2, b"a warning\n")
-    assert transport.paused and transport.pauses == 2
-    proto.childDataReceived(1, _pos(2.0))
-    assert transport.pauses == 2
-    clock.advance(0.1)
-    proto.processEnded(Failure(ProcessDone(0)))
-    assert (tmp_path / "log").read_bytes() == _pos(1.0) + b"a warning\n" + _pos(2.0)
-
-
-def test_reading_goes_on_while_the_pipe_is_full(tmp_path: Path) -> None:
-    """A read that filled the reader's buffer means more is waiting: no rest."""
-    proto, transport, _, _ = _resting_protocol(tmp_path)
-    proto.childDataReceived(1, b"x" * 8192)
-    proto.childDataReceived(2, b"y" * 8192)
-    assert transport.pauses == 0
-    proto.childDataReceived(1, b"x" * 100)
-    assert transport.pauses == 1
-
-
-def test_exit_ends_the_rest(tmp_path: Path) -> None:
-    """The child's exit resumes reading at once, so its last output and EOF are not delayed."""
-    proto, transport, clock, _ = _resting_protocol(tmp_path)
-    proto.childDataReceived(1, _pos(1.0))
-    assert transport.paused
-    proto.processExited(Failure(ProcessDone(0)))
-    assert not transport.paused
-    assert clock.getDelayedCalls() == []
-    proto.childDataReceived(1, _pos(2.0))
-    assert transport.pauses == 1
-
-
-def test_no_rest_unless_allowed(tmp_path: Path) -> None:
-    """Without rest() (pipes that could not be enlarged) every read is taken as it comes."""
-    clock = Clock()
-    proto = EncoderProtocol((tmp_path / "log").open("wb"), 1 << 20, None, lambda p: None, clock)
-    transport = PausableTransport()
-    proto.makeConnection(transport)  # type: ignore[arg-type]
-    proto.childDataReceived(1, b"short")
-    assert transport.pauses == 0
-    assert clock.getDelayedCalls() == []
 
 
 # A full disk (issue 14)

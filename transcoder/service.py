@@ -24,7 +24,6 @@ from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
 from transcoder.core.sqlite import SQLiteJobStore
-from transcoder.engine.process import env_chdir
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
@@ -264,7 +263,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     data_dir.mkdir(parents=True, exist_ok=True)
     profiles = options["profiles-loaded"]
     store = SQLiteJobStore(data_dir / "jobs.sqlite3", reactor)
-    env_chdir()  # a blocking check, made here rather than at the first job
 
     registry = JobRegistry(
         reactor,

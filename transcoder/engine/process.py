@@ -6,19 +6,15 @@ and the progress parser, and its group signalled to stop it.
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import shutil
-import subprocess
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IProcessTransport,
     IReactorProcess,
     IReactorTime,
@@ -27,21 +23,12 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from transcoder.engine.probe import tool_env
 from transcoder.engine.progress import FfmpegProgress, MencoderProgress
 
 LOG_NAME = "encoder.log"
 LOG_LIMIT = 16 * 1024 * 1024
 TAIL_LINES = 20
 _MAX_TAIL_LINE = 300
-# Seconds that reading an encoder's output rests after a read emptied a pipe,
-# and the size its pipes are given so that they hold what it prints meanwhile:
-# 10 MB/s of output, where mencoder's busiest (a stream copy) printed 4 MB/s.
-READ_PAUSE = 0.1
-PIPE_SIZE = 1024 * 1024
-# What Twisted's process reader asks for at once: a read this long may have
-# left more in the pipe.
-_FULL_READ = 8192
 _NO_SPACE = b"No space left on device"
 
 _log = Logger()
@@ -95,24 +82,8 @@ class Tail:
         return self._last.get(2) or self._last.get(1)
 
 
-class _Pausable(Protocol):
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-
-
 class EncoderProtocol(ProcessProtocol):
-    """
-    Drains both pipes into the log, the tail and the progress parser.
-
-    mencoder prints a status line for every frame: read as it comes, that is
-    a thousand wake-ups of the server a second, each costing about 0.1 ms of
-    CPU that the encoder, using every core, then lacks.  So, once L{rest}
-    allowed it, a read that emptied a pipe makes reading rest for a while
-    (both pipes: the transport pauses as a whole) while the pipes collect the
-    next lines; a read that filled Twisted's buffer means more is waiting,
-    and reading goes on.  The child's exit ends the rest at once, so the end
-    of the output is read without delay.
-    """
+    """Drains both pipes into the log, the tail and the progress parser, as output comes."""
 
     def __init__(
         self,
@@ -133,8 +104,6 @@ class EncoderProtocol(ProcessProtocol):
         self._parser = parser
         self._on_progress = on_progress
         self._clock = clock
-        self._read_pause = 0.0
-        self._resting: IDelayedCall | None = None
         self._exited = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -146,31 +115,9 @@ class EncoderProtocol(ProcessProtocol):
             value = self._parser.feed(data)
             if value is not None:
                 self._on_progress(value)
-        if len(data) < _FULL_READ:
-            self._rest()
-
-    def rest(self, seconds: float) -> None:
-        """
-        Rest C{seconds} after each read that emptied a pipe.  Only for pipes
-        that hold what the encoder may print meanwhile: a full pipe would stop it.
-        """
-        self._read_pause = seconds
-
-    def _rest(self) -> None:
-        if self._read_pause <= 0 or self._exited or self._resting is not None:
-            return
-        cast(_Pausable, self.transport).pauseProducing()
-        self._resting = self._clock.callLater(self._read_pause, self._wake)
-
-    def _wake(self) -> None:
-        self._resting = None
-        cast(_Pausable, self.transport).resumeProducing()
 
     def processExited(self, reason: Failure) -> None:
         self._exited = True
-        if self._resting is not None:
-            self._resting.cancel()
-            self._wake()
         self.exited.callback(reason.value or ProcessTerminated())
 
     def _write_log(self, data: bytes) -> None:
@@ -208,88 +155,31 @@ class EncoderProtocol(ProcessProtocol):
         self.ended.callback(reason.value or ProcessTerminated())
 
 
-@functools.cache
-def env_chdir() -> str | None:
-    """
-    The path of an C{env} that takes C{-C DIR} (GNU coreutils 8.28 and later),
-    or C{None}.  Asked once, with a blocking run of a few milliseconds:
-    L{transcoder.service.makeService} asks before the reactor starts.
-    """
-    env = shutil.which("env", path=tool_env()["PATH"])
-    if env is None:
-        return None
-    try:
-        done = subprocess.run(
-            [env, "-C", "/", "true"],
-            env=tool_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return env if done.returncode == 0 else None
-
-
-def enlarge_pipes(transport: object) -> bool:
-    """
-    Make the encoder's stdout and stderr pipes hold L{PIPE_SIZE} bytes; whether
-    that worked (Linux only, within the system's limits, and only with
-    Twisted's own process transport, whose pipes are known).
-    """
-    pipes = getattr(transport, "pipes", None)
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if not isinstance(pipes, dict) or set_size is None:
-        return False
-    try:
-        for child_fd in (1, 2):
-            if fcntl.fcntl(pipes[child_fd].fileno(), set_size, PIPE_SIZE) < PIPE_SIZE:
-                return False
-    except (KeyError, AttributeError, OSError):
-        return False
-    return True
-
-
 def spawn_encoder(
     reactor: IReactorProcess,
     proto: EncoderProtocol,
     argv: list[str],
     job_dir: Path,
     env: dict[str, str],
-    read_pause: float,
 ) -> IProcessTransport:
     """
     Start C{argv} in a process group of its own, in C{job_dir}, its stdin
-    closed and its output read by C{proto}, resting C{read_pause} seconds
-    between reads where its pipes could be enlarged.  Raises L{OSError} if it
-    cannot be started.
+    closed and its output read by C{proto}.  Raises L{OSError} if it cannot
+    be started.
     """
     setsid = shutil.which("setsid", path=env["PATH"]) or "/usr/bin/setsid"
     # util-linux setsid execs the encoder in place when its caller does
     # not lead a process group (a freshly spawned child never does), so
     # the pid we get is the encoder's and also its process group id.
-    executable, args = setsid, ["setsid", *argv]
-    cwd: str | None = str(job_dir)
-    chdir = env_chdir()
-    if chdir is not None:
-        # Given a working directory, Twisted forks, and the child runs
-        # Python until its exec: 5 to 6 ms from fork to setsid's exec here.
-        # Without one it uses posix_spawn, and GNU env sets the directory.
-        executable, args = chdir, ["env", "-C", str(job_dir), setsid, *argv]
-        cwd = None
     transport = reactor.spawnProcess(
         proto,
-        executable,
-        args,
+        setsid,
+        ["setsid", *argv],
         env=env,
-        path=cwd,
+        path=str(job_dir),
         childFDs={0: "w", 1: "r", 2: "r"},
     )
     transport.closeStdin()
-    if read_pause > 0 and enlarge_pipes(transport):
-        proto.rest(read_pause)
     return transport
 
 

@@ -58,7 +58,6 @@ from transcoder.engine.probe import probe_counting, tool_env
 from transcoder.engine.process import (
     LOG_LIMIT,
     LOG_NAME,
-    READ_PAUSE,
     EncoderProtocol,
     KillGroup,
     Tail,
@@ -320,9 +319,7 @@ class _Execution:
         )
         self._tail = proto.tail
         try:
-            transport = spawn_encoder(
-                self._reactor, proto, argv, self._job_dir, env, self._limits.read_pause
-            )
+            transport = spawn_encoder(self._reactor, proto, argv, self._job_dir, env)
         except OSError as e:
             proto.close_log()
             return self._failed(f"cannot start the encoder: {e}")
@@ -513,7 +510,6 @@ def execute_job(
     hash_file: HashFunction | None = None,
     killpg: KillGroup = os.killpg,
     log_limit: int = LOG_LIMIT,
-    read_pause: float = READ_PAUSE,
     sniff: Callable[[Path], bool] = looks_like_media,
     read_header: HeaderReader = read_contents,
     count: ProbeFunction = probe_counting,
@@ -531,7 +527,7 @@ def execute_job(
     C{result.<ext>}; any other ending removes it.
 
     The other keywords are the fields of L{Limits} (C{kill_grace},
-    C{log_limit}, C{read_pause}, C{disk_reserve}, C{max_input_duration}) and
+    C{log_limit}, C{disk_reserve}, C{max_input_duration}) and
     of L{Tools} (C{probe}, C{count}, C{hash_file}, C{killpg}, C{sniff},
     C{read_header}, C{disk_free}), described there.
 
@@ -566,7 +562,6 @@ def execute_job(
             timeout=timeout,
             kill_grace=kill_grace,
             log_limit=log_limit,
-            read_pause=read_pause,
             disk_reserve=disk_reserve,
             max_input_duration=max_input_duration,
         ),

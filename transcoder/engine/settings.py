@@ -18,7 +18,7 @@ from transcoder.engine.inputs import ProbeFunction
 from transcoder.engine.outcome import HeaderReader
 from transcoder.engine.probe import probe as ffprobe
 from transcoder.engine.probe import probe_counting
-from transcoder.engine.process import LOG_LIMIT, READ_PAUSE, KillGroup
+from transcoder.engine.process import LOG_LIMIT, KillGroup
 from transcoder.engine.sniff import looks_like_media
 
 
@@ -55,8 +55,6 @@ class Limits:
         encoder is stopped and the job fails; C{None} for no limit.
     @ivar kill_grace: seconds between TERM and KILL when stopping.
     @ivar log_limit: bytes of output kept in the log.
-    @ivar read_pause: seconds that reading the encoder's output rests after
-        a read that emptied the pipes (0: read as it comes).
     @ivar disk_reserve: bytes that must stay free on the job directory's
         filesystem while the encoder runs and when it exits; below that the
         encoder's process group is stopped and the job fails as the disk
@@ -68,6 +66,5 @@ class Limits:
     timeout: float | None = None
     kill_grace: float = 5.0
     log_limit: int = LOG_LIMIT
-    read_pause: float = READ_PAUSE
     disk_reserve: int = DISK_RESERVE
     max_input_duration: float | None = None
