@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,28 @@ def run_ffmpeg(*args: str) -> None:
         timeout=60,
         capture_output=True,
     )
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """
+    A tmpfs of C{size} (C{"64m"}) mounted at C{where} for the block's length:
+    a small disk to fill.  The tests run as root, so a mount that fails is
+    a failure, not a skip.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs on {where}: {r.stderr.strip() or r.returncode}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _video(seconds: float) -> list[str]:

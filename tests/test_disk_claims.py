@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 from serverproc import ServerProcess, wait_for
 
 from transcoder.http.writer import ALLOCATION_STEP
@@ -27,19 +27,8 @@ KB = 1000
 
 @pytest.fixture
 def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mountpoint = tmp_path_factory.mktemp("tmpfs")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with tmpfs(tmp_path_factory.mktemp("tmpfs"), "64m") as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def put(url: str, data: bytes) -> tuple[int, dict[str, object]]:

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import run_ffmpeg
+from conftest import run_ffmpeg, tmpfs
 from serverproc import ServerProcess, reset_peak_rss, wait_for
 
 MiB = 1 << 20
@@ -194,19 +194,8 @@ def test_kill_9_with_uploads_of_every_kind_in_flight(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mountpoint = tmp_path_factory.mktemp("tmpfs")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with tmpfs(tmp_path_factory.mktemp("tmpfs"), "64m") as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -275,31 +264,11 @@ def test_encode_that_runs_out_of_space_fails_with_the_reason(
     assert get(f"{full_server.url}/health")["status"] == "ok"
 
 
-def _mount_tmpfs(mountpoint: Path, size: str) -> None:
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-
-
-def _unmount(mountpoint: Path) -> None:
-    if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 12 MiB tmpfs of the test's own, as in issue 14."""
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    _mount_tmpfs(mountpoint, "12m")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "12m") as mountpoint:
         yield mountpoint
-    finally:
-        _unmount(mountpoint)
 
 
 def test_mencoder_filling_the_disk_fails_the_job(tiny_disk: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tmpfs
 from serverproc import ServerProcess, wait_for
 from twisted.internet.task import Clock
 
@@ -219,20 +219,8 @@ def _put(url: str, data: bytes) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "16m") as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def _stored_state(data_dir: Path, job_id: str) -> str:
