@@ -64,6 +64,12 @@ def parse_store_url(text: str) -> StoreURL:
             why = why.replace(password, "***")
         return BadStoreURL(f"{redact_url(text)!r}: {why}")
 
+    # libpq's parser takes any port text and fails only when connecting.
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        port = host.partition("]")[2] if host.startswith("[") else host
+        port = port.rpartition(":")[2] if ":" in port else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise bad(f"port {port!r} is not a number from 1 to 65535")
     try:
         import psycopg.conninfo
     except ImportError:
