@@ -1,7 +1,8 @@
 # Set-up, run, test, lint and bench for transcoder.
 #
 # `make run` and `make test` each do all their own set-up on a fresh Debian 12 machine:
-# the system commands the service runs (apt-get, only when one is missing), a virtualenv in
+# the system commands the service runs (apt-get, only when one is missing; `make test` adds
+# PostgreSQL for the store tests), a virtualenv in
 # .venv (only when missing) and the project installed into it (only when pyproject.toml is
 # newer than the stamp left by the last install).
 
@@ -16,6 +17,8 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 # Inside the venv, so that a venv made anew always gets the project installed again.
 STAMP := $(VENV)/.transcoder-installed
+# The same for the `postgres` extra, which only `make test` needs.
+PG_STAMP := $(VENV)/.transcoder-postgres-installed
 
 BENCH_VENV := bench/.venv
 BENCH_PY := $(BENCH_VENV)/bin/python
@@ -31,6 +34,9 @@ ROUNDS ?= 5
 # command:debian-package pairs; a package is installed when its command is not on PATH.
 RUNTIME_CMDS := mencoder:mencoder ffmpeg:ffmpeg ffprobe:ffmpeg curl:curl
 BENCH_CMDS := nginx:nginx socat:socat curl:curl
+# The store tests start a throwaway PostgreSQL cluster (tests/pg.py).  Debian keeps its
+# server commands off PATH, so this is a glob: the package is installed when none matches.
+TEST_POSTGRES := /usr/lib/postgresql/*/bin/initdb
 
 # Shell snippet: apt-get install the Debian packages named in $$pkgs, as root directly or
 # through sudo, or fail saying what to install.
@@ -58,11 +64,12 @@ pkgs=$$(printf '%s\n' $$pkgs | sort -u | tr '\n' ' '); \
 if [ -n "$${pkgs// }" ]; then $(apt_install); fi
 endef
 
-.PHONY: help setup sysdeps venv run test lint bench bench-deps
+.PHONY: help setup sysdeps test-sysdeps venv test-venv run test lint bench bench-deps
 
 help:
 	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data (LISTEN=..., DATA_DIR=...)"
-	@echo "make test    set up, then lint and run pytest (extra arguments: PYTEST_ARGS='...')"
+	@echo "make test    set up (PostgreSQL and the postgres extra too), then lint and run pytest"
+	@echo "             (extra arguments: PYTEST_ARGS='...')"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make bench   uploads against nginx, aiohttp and stock twisted.web, the job engine's"
 	@echo "             overhead, downloads against nginx, and the load test; see docs/performance.md"
@@ -72,6 +79,10 @@ setup: sysdeps venv
 
 sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
+
+# `make run` needs no PostgreSQL: only the tests install it.
+test-sysdeps: sysdeps
+	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
 
 # The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)
@@ -94,11 +105,19 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	$(VENV_PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
+test-venv: venv $(PG_STAMP)
+	@$(VENV_PY) -c 'import psycopg, psycopg_pool' 2>/dev/null || { rm -f $(PG_STAMP); $(MAKE) --no-print-directory $(PG_STAMP); }
+
+$(PG_STAMP): pyproject.toml | $(STAMP)
+	@echo "installing the project with its postgres extra into $(VENV)"
+	$(VENV_PY) -m pip install --disable-pip-version-check -q -e '.[test,postgres]'
+	touch $@
+
 run: setup
 	$(VENV)/bin/transcoder serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
 # Lint first: it takes seconds, and type or format slips fail here as in review.
-test: setup lint
+test: test-sysdeps test-venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The upload bench's copied scripts are kept byte for byte as they were handed over.

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 
+# A throwaway PostgreSQL cluster and a database per test: the fixtures postgres_cluster, pg_dsn.
+pytest_plugins = ["pg"]
+
 
 @dataclass(frozen=True)
 class Clips:

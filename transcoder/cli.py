@@ -41,10 +41,15 @@ def serve(options: ServeOptions, reactor: Any = None) -> int:
         reactor = _reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from transcoder.core.jobs import StoreUnavailable
     from transcoder.service import makeService
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    service = makeService(options, reactor)
+    try:
+        service = makeService(options, reactor)
+    except StoreUnavailable as e:
+        print(f"transcoder: cannot start: {e}", file=sys.stderr)
+        return 1
     status = {"code": 0}
 
     def start() -> None:

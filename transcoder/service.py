@@ -23,7 +23,7 @@ from transcoder._twisted import raise_listen_errors
 from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
-from transcoder.core.sqlite import SQLiteJobStore
+from transcoder.core.stores import BadStoreURL, StoreURL, open_store, parse_store_url
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
@@ -77,6 +77,13 @@ class Options(usage.Options):
             "Endpoint to listen on (Twisted endpoint string).",
         ],
         ["data-dir", "d", "./data", "Directory for uploads, results and the job database."],
+        [
+            "store",
+            None,
+            None,
+            "Job database: sqlite:PATH or postgresql://user@host:port/db "
+            "(default: sqlite:DATA_DIR/jobs.sqlite3).",
+        ],
         ["max-upload-size", None, "8G", "Largest upload accepted (bytes, or with k/M/G/T)."],
         ["profiles", None, None, "TOML file of profiles extending (or replacing) the built-ins."],
         [
@@ -140,6 +147,10 @@ class Options(usage.Options):
             self[key] = parse_duration(self[key])
         if self["workers"] is None:
             self["workers"] = os.cpu_count() or 1
+        try:
+            self["store-url"] = parse_store_url(self["store"]) if self["store"] else None
+        except BadStoreURL as e:
+            raise usage.UsageError(f"--store: {e}") from None
         try:
             self["tokens-loaded"] = (
                 TokenAuth.from_file(Path(self["tokens"])) if self["tokens"] else None
@@ -262,7 +273,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     data_dir = Path(options["data-dir"]).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     profiles = options["profiles-loaded"]
-    store = SQLiteJobStore(data_dir / "jobs.sqlite3", reactor)
+    store_url: StoreURL = options.get("store-url") or StoreURL(
+        "sqlite", str(data_dir / "jobs.sqlite3")
+    )
+    # Raises StoreUnavailable, naming the URL without its password.
+    store = open_store(store_url, reactor)
 
     registry = JobRegistry(
         reactor,
@@ -319,8 +334,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     raise_listen_errors(listener)
     listener.setServiceParent(top)
     log.info(
-        "transcoder: data in {data_dir}, {workers} workers, profiles: {profiles}",
+        "transcoder: data in {data_dir}, jobs in {store}, {workers} workers, profiles: {profiles}",
         data_dir=str(data_dir),
+        store=str(store_url),
         workers=options["workers"],
         profiles=", ".join(profiles),
     )

@@ -105,6 +105,14 @@ class Job:
         return cls(**d)
 
 
+class StoreClosed(RuntimeError):
+    """A job store was used after its C{close}."""
+
+
+class StoreUnavailable(RuntimeError):
+    """A job store cannot be opened: its database is unreachable, refuses us, or is too new."""
+
+
 class IJobStore(Interface):
     """
     Durable storage for jobs.  The registry keeps every live job in memory and

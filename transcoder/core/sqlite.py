@@ -23,7 +23,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from transcoder.core.jobs import IJobStore, Job
+from transcoder.core.jobs import IJobStore, Job, StoreClosed
+
+__all__ = ["SQLiteJobStore", "StoreClosed"]
 
 _P = ParamSpec("_P")
 
@@ -46,10 +48,6 @@ ON CONFLICT (id) DO UPDATE SET
     seq = excluded.seq, state = excluded.state, created_at = excluded.created_at,
     owner = excluded.owner, record = excluded.record
 """
-
-
-class StoreClosed(RuntimeError):
-    """The store was used after L{SQLiteJobStore.close}."""
 
 
 @implementer(IJobStore)

@@ -1,0 +1,288 @@
+"""
+A job store in PostgreSQL: the database that several nodes will share.
+
+Each job is one row: its whole record as jsonb, plus the columns that claims,
+leases and fencing will use (state, priority and seq for FIFO order, node,
+attempt, lease expiry).  As in the SQLite store, writes run on one dedicated
+thread, so the reactor never waits on the database and the writes for a job
+land in the order they were made.
+
+The schema is created and migrated when a store opens, under an advisory lock
+and a C{schema_version} table, so nodes starting together migrate it once.
+
+psycopg is imported only when a store opens: an install without the
+C{postgres} extra still imports L{transcoder.core}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from transcoder.core.jobs import IJobStore, Job, StoreClosed, StoreUnavailable
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+_P = ParamSpec("_P")
+
+# pg_advisory_lock key for migrations: "transcod" as a big-endian int64.
+SCHEMA_LOCK = 0x7472616E73636F64
+
+# Version N is MIGRATIONS[N - 1]; each runs once, in a transaction, under SCHEMA_LOCK.
+# Append, never edit: a database records which versions it has.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        seq bigint NOT NULL,
+        -- Claims will take the highest priority first, then FIFO by seq.
+        priority integer NOT NULL DEFAULT 0,
+        state text NOT NULL,
+        owner text,
+        created_at timestamptz NOT NULL,
+        -- Set by the node running the job; writes will be fenced on (node, attempt).
+        node text,
+        attempt integer NOT NULL DEFAULT 0,
+        lease_expires_at timestamptz,
+        record jsonb NOT NULL
+    );
+    CREATE INDEX jobs_order ON jobs (seq);
+    CREATE INDEX jobs_queue ON jobs (priority DESC, seq) WHERE state = 'queued';
+    CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
+    CREATE TABLE store_check (id integer PRIMARY KEY CHECK (id = 1), at timestamptz NOT NULL);
+    """,
+)
+
+# node, attempt and the lease are not written: they will belong to claims.
+_UPSERT = """
+INSERT INTO jobs (id, seq, state, owner, created_at, record)
+VALUES (%s, %s, %s, %s, to_timestamp(%s), %s::jsonb)
+ON CONFLICT (id) DO UPDATE SET
+    seq = excluded.seq, state = excluded.state, owner = excluded.owner,
+    created_at = excluded.created_at, record = excluded.record
+"""
+
+# A record that jsonb cannot hold (below) is stored as {"$json": "<its JSON text>"}.
+_WRAPPED = "$json"
+
+
+def redact_url(url: str) -> str:
+    """C{url} without its password (in the user part or a C{password=} parameter), for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}@{hosts}"
+    query = "&".join(
+        p for p in parts.query.split("&") if p and not p.lower().startswith("password=")
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as e:
+        raise StoreUnavailable(
+            f"a PostgreSQL store needs psycopg ({e}): pip install 'transcoder[postgres]'"
+        ) from None
+    return psycopg
+
+
+def record_json(job: Job) -> str:
+    """
+    C{job}'s record as JSON text that a jsonb column takes.
+
+    jsonb refuses NUL characters, lone surrogates (a filename decoded with
+    surrogateescape) and NaN or infinities, all of which the SQLite store
+    keeps; such a record is stored as a JSON string inside a one-key object
+    instead, so that it still round-trips exactly.
+    """
+    record = job.to_record()
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        text = ""
+    if not text or "\\u0000" in text:
+        return json.dumps({_WRAPPED: json.dumps(record, separators=(",", ":"))})
+    return text
+
+
+def _record(text: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(text)
+    if len(record) == 1 and _WRAPPED in record:
+        unwrapped: dict[str, Any] = json.loads(record[_WRAPPED])
+        return unwrapped
+    return record
+
+
+def migrate(conn: psycopg.Connection[Any]) -> list[int]:
+    """
+    Bring the schema up to date on C{conn} (in autocommit mode), under the
+    advisory lock, so that stores opening together wait for each other.
+
+    @return: the versions this call applied (none when another got there first).
+    """
+    conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise StoreUnavailable(
+                f"the database's schema is version {current}; this transcoder knows up to "
+                f"{len(MIGRATIONS)}: upgrade it"
+            )
+        applied = []
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            with conn.transaction():
+                conn.execute(MIGRATIONS[version - 1])
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+            applied.append(version)
+        return applied
+    finally:
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+        except Exception:
+            pass  # a session that was lost holds no locks
+
+
+@implementer(IJobStore)
+class PostgresJobStore:
+    """
+    L{IJobStore} on a PostgreSQL database, opened (and migrated) at once.
+
+    L{save} serializes the job when it is called, so later changes to the
+    in-memory job never leak into an earlier write.
+
+    @ivar path: the URL without its password, for logs and messages.
+    @ivar migrated: the schema versions this store applied when it opened.
+    @raise StoreUnavailable: the database cannot be reached, refuses us, has
+        no UTF-8 encoding or a schema newer than this code.
+    """
+
+    def __init__(
+        self, url: str, reactor: IReactorFromThreads, *, connect_timeout: float = 10
+    ) -> None:
+        pg = _psycopg()
+        from psycopg_pool import ConnectionPool
+
+        self.path = redact_url(url)
+        self._reactor = reactor
+        try:
+            with pg.connect(
+                url, autocommit=True, connect_timeout=max(1, round(connect_timeout))
+            ) as conn:
+                encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+                if encoding != "UTF8":
+                    raise StoreUnavailable(f"it is encoded in {encoding}: it must be UTF8")
+                self.migrated = migrate(conn)
+        except pg.Error as e:
+            raise StoreUnavailable(f"job database {self.path}: {_oneline(e)}") from None
+        except StoreUnavailable as e:
+            raise StoreUnavailable(f"job database {self.path}: {e}") from None
+        # Two: the writer thread's and load()'s; claims and LISTEN will want their own.
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=2,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout))},
+            open=False,
+            # A database that went away fails a write within this, not the default 30 s.
+            timeout=connect_timeout,
+            name="job-store",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except pg.Error as e:
+            self._pool.close()
+            raise StoreUnavailable(f"job database {self.path}: {_oneline(e)}") from None
+        # Exactly one thread: writes stay in call order.
+        self._writer = ThreadPool(1, 1, name="job-store postgresql")
+        self._closed = False
+
+    def load(self) -> list[Job]:
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT record::text FROM jobs ORDER BY seq, created_at").fetchall()
+        return [Job.from_record(_record(text)) for (text,) in rows]
+
+    def save(self, job: Job) -> Deferred[None]:
+        row = (job.id, job.seq, job.state.value, _text(job.owner), job.created_at, record_json(job))
+        return self._write(self._execute, _UPSERT, row)
+
+    def delete(self, job_id: str) -> Deferred[None]:
+        return self._write(self._execute, "DELETE FROM jobs WHERE id = %s", (job_id,))
+
+    def check(self) -> Deferred[None]:
+        # A real write: a database that is read-only or out of disk still answers reads.
+        return self._write(
+            self._execute,
+            "INSERT INTO store_check (id, at) VALUES (1, now())"
+            " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            (),
+        )
+
+    def close(self) -> Deferred[None]:
+        """Wait for the writes already asked for, then close the connections and the thread."""
+        if self._closed:
+            return fail(StoreClosed(f"{self.path} is already closed"))
+        d = self._write(self._pool.close)
+        self._closed = True
+
+        def stop_writer(result: Failure | None) -> Failure | None:
+            # The writer's only thread is idle now, so this join is immediate.
+            self._writer.stop()
+            return result
+
+        d.addBoth(stop_writer)
+        return d
+
+    def _write(self, f: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[None]:
+        if self._closed:
+            return fail(StoreClosed(f"{self.path} is closed"))
+        if not self._writer.started:
+            self._writer.start()
+        return deferToThreadPool(self._reactor, self._writer, f, *args, **kwargs)
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        import psycopg
+
+        for last in (False, True):
+            with self._pool.connection() as conn:
+                try:
+                    conn.execute(sql, params)
+                    return
+                except psycopg.OperationalError:
+                    # A connection the server dropped (a restart, an idle timeout) fails
+                    # its next statement; every write here is idempotent, so it is made
+                    # once more on a new connection.  The pool discards the broken one.
+                    if last or not conn.broken:
+                        raise
+
+
+def _text(value: str | None) -> str | None:
+    # A text column holds neither NUL nor lone surrogates; the record keeps the exact value.
+    if value is None:
+        return None
+    return value.replace("\0", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _oneline(error: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
