@@ -24,6 +24,8 @@ from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
 from transcoder.core.stores import BadStoreURL, StoreURL, open_store, parse_store_url
+from transcoder.engine.deathsig import warn_if_unavailable
+from transcoder.engine.probe import tool_env
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
@@ -340,4 +342,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         workers=options["workers"],
         profiles=", ".join(profiles),
     )
+    warn_if_unavailable(tool_env()["PATH"])
     return top

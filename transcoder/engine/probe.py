@@ -21,6 +21,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorT
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from transcoder.engine.deathsig import tied_to_node
+
 # ffprobe's JSON for a real file is a few KiB; a file that makes it say more is
 # not something we want to transcode.
 _MAX_OUTPUT = 4 * 1024 * 1024
@@ -205,7 +207,8 @@ def probe(
     count_packets: bool = False,
 ) -> Deferred[MediaInfo]:
     """
-    Run C{ffprobe} on C{path}.
+    Run C{ffprobe} on C{path}, as a child that dies with this process
+    (L{transcoder.engine.deathsig}).
 
     @param reactor: must also provide L{IReactorTime}.
     @return: fires with a L{MediaInfo}, or fails with L{NotMediaError}
@@ -234,11 +237,14 @@ def probe(
     if count_packets:
         argv.insert(3, "-count_packets")
     argv.append("file:" + str(Path(path).absolute()))
+    # Bound to die with this process: a probe of a huge or stalled input
+    # would otherwise outlive a killed node.
+    executable, args = tied_to_node(ffprobe, argv, env["PATH"])
     try:
         reactor.spawnProcess(
             proto,
-            ffprobe,
-            argv,
+            executable,
+            args,
             env=env,
             childFDs={0: "w", 1: "r", 2: "r"},
         )

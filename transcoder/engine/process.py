@@ -1,7 +1,8 @@
 """
 The encoder as a process: spawned in a process group of its own (through
-C{setsid}), its two pipes drained into its log, the tail of what it printed
-and the progress parser, and its group signalled to stop it.
+C{setsid}) and bound to die with the node (L{transcoder.engine.deathsig}),
+its two pipes drained into its log, the tail of what it printed and the
+progress parser, and its group signalled to stop it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from transcoder.engine.deathsig import tied_to_node
 from transcoder.engine.progress import FfmpegProgress, MencoderProgress
 
 LOG_NAME = "encoder.log"
@@ -164,17 +166,20 @@ def spawn_encoder(
 ) -> IProcessTransport:
     """
     Start C{argv} in a process group of its own, in C{job_dir}, its stdin
-    closed and its output read by C{proto}.  Raises L{OSError} if it cannot
-    be started.
+    closed and its output read by C{proto}, as C{setpriv --pdeathsig KILL
+    setsid argv} so that it dies with this process.  Raises L{OSError} if it
+    cannot be started.
     """
     setsid = shutil.which("setsid", path=env["PATH"]) or "/usr/bin/setsid"
-    # util-linux setsid execs the encoder in place when its caller does
-    # not lead a process group (a freshly spawned child never does), so
-    # the pid we get is the encoder's and also its process group id.
+    # setpriv execs setsid in place, and util-linux setsid execs the
+    # encoder in place when its caller does not lead a process group (a
+    # freshly spawned child never does), so the pid we get is the
+    # encoder's and also its process group id.
+    executable, args = tied_to_node(setsid, ["setsid", *argv], env["PATH"])
     transport = reactor.spawnProcess(
         proto,
-        setsid,
-        ["setsid", *argv],
+        executable,
+        args,
         env=env,
         path=str(job_dir),
         childFDs={0: "w", 1: "r", 2: "r"},
@@ -191,8 +196,9 @@ def signal_group(
         killpg(pid, sig)
     except ProcessLookupError:
         # No such group yet: a stop right after the spawn can come before
-        # setsid has run in the child.  The transport signals the child
-        # itself, and knows (unlike a bare pid) whether it was reaped.
+        # setsid has run in the child (still setpriv or setsid then).  The
+        # transport signals the child itself, and knows (unlike a bare pid)
+        # whether it was reaped.
         if transport is not None:
             try:
                 transport.signalProcess(sig)
