@@ -217,12 +217,15 @@ def start(
     return server
 
 
-def serve(data_dir: Path, log: Path, *extra: str) -> ServerProcess:
-    """C{transcoder serve} on C{data_dir} with C{extra} options, as L{start} starts it."""
+def serve(
+    data_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """C{transcoder serve} on C{data_dir} with C{extra} options (and C{env}), as L{start} starts it."""
     return start(
         [transcoder(), "serve", "--listen", LISTEN, "--data-dir", str(data_dir), *extra],
         data_dir,
         log,
+        env=env,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,12 +128,13 @@ def test_tool_env_is_minimal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_spawn_arguments() -> None:
-    """ffprobe runs with an explicit environment and the file named through the file: protocol."""
+    """ffprobe runs through C{setpriv --pdeathsig KILL} (it dies with the node), with an explicit environment and the file named through the file: protocol."""
     fake = FakeReactor()
     probe(fake, Path("/data/odd:name.avi"))
     [spawned] = fake.spawned
-    assert os.path.basename(spawned["executable"]) == "ffprobe"
-    assert spawned["args"][0] == "ffprobe"
+    assert os.path.basename(spawned["executable"]) == "setpriv"
+    assert spawned["args"][:3] == ["setpriv", "--pdeathsig", "KILL"]
+    assert spawned["args"][3] == shutil.which("ffprobe")
     assert spawned["args"][-1] == "file:/data/odd:name.avi"
     assert "-show_streams" in spawned["args"]
     assert spawned["env"]["PATH"]

@@ -5,6 +5,9 @@ runs, or while an upload streams in, and start it again on the same data dir.
 The encoder here is ffmpeg reading its input at native speed (C{-re}), so a
 job takes as long as its clip whatever else loads the machine: the test knows
 the encoder is still running when the server comes back, and stays short.
+Since issue 16 an encoder dies with its server (test_deathsig); the servers
+here run without setpriv (L{without_setpriv}), as older nodes did, so that
+their encoders outlive them as recovery must expect.
 
 This module also holds the helpers that C{test_engine_limits} shares: the
 paced profile, encoders found through /proc, and small HTTP calls.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -191,6 +195,23 @@ def subreaper(tmp_path: Path) -> Iterator[None]:
                 pass
 
 
+@pytest.fixture
+def without_setpriv(tmp_path: Path) -> dict[str, str]:
+    """
+    The environment of a node whose encoders outlive it: a PATH holding the
+    tools the server runs but not setpriv, so it spawns as before issue 16
+    (setsid alone, no parent-death signal), as a node of an older release
+    did.  Its encoders survive a kill -9, which recovery is there for.
+    """
+    bin_dir = tmp_path / "bin-without-setpriv"
+    bin_dir.mkdir()
+    for tool in ("ffmpeg", "ffprobe", "mencoder", "setsid"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    return {"PATH": str(bin_dir)}
+
+
 # -- tests ---------------------------------------------------------------------
 
 RECOVERY_CLIP_SECONDS = 5
@@ -202,18 +223,24 @@ def recovery_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_kill_9_while_encoding_then_restart(
-    tmp_path: Path, paced_profiles: Path, recovery_clip: Path, subreaper: None
+    tmp_path: Path,
+    paced_profiles: Path,
+    recovery_clip: Path,
+    subreaper: None,
+    without_setpriv: dict[str, str],
 ) -> None:
     """
-    kill -9 of the server while its encoder runs leaves the encoder alive (it
-    has a session of its own).  The server started again on the same data dir
-    stops that encoder before listening, runs the job again from its stored
-    input to success with a valid result, and no encoder of the first run is
-    left, not even as a zombie.
+    kill -9 of a server whose encoders do not die with it (no setpriv: it
+    warned at start) leaves the encoder alive (it has a session of its own).
+    The server started again on the same data dir stops that encoder before
+    listening, runs the job again from its stored input to success with a
+    valid result, and no encoder of the first run is left, not even as a
+    zombie.  (With setpriv the encoder dies with its server: test_deathsig.)
     """
     data = tmp_path / "data"
     extra = ("--profiles", str(paced_profiles), "--workers", "1")
-    server = serve(data, tmp_path / "first.log", *extra)
+    server = serve(data, tmp_path / "first.log", *extra, env=without_setpriv)
+    assert "setpriv (util-linux) is not on PATH" in server.log_text()
     try:
         job = upload(server.url, recovery_clip, PACED_PROFILE)
         running = wait_job(server.url, job["id"], lambda j: j["progress"] > 0)
@@ -309,12 +336,17 @@ def test_kill_9_during_upload_leaves_nothing_after_restart(
 
 
 def test_leftover_encoder_found_without_its_stored_pid(
-    tmp_path: Path, paced_profiles: Path, recovery_clip: Path, subreaper: None
+    tmp_path: Path,
+    paced_profiles: Path,
+    recovery_clip: Path,
+    subreaper: None,
+    without_setpriv: dict[str, str],
 ) -> None:
     """
     The pid of a new encoder reaches the database a little after the encoder
-    started (on_spawn -> an asynchronous store write); a server killed in
-    between leaves a running encoder whose job is stored without its pid.
+    started (on_spawn -> an asynchronous store write); a server whose
+    encoders do not die with it (no setpriv), killed in between, leaves a
+    running encoder whose job is stored without its pid.
     The restarted server must still find that encoder (it works in the job's
     directory, in a session of its own) and stop it before running the job
     again, or two encoders run the same job at once.  The lost write is made
@@ -322,7 +354,7 @@ def test_leftover_encoder_found_without_its_stored_pid(
     """
     data = tmp_path / "data"
     extra = ("--profiles", str(paced_profiles), "--workers", "1")
-    server = serve(data, tmp_path / "first.log", *extra)
+    server = serve(data, tmp_path / "first.log", *extra, env=without_setpriv)
     try:
         job = upload(server.url, recovery_clip, PACED_PROFILE)
         wait_job(server.url, job["id"], lambda j: j["progress"] > 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,17 +178,20 @@ def h(tmp_path: Path) -> Harness:
     return harness
 
 
-def test_spawn_through_setsid(h: Harness) -> None:
+def test_spawn_through_setpriv_and_setsid(h: Harness) -> None:
     """
-    The encoder starts as C{setsid <argv>} (its own process group), in the
-    job directory, with stdin closed and a small explicit environment.
+    The encoder starts as C{setpriv --pdeathsig KILL setsid <argv>} (it dies
+    with the node, in a process group of its own), in the job directory,
+    with stdin closed and a small explicit environment.
     """
     execution = h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
     verifyObject(IJobExecution, execution)
     [spawned] = h.reactor.spawned
-    assert os.path.basename(spawned["executable"]) == "setsid"
+    assert os.path.basename(spawned["executable"]) == "setpriv"
+    setsid = spawned["args"][3]
+    assert os.path.basename(setsid) == "setsid" and os.path.isabs(setsid)
     assert spawned["args"] == [
-        "setsid",
+        *("setpriv", "--pdeathsig", "KILL", setsid),
         "mencoder",
         str(h.job_dir / "in.mp4"),
         *("-ovc", "lavc", "-lavcopts", "vbitrate=900", "-o"),
@@ -203,6 +207,22 @@ def test_spawn_through_setsid(h: Harness) -> None:
     assert h.spawns == [90000]
     assert execution.pid == 90000
     assert h.probed == [h.job_dir / "in.mp4"]
+
+
+def test_spawn_without_setpriv_as_before(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where setpriv is not on PATH the encoder starts as C{setsid <argv>}, as before issue 16."""
+    bin_dir = h.job_dir.parent / "bin-without-setpriv"
+    bin_dir.mkdir()
+    for tool in ("mencoder", "setsid"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    h.start(MENCODER, {"file": "in.mp4"}, params={"vbitrate": 900})
+    [spawned] = h.reactor.spawned
+    assert spawned["executable"] == str(bin_dir / "setsid")
+    assert spawned["args"][:2] == ["setsid", "mencoder"]
+    assert h.spawns == [90000]
 
 
 def test_probes_beside_the_encoder_run_one_after_another(h: Harness) -> None:
