@@ -178,8 +178,8 @@ def subreaper(tmp_path: Path) -> Iterator[None]:
     Make this test process the reaper of orphans (PR_SET_CHILD_SUBREAPER), so
     an encoder whose server was killed becomes our child: the test can then
     reap it and see how it ended, instead of leaving a zombie to an init that
-    does not reap.  Any encoder still running under C{tmp_path} at the end is
-    killed and reaped.
+    does not reap.  Any encoder still running on C{tmp_path}/data (the tests'
+    data dir) at the end is killed and reaped.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
@@ -187,7 +187,7 @@ def subreaper(tmp_path: Path) -> Iterator[None]:
         yield
     finally:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        for pid in encoders(tmp_path):
+        for pid in encoders(tmp_path / "data"):
             try:
                 os.killpg(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
