@@ -149,7 +149,7 @@ class LostJob(RuntimeError):
     """
 
 
-class NodeNameTaken(RuntimeError):
+class NodeNameTaken(StoreUnavailable):
     """Another live node already runs under this node's name."""
 
 
