@@ -96,3 +96,60 @@ def test_three_nodes_share_the_work(tmp_path: Path, clips: Clips, pg_dsn: str) -
     finally:
         for server in servers:
             server.stop()
+
+
+def _noisy_clip(path: Path, seconds: int) -> Path:
+    # Noise makes x264 work hard: a few seconds of encode at preset=slow.
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+         f"nullsrc=size=640x360:rate=25:duration={seconds},geq=random(1)*255:128:128",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+         "-c:v", "mpeg4", "-q:v", "2", "-c:a", "mp3", "-shortest", str(path)],
+        check=True, timeout=120,
+    )  # fmt: skip
+    return path
+
+
+def test_a_killed_nodes_job_is_taken_over(tmp_path: Path, pg_dsn: str) -> None:
+    """kill -9 of the node running a long encode: after its lease the other node takes the job over as attempt 2, under its own output name, and it succeeds."""
+    import os
+    import signal
+
+    import psycopg
+
+    data = tmp_path / "data"
+    clip = _noisy_clip(tmp_path / "noisy.avi", 5)
+    first = node(data, tmp_path / "first.log", pg_dsn, "first", 1)
+    second: ServerProcess | None = None
+    orphan: int | None = None
+    try:
+        r = subprocess.run(
+            ["curl", "-sS", "-F", "profile=mp4-h264", "-F", "preset=slow", "-F",
+             f"file=@{clip}", f"{first.url}/jobs"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        job_id = json.loads(r.stdout)["id"]
+        deadline = time.monotonic() + 60
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            while orphan is None:
+                assert time.monotonic() < deadline
+                row = conn.execute("SELECT record->>'pid' FROM jobs WHERE id = %s", (job_id,))
+                pid = row.fetchone()
+                orphan = int(pid[0]) if pid and pid[0] else None
+                time.sleep(0.1)
+        second = node(data, tmp_path / "second.log", pg_dsn, "second", 1)
+        first.kill()
+        job = finished(second, job_id, timeout=180)
+        assert job["state"] == "succeeded", job
+        assert (job["node"], job["attempt"]) == ("second", 2)
+        assert (data / "jobs" / job_id / "result.2.mp4").stat().st_size == job["output"]["size"]
+    finally:
+        if orphan is not None:
+            # Encoders do not yet die with their node (PR_SET_PDEATHSIG is still to come).
+            try:
+                os.killpg(orphan, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        first.stop()
+        if second is not None:
+            second.stop()
