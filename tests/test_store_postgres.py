@@ -34,10 +34,10 @@ def _closed_port() -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_schema_ready_for_claims(pg_dsn: str) -> None:
-    """The jobs table has the columns claims and leases will use, the queue's order index, and schema_version records version 1 once."""
+    """The jobs table has the columns claims, leases and cancels use, the queue's order index, and schema_version records each version once."""
     store = PostgresJobStore(pg_dsn, reactor)
     try:
-        assert store.migrated == [1]
+        assert store.migrated == list(range(1, len(MIGRATIONS) + 1))
         job = make_job(3)
         job.owner = "alice"
         await store.save(job)
@@ -58,6 +58,7 @@ async def test_schema_ready_for_claims(pg_dsn: str) -> None:
                 "node": "text",
                 "attempt": "integer",
                 "lease_expires_at": "timestamp with time zone",
+                "cancel_requested": "boolean",
                 "record": "jsonb",
             }
             row = conn.execute(
@@ -68,7 +69,7 @@ async def test_schema_ready_for_claims(pg_dsn: str) -> None:
             indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
             assert {"jobs_queue", "jobs_order", "jobs_leases"} <= indexes
             versions = conn.execute("SELECT version FROM schema_version").fetchall()
-            assert versions == [(len(MIGRATIONS),)]
+            assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
     finally:
         await store.close()
     again = PostgresJobStore(pg_dsn, reactor)
@@ -110,11 +111,16 @@ async def test_two_stores_starting_together_migrate_once(pg_dsn: str) -> None:
             t.join(30)
     assert not errors
     try:
-        assert sorted(s.migrated for s in stores.values()) == [[], [1]]
+        assert sorted(s.migrated for s in stores.values()) == [
+            [],
+            list(range(1, len(MIGRATIONS) + 1)),
+        ]
         await stores[0].save(job := make_job(1))
         assert stores[1].load() == [job]
         with psycopg.connect(pg_dsn) as conn:
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+                (v,) for v in range(1, len(MIGRATIONS) + 1)
+            ]
     finally:
         for s in stores.values():
             await s.close()
@@ -144,7 +150,7 @@ def test_a_newer_schema_is_refused(pg_dsn: str) -> None:
             "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at timestamptz)"
         )
         conn.execute("INSERT INTO schema_version VALUES (%s, now())", (len(MIGRATIONS) + 1,))
-    with pytest.raises(StoreUnavailable, match="version 2"):
+    with pytest.raises(StoreUnavailable, match=f"version {len(MIGRATIONS) + 1}"):
         PostgresJobStore(pg_dsn, reactor)
 
 

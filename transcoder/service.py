@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import socket
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from transcoder._twisted import raise_listen_errors
+from transcoder.core.cluster import ClusterRegistry
+from transcoder.core.jobs import IClusterStore
 from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
@@ -29,6 +32,7 @@ from transcoder.engine.probe import tool_env
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.metrics import Metrics
+from transcoder.http.nodes import NodeLister
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
 from transcoder.http.webhooks import WebhookNotifier
@@ -56,6 +60,13 @@ def parse_duration(text: str) -> float:
     unit = (m.group(2) or "s").lower()
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
     return float(m.group(1)) * scale
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be at least 0")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -92,7 +103,28 @@ class Options(usage.Options):
             "workers",
             "w",
             None,
-            "Encoders run at once (default: the number of CPUs).",
+            "Encoders run at once (default: the number of CPUs; 0: this node takes "
+            "uploads and serves the API but runs no encoder).",
+            _count,
+        ],
+        [
+            "node-name",
+            None,
+            None,
+            "This node's name in a shared (postgresql) store (default: the host name).",
+        ],
+        [
+            "lease",
+            None,
+            "30s",
+            "With a postgresql store: how long a running job stays this node's without a "
+            "renewal (renewed every third of it).",
+        ],
+        [
+            "max-attempts",
+            None,
+            3,
+            "With a postgresql store: a job whose lease expired this many times fails.",
             _positive_int,
         ],
         [
@@ -145,8 +177,13 @@ class Options(usage.Options):
             "idle-timeout",
             "keep-results",
             "shutdown-grace",
+            "lease",
         ):
             self[key] = parse_duration(self[key])
+        if self["lease"] < 1:
+            raise usage.UsageError("--lease: at least 1s")
+        if not self["node-name"]:
+            self["node-name"] = socket.gethostname()
         if self["workers"] is None:
             self["workers"] = os.cpu_count() or 1
         try:
@@ -281,11 +318,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Raises StoreUnavailable, naming the URL without its password.
     store = open_store(store_url, reactor)
 
-    registry = JobRegistry(
+    cluster: dict[str, Any] = {}
+    registry_type: type[JobRegistry] = JobRegistry
+    if IClusterStore.providedBy(store):
+        registry_type = ClusterRegistry
+        cluster = {
+            "node": options["node-name"],
+            "lease": options["lease"],
+            "max_attempts": options["max-attempts"],
+        }
+    registry = registry_type(
         reactor,
         store,
         data_dir,
         profiles,
+        **cluster,
         workers=options["workers"],
         max_queued=options["max-queued"],
         job_timeout=options["job-timeout"],
@@ -297,6 +344,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             disk_reserve=STORE_HEADROOM,
         ),
     )
+    nodes: NodeLister | None = None
+    if isinstance(registry, ClusterRegistry):
+        # Raises NodeNameTaken (a StoreUnavailable) when a live node has the name.
+        registry.register(options["workers"])
+        nodes = registry.nodes
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
     notifier = WebhookNotifier(
@@ -316,6 +368,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Even --min-free-disk 0 keeps room for the job states still to be written.
         min_free_disk=max(options["min-free-disk"], STORE_HEADROOM),
         metrics=metrics,
+        nodes=nodes,
+        node_name=options["node-name"],
     )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
 
@@ -336,10 +390,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     raise_listen_errors(listener)
     listener.setServiceParent(top)
     log.info(
-        "transcoder: data in {data_dir}, jobs in {store}, {workers} workers, profiles: {profiles}",
+        "transcoder: data in {data_dir}, jobs in {store}, {workers} workers, node {node}, "
+        "profiles: {profiles}",
         data_dir=str(data_dir),
         store=str(store_url),
         workers=options["workers"],
+        node=options["node-name"],
         profiles=", ".join(profiles),
     )
     warn_if_unavailable(tool_env()["PATH"])

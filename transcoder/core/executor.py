@@ -64,6 +64,7 @@ class Executor(Protocol):
         on_spawn: Callable[[int], None],
         kill_grace: float = ...,
         max_input_duration: float | None = ...,
+        attempt: int = ...,
     ) -> Execution: ...
 
 

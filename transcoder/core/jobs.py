@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -88,6 +89,10 @@ class Job:
     callback_url: str | None = None
     # Sequence number giving FIFO order across restarts.
     seq: int = 0
+    # With several nodes: the node that runs (or last ran) the job, and which
+    # run of it this is; writes about a running job are fenced on both.
+    node: str | None = None
+    attempt: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
@@ -135,3 +140,69 @@ class IJobStore(Interface):
         """Finish pending writes and release the storage."""
 
     path = Attribute("Where the store lives, for logs.")
+
+
+class LostJob(RuntimeError):
+    """
+    A write about a running job changed nothing: another node (or a later
+    attempt) owns it now, so this node must stop its encoder and forget it.
+    """
+
+
+class NodeNameTaken(StoreUnavailable):
+    """Another live node already runs under this node's name."""
+
+
+class IClusterStore(Interface):
+    """
+    What a store shared by several nodes adds to L{IJobStore}: claims, leases
+    and fencing, a node table, and a feed of changes.  Every method runs off
+    the reactor thread and returns a Deferred.
+
+    L{IJobStore.save} of a job with a C{node} is fenced: it writes only while
+    that node still holds that C{attempt}, and fails with L{LostJob} otherwise.
+    """
+
+    def insert(job: Job) -> Deferred[int]:
+        """Store a new queued job, numbered from the database's sequence; fires with its C{seq}."""
+
+    def claim(node: str, lease: float) -> Deferred[Job | None]:
+        """Take the first queued job (priority, then FIFO) for C{node}: running, attempt + 1."""
+
+    def renew(node: str, running: dict[str, int], lease: float) -> Deferred[dict[str, bool]]:
+        """
+        Extend the leases of C{running} (job id: attempt) and heartbeat C{node}.
+        Fires with the ids still held, each with whether a cancel was asked for.
+        """
+
+    def requeue_expired(max_attempts: int) -> Deferred[list[str]]:
+        """Jobs whose lease expired go back to the queue, or fail after C{max_attempts}."""
+
+    def cancel(job_id: str, now: float) -> Deferred[str]:
+        """
+        Cancel a queued job at once (C{"cancelled"}), ask the node running it to
+        (C{"requested"}), or leave a finished one (C{"finished"}); C{"missing"}
+        when there is no such job.
+        """
+
+    def get(job_id: str) -> Deferred[tuple[Job, bool] | None]:
+        """The stored job and whether its cancel was asked for, or None."""
+
+    def snapshot() -> Deferred[list[tuple[Job, bool]]]:
+        """Every stored job, as L{get} gives each."""
+
+    def register_node(node: str, workers: int, lease: float) -> Deferred[None]:
+        """Record this node; fails with L{NodeNameTaken} when a live node has the name."""
+
+    def unregister_node(node: str) -> Deferred[None]:
+        """Forget this node, so that its name is free at once."""
+
+    def nodes(lease: float) -> Deferred[list[dict[str, Any]]]:
+        """Live nodes (a heartbeat within C{lease}): name, workers, running, heartbeat_at."""
+
+    def listen(on_change: Callable[[str | None], None]) -> Callable[[], None]:
+        """
+        Call C{on_change} (on the reactor thread) with the id of each job that
+        changed, and with None when changes may have been missed (the feed was
+        (re)connected); returns a function that stops the feed.
+        """

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, fail
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 _P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # pg_advisory_lock key for migrations: "transcod" as a big-endian int64.
 SCHEMA_LOCK = 0x7472616E73636F64
@@ -62,6 +63,40 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_queue ON jobs (priority DESC, seq) WHERE state = 'queued';
     CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
     CREATE TABLE store_check (id integer PRIMARY KEY CHECK (id = 1), at timestamptz NOT NULL);
+    """,
+    # 2: several nodes.  seq comes from a sequence, since any node creates jobs; a
+    # cancel asked on one node reaches the one running the job through
+    # cancel_requested; nodes record who is alive; every change that a client
+    # could see NOTIFYs its job id (a lease renewal is not one).
+    """
+    CREATE SEQUENCE jobs_seq;
+    SELECT setval('jobs_seq', (SELECT coalesce(max(seq), 0) + 1 FROM jobs), false);
+    ALTER TABLE jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
+    CREATE INDEX jobs_node ON jobs (node) WHERE state = 'running';
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        workers integer NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify('transcoder_jobs', OLD.id);
+        ELSE
+            PERFORM pg_notify('transcoder_jobs', NEW.id);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_notify_rows AFTER INSERT OR DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobs_notify();
+    CREATE TRIGGER jobs_notify_changes AFTER UPDATE ON jobs FOR EACH ROW
+        WHEN (OLD.record IS DISTINCT FROM NEW.record OR OLD.state IS DISTINCT FROM NEW.state
+              OR OLD.node IS DISTINCT FROM NEW.node OR OLD.attempt IS DISTINCT FROM NEW.attempt
+              OR OLD.cancel_requested IS DISTINCT FROM NEW.cancel_requested)
+        EXECUTE FUNCTION jobs_notify();
     """,
 )
 
@@ -122,7 +157,7 @@ def record_json(job: Job) -> str:
     return text
 
 
-def _record(text: str) -> dict[str, Any]:
+def parse_record(text: str) -> dict[str, Any]:
     record: dict[str, Any] = json.loads(text)
     if len(record) == 1 and _WRAPPED in record:
         unwrapped: dict[str, Any] = json.loads(record[_WRAPPED])
@@ -178,6 +213,9 @@ class PostgresJobStore:
         no UTF-8 encoding or a schema newer than this code.
     """
 
+    # The writer thread's and load()'s connections.
+    POOL_SIZE = 2
+
     def __init__(
         self, url: str, reactor: IReactorFromThreads, *, connect_timeout: float = 10
     ) -> None:
@@ -185,6 +223,8 @@ class PostgresJobStore:
         from psycopg_pool import ConnectionPool
 
         self.path = redact_url(url)
+        self._url = url
+        self._connect_timeout = connect_timeout
         self._reactor = reactor
         try:
             with pg.connect(
@@ -195,14 +235,13 @@ class PostgresJobStore:
                     raise StoreUnavailable(f"it is encoded in {encoding}: it must be UTF8")
                 self.migrated = migrate(conn)
         except pg.Error as e:
-            raise StoreUnavailable(f"job database {self.path}: {_oneline(e)}") from None
+            raise StoreUnavailable(f"job database {self.path}: {oneline(e)}") from None
         except StoreUnavailable as e:
             raise StoreUnavailable(f"job database {self.path}: {e}") from None
-        # Two: the writer thread's and load()'s; claims and LISTEN will want their own.
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=1,
-            max_size=2,
+            max_size=self.POOL_SIZE,
             kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout))},
             open=False,
             # A database that went away fails a write within this, not the default 30 s.
@@ -213,7 +252,7 @@ class PostgresJobStore:
             self._pool.open(wait=True, timeout=connect_timeout)
         except pg.Error as e:
             self._pool.close()
-            raise StoreUnavailable(f"job database {self.path}: {_oneline(e)}") from None
+            raise StoreUnavailable(f"job database {self.path}: {oneline(e)}") from None
         # Exactly one thread: writes stay in call order.
         self._writer = ThreadPool(1, 1, name="job-store postgresql")
         self._closed = False
@@ -221,10 +260,17 @@ class PostgresJobStore:
     def load(self) -> list[Job]:
         with self._pool.connection() as conn:
             rows = conn.execute("SELECT record::text FROM jobs ORDER BY seq, created_at").fetchall()
-        return [Job.from_record(_record(text)) for (text,) in rows]
+        return [Job.from_record(parse_record(text)) for (text,) in rows]
 
     def save(self, job: Job) -> Deferred[None]:
-        row = (job.id, job.seq, job.state.value, _text(job.owner), job.created_at, record_json(job))
+        row = (
+            job.id,
+            job.seq,
+            job.state.value,
+            column_text(job.owner),
+            job.created_at,
+            record_json(job),
+        )
         return self._write(self._execute, _UPSERT, row)
 
     def delete(self, job_id: str) -> Deferred[None]:
@@ -254,7 +300,7 @@ class PostgresJobStore:
         d.addBoth(stop_writer)
         return d
 
-    def _write(self, f: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[None]:
+    def _write(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
         if self._closed:
             return fail(StoreClosed(f"{self.path} is closed"))
         if not self._writer.started:
@@ -277,12 +323,12 @@ class PostgresJobStore:
                         raise
 
 
-def _text(value: str | None) -> str | None:
+def column_text(value: str | None) -> str | None:
     # A text column holds neither NUL nor lone surrogates; the record keeps the exact value.
     if value is None:
         return None
     return value.replace("\0", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
-def _oneline(error: BaseException) -> str:
+def oneline(error: BaseException) -> str:
     return re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__

@@ -66,8 +66,8 @@ class JobRegistry:
         executor: Executor | None = None,
         max_input_duration: float | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+        if workers < 0:
+            raise ValueError("workers must be at least 0")
         self._reactor = reactor
         self._store = store
         self._data_dir = Path(data_dir)
@@ -93,7 +93,7 @@ class JobRegistry:
         self._stopping = False
         self._stopped: Deferred[None] | None = None
         self._scheduling = False
-        self._writer = StoreWriter(reactor, store, on_recovered=self._schedule)
+        self._writer = StoreWriter(reactor, store, on_recovered=self._schedule, on_lost=self._lost)
 
     # -- public surface ----------------------------------------------------
 
@@ -107,6 +107,11 @@ class JobRegistry:
         """Why the store's last write failed, until one succeeds again: no job
         starts and no upload is taken meanwhile."""
         return self._writer.error
+
+    @property
+    def workers(self) -> int:
+        """How many encoders this node runs at once (0: none)."""
+        return self._workers
 
     @property
     def queued_count(self) -> int:
@@ -359,6 +364,8 @@ class JobRegistry:
                 on_spawn=lambda pid: self._on_spawn(run, pid),
                 kill_grace=self._kill_grace,
                 max_input_duration=self._max_input_duration,
+                # One node (attempt 0) keeps the executor's default names.
+                **({"attempt": job.attempt} if job.attempt else {}),
             )
         except Exception:
             _log.failure("could not start the encoder for job {job_id}", job_id=job.id)
@@ -513,6 +520,9 @@ class JobRegistry:
 
     # -- helpers -----------------------------------------------------------
 
+    def _lost(self, job: Job) -> None:
+        """A write about C{job} was refused: another node holds it now (only with several)."""
+
     def _record(self, job: Job, change: Callable[[Job], None]) -> Deferred[Job]:
         """
         Apply C{change} (a job's end) to C{job} once the store has recorded it
@@ -534,7 +544,7 @@ class JobRegistry:
         """Seconds until a queue slot is likely to free: one run spread over the workers."""
         if self._mean_run is None:
             return _DEFAULT_RETRY_AFTER
-        return min(600, max(1, math.ceil(self._mean_run / self._workers)))
+        return min(600, max(1, math.ceil(self._mean_run / max(1, self._workers))))
 
 
 def _shutting_down() -> Unavailable:

@@ -92,6 +92,6 @@ def open_store(url: StoreURL, reactor: IReactorFromThreads) -> IJobStore:
         from transcoder.core.sqlite import SQLiteJobStore
 
         return SQLiteJobStore(Path(url.target), reactor)
-    from transcoder.core.postgres import PostgresJobStore
+    from transcoder.core.pgcluster import PostgresClusterStore
 
-    return PostgresJobStore(url.target, reactor)
+    return PostgresClusterStore(url.target, reactor)

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from transcoder.core.files import remove_results
-from transcoder.core.jobs import RUNNING_MAX_PROGRESS, IJobStore, Job, JobState
+from transcoder.core.jobs import RUNNING_MAX_PROGRESS, IJobStore, Job, JobState, LostJob
 
 _log = Logger()
 
@@ -51,14 +51,21 @@ class StoreWriter:
     """
 
     def __init__(
-        self, reactor: IReactorTime, store: IJobStore, on_recovered: Callable[[], None]
+        self,
+        reactor: IReactorTime,
+        store: IJobStore,
+        on_recovered: Callable[[], None],
+        on_lost: Callable[[Job], None] | None = None,
     ) -> None:
         """
         @param on_recovered: called when a write succeeds after one failed.
+        @param on_lost: called with a job whose write was refused because
+            another node holds it now (L{LostJob}): the store is fine.
         """
         self._reactor = reactor
         self._store = store
         self._on_recovered = on_recovered
+        self._on_lost = on_lost
         self.error: str | None = None
         self._check: IDelayedCall | None = None
         self._stopping = False
@@ -74,6 +81,9 @@ class StoreWriter:
         """Write C{job} through to the store; a failure is logged, never raised."""
 
         def failed(f: Failure) -> None:
+            if f.check(LostJob):
+                self.lost(job)
+                return
             _log.failure("could not store job {job_id}", f, job_id=job.id)
             self.failed(f.value)
 
@@ -115,6 +125,9 @@ class StoreWriter:
         while True:
             try:
                 await call_store(self._store.save, draft)
+            except LostJob:
+                self.lost(job)
+                return False
             except Exception as e:
                 if failures == 0:
                     _log.failure("could not record the end of job {job_id}", job_id=job.id)
@@ -140,6 +153,13 @@ class StoreWriter:
             for name in _JOB_FIELDS:
                 setattr(job, name, getattr(draft, name))
             return True
+
+    def lost(self, job: Job) -> None:
+        """Another node holds C{job} now: this node's writes about it are refused."""
+        _log.warn("job {job_id} is no longer this node's (attempt {attempt})", job_id=job.id,
+                  attempt=job.attempt)  # fmt: skip
+        if self._on_lost is not None:
+            self._on_lost(job)
 
     def failed(self, error: BaseException | None) -> None:
         """A write failed with C{error}: test the store until one succeeds."""

@@ -83,8 +83,11 @@ def check_contents(contents: Contents, duration: float | None, tolerance: float)
 
 
 def keep_result(partial: Path, profile: Profile, digest: str, duration: float | None) -> OutputFile:
-    """Make the checked output at C{partial} the job's result, beside it."""
-    final = partial.parent / f"result.{profile.output_extension}"
+    """
+    Make the checked output at C{partial} the job's result, beside it:
+    C{result.partial.[<attempt>.]<ext>} becomes C{result.[<attempt>.]<ext>}.
+    """
+    final = partial.parent / partial.name.replace("result.partial.", "result.", 1)
     os.replace(partial, final)
     return OutputFile(
         size=final.stat().st_size,

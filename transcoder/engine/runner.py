@@ -116,6 +116,7 @@ class _Execution:
         on_spawn: Callable[[int], None],
         tools: Tools,
         limits: Limits,
+        attempt: int = 0,
     ) -> None:
         self.deferred: Deferred[Outcome] = Deferred()
         self.pid: int | None = None
@@ -146,7 +147,10 @@ class _Execution:
             self._inputs_probed,
         )
         self._runaway: str | None = None
-        self._partial = job_dir / f"result.partial.{profile.output_extension}"
+        # Each attempt (with several nodes) writes under its own names: a node
+        # that lost the job never writes over the one that took it over.
+        run = f"{attempt}." if attempt else ""
+        self._partial = job_dir / f"result.partial.{run}{profile.output_extension}"
         self._stop: str | None = None
         self._finished = False
         self._progress = 0.0
@@ -516,6 +520,7 @@ def execute_job(
     disk_reserve: int = DISK_RESERVE,
     disk_free: FreeSpace = free_space,
     max_input_duration: float | None = None,
+    attempt: int = 0,
 ) -> IJobExecution:
     """
     Start running C{profile} on C{inputs}, writing into C{job_dir}.
@@ -540,6 +545,9 @@ def execute_job(
         probes have answered.
     @param on_spawn: called with the encoder's pid, which is also its process
         group id, right after it starts.
+    @param attempt: which run of the job this is, when several nodes share
+        it (0: one node): its output is C{result.partial.<attempt>.<ext>},
+        then C{result.<attempt>.<ext>}.
     """
     execution = _Execution(
         reactor,
@@ -565,6 +573,7 @@ def execute_job(
             disk_reserve=disk_reserve,
             max_input_duration=max_input_duration,
         ),
+        attempt,
     )
     execution.start()
     return execution

@@ -3,7 +3,7 @@ The HTTP API's resource tree, from its root:
 
   - C{/jobs}: uploads and the listing (L{transcoder.http.jobs}), each job
     below it (L{transcoder.http.job});
-  - C{/profiles}, C{/health}, C{/metrics}.
+  - C{/profiles}, C{/nodes}, C{/health}, C{/metrics}.
 
 With tokens configured, the root authenticates every request while the tree is
 traversed, so an upload with a bad token is refused before its body is read
@@ -12,6 +12,7 @@ traversed, so an upload with a bad token is refused before its body is read
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
 from transcoder.http.errors import not_found
 from transcoder.http.jobs import FreeDisk, JobsResource, UploadReport, free_space
+from transcoder.http.nodes import NodeLister, NodesResource, this_node
 from transcoder.http.responses import (
     EndResource,
     ErrorResource,
@@ -145,6 +147,7 @@ class RootResource(JSONResource):
                 "links": {
                     "jobs": "/jobs",
                     "profiles": "/profiles",
+                    "nodes": "/nodes",
                     "health": "/health",
                     "metrics": "/metrics",
                 },
@@ -177,6 +180,8 @@ def build_root(
     min_free_disk: int = 0,
     free_disk: FreeDisk = free_space,
     metrics: Any = None,
+    nodes: NodeLister | None = None,
+    node_name: str | None = None,
 ) -> Resource:
     """
     The whole resource tree.
@@ -188,6 +193,8 @@ def build_root(
     @param metrics: a L{transcoder.http.metrics.Metrics} (started and stopped by
         the caller), or just a C{/metrics} resource; by default a new Metrics,
         started here, which then also counts uploads.
+    @param nodes: lists the nodes sharing the job store, for C{/nodes};
+        by default this one alone, named C{node_name} (the host name).
     """
     upload_finished: UploadReport | None = None
     if metrics is None:
@@ -217,6 +224,12 @@ def build_root(
         ),
     )
     root.putChild(b"profiles", ProfilesResource(profiles))
+    root.putChild(
+        b"nodes",
+        NodesResource(
+            nodes or this_node(registry, node_name or socket.gethostname(), clock or reactor)
+        ),
+    )
     root.putChild(b"health", HealthResource(registry, data_dir, min_free_disk, free_disk))
     if metrics is not None:
         root.putChild(b"metrics", GuardedResource(metrics))

@@ -31,6 +31,9 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
         ],
         "output": None,
         "error": None,
+        # With several nodes: which ran (or runs) the job, and which run of it this is.
+        "node": job.node,
+        "attempt": job.attempt,
         "url": f"{base_url}/jobs/{job.id}",
     }
     if job.output is not None and job.state is JobState.SUCCEEDED:
