@@ -172,7 +172,8 @@ def test_kill_9_of_the_node_kills_its_encoder(
         assert wait_for(lambda: _stored_pid(data, job["id"]) is not None, timeout=30)
         pid = _stored_pid(data, job["id"])
         assert pid is not None
-        assert list(encoders(data)) == [pid]
+        # The stored pid comes at the spawn, before setpriv and setsid have run.
+        assert wait_for(lambda: list(encoders(data)) == [pid], timeout=10), list(encoders(data))
         fields = proc_stat(pid)
         assert fields is not None and int(fields[2]) == int(fields[3]) == pid
         assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(sys.executable)
