@@ -16,10 +16,13 @@ from transcoder.http.errors import http_error
 from transcoder.service import Options
 
 
-def test_builtins_are_the_three_documented_profiles() -> None:
-    """mux-avi, avi-mpeg4 and mp4-h264 ship built in, with the inputs and outputs the docs give."""
+BUILTINS = {"mux-avi", "avi-mpeg4", "mp4-h264", "webm-vp9", "audio-mp3", "audio-aac"}
+
+
+def test_builtins_are_the_documented_profiles() -> None:
+    """The six built-ins ship, with the inputs, outputs and needs the docs give."""
     profiles = builtin_profiles()
-    assert set(profiles) == {"mux-avi", "avi-mpeg4", "mp4-h264"}
+    assert set(profiles) == BUILTINS
     assert profiles["mux-avi"].inputs == ("video", "audio")
     assert profiles["avi-mpeg4"].inputs == ("file",)
     assert (profiles["mp4-h264"].output_extension, profiles["mp4-h264"].media_type) == (
@@ -27,6 +30,36 @@ def test_builtins_are_the_three_documented_profiles() -> None:
         "video/mp4",
     )
     assert {"-noskip", "-mc"} <= set(profiles["avi-mpeg4"].argv)
+    assert {n: (profiles[n].output_extension, profiles[n].media_type) for n in BUILTINS} == {
+        "mux-avi": ("avi", "video/x-msvideo"),
+        "avi-mpeg4": ("avi", "video/x-msvideo"),
+        "mp4-h264": ("mp4", "video/mp4"),
+        "webm-vp9": ("webm", "video/webm"),
+        "audio-mp3": ("mp3", "audio/mpeg"),
+        "audio-aac": ("m4a", "audio/mp4"),
+    }
+    assert profiles["audio-mp3"].needs == {"file": ("audio",)}
+    assert profiles["audio-aac"].needs == {"file": ("audio",)}
+    assert profiles["webm-vp9"].needs == {"file": ("video",)}
+    for name in ("mp4-h264", "webm-vp9"):
+        height = profiles[name].parameters["height"]
+        assert (height.minimum, height.maximum, height.default) == (16, 4320, 4320)
+
+
+def test_mp4_h264_is_as_it_was_but_for_the_height_limit() -> None:
+    """mp4-h264's argv is the one before the height parameter, its scale filter aside."""
+    p = builtin_profiles()["mp4-h264"]
+    argv = p.build_argv({"file": "in"}, "out", p.validate_params({"height": "720"}))
+    vf = argv[argv.index("-vf") + 1]
+    assert vf == "scale=w='trunc(iw*oh/ih/2)*2':h='trunc(min(ih,720)/2)*2'"
+    assert argv[: argv.index("-vf")] == [
+        "ffmpeg", "-nostdin", "-y", "-nostats", "-progress", "pipe:1", "-i", "in",
+    ]  # fmt: skip
+    assert argv[argv.index("-vf") + 2 :] == [
+        "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+        "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart",
+        "-f", "mp4", "out",
+    ]  # fmt: skip
 
 
 def test_parameters_get_defaults_and_are_range_checked() -> None:
@@ -93,7 +126,7 @@ def test_profiles_file_extends_or_replaces_the_builtins(tmp_path: Path) -> None:
         '[copy]\nexecutable = "ffmpeg"\nargv = ["-i", "{file}", "-c", "copy", "{output}"]\n'
         'output_extension = "mkv"\n'
     )
-    assert set(load_profiles(extra)) == {"mux-avi", "avi-mpeg4", "mp4-h264", "copy"}
+    assert set(load_profiles(extra)) == BUILTINS | {"copy"}
     extra.write_text("replace_builtins = true\n" + extra.read_text())
     assert set(load_profiles(extra)) == {"copy"}
 

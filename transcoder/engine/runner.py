@@ -144,6 +144,7 @@ class _Execution:
             profile.inputs,
             limits.max_input_duration,
             self._inputs_probed,
+            profile.needs,
         )
         self._runaway: str | None = None
         self._partial = job_dir / f"result.partial.{profile.output_extension}"
