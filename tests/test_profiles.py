@@ -15,7 +15,6 @@ from transcoder.core.profiles import ProfileError, builtin_profiles, load_profil
 from transcoder.http.errors import http_error
 from transcoder.service import Options
 
-
 BUILTINS = {"mux-avi", "avi-mpeg4", "mp4-h264", "webm-vp9", "audio-mp3", "audio-aac"}
 
 
