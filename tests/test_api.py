@@ -343,7 +343,33 @@ default = 1
 type = "choice"
 choices = ["fast", "slow"]
 default = "fast"
+
+[tag]
+executable = "ffmpeg"
+argv = ["-i", "{file}", "-metadata", "title={title}", "-an", "{mute}", "{output}"]
+
+[tag.parameters.title]
+type = "string"
+pattern = "[A-Za-z0-9 ]{1,40}"
+default = "untitled"
+
+[tag.parameters.mute]
+type = "bool"
+default = false
 """
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_with_bool_and_string_parameters_conforms(
+    make_api: Callable[..., Api],
+) -> None:
+    """A job's params hold a bool as true/false and a string as sent; the job JSON conforms."""
+    api = make_api(profiles=parse_profiles(_FORM_PROFILES))
+    reply = await api.call("PUT", "/jobs?profile=tag&mute=1&title=Take%202", data=b"x" * 100)
+    assert reply.code == 201
+    assert reply.json()["params"] == {"title": "Take 2", "mute": True}
+    reply = await api.call("PUT", "/jobs?profile=tag&title=-an", data=b"x" * 100)
+    assert (reply.code, reply.json()["error"]["code"]) == (422, "invalid_parameter")
 
 
 @pytest_twisted.ensureDeferred
@@ -386,7 +412,7 @@ async def test_profiles_tell_a_client_enough_to_build_a_form(
     assert built_in["mux-avi"]["inputs"] == ["video", "audio"]
 
     api = make_api(profiles=parse_profiles(_FORM_PROFILES))
-    [mux] = (await api.call("GET", "/profiles")).json()["profiles"]
+    [mux, _] = (await api.call("GET", "/profiles")).json()["profiles"]
     assert mux == {
         "name": "mux",
         "description": "Two inputs.",
