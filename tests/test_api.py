@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -45,7 +45,7 @@ from zope.interface.verify import verifyObject
 from transcoder import __version__
 from transcoder.core.errors import Invalid, NotFound, Unavailable
 from transcoder.core.jobs import JobState, OutputFile
-from transcoder.core.profiles import load_profiles
+from transcoder.core.profiles import Profile, load_profiles, parse_profiles
 from transcoder.core.registry import JobRegistry
 from transcoder.http.auth import TokenAuth
 from transcoder.http.bodies import IBodyReceiver
@@ -239,6 +239,7 @@ def make_api(tmp_path: Path) -> Callable[..., Api]:
         max_queued: int | None = None,
         min_free_disk: int = 0,
         metrics: Resource | None = None,
+        profiles: Mapping[str, Profile] = PROFILES,
     ) -> Api:
         clock = Clock()
         clock.advance(1_700_000_000)
@@ -247,7 +248,7 @@ def make_api(tmp_path: Path) -> Callable[..., Api]:
             clock,
             MemoryStore(),
             tmp_path,
-            PROFILES,
+            profiles,
             workers=workers,
             max_queued=max_queued,
             executor=executor,
@@ -258,7 +259,7 @@ def make_api(tmp_path: Path) -> Callable[..., Api]:
         root = build_root(
             reactor,
             registry,
-            PROFILES,
+            profiles,
             tmp_path,
             max_upload_size,
             clock=poll_clock,
@@ -301,6 +302,140 @@ async def test_index_and_profiles(make_api: Callable[..., Api]) -> None:
     assert set(profiles) == set(PROFILES)
     assert profiles["mp4-h264"]["media_type"] == "video/mp4"
     assert set(profiles["mp4-h264"]["parameters"]) == set(PROFILES["mp4-h264"].parameters)
+
+
+# Every parameter type, a profile with two inputs and one with needs: what a form needs.
+_FORM_PROFILES = """
+[mux]
+description = "Two inputs."
+executable = "ffmpeg"
+argv = ["-i", "{video}", "-i", "{audio}", "-metadata", "title={title}", "-an", "{mute}",
+        "-q", "{q}", "-g", "{gain}", "-p", "{preset}", "{output}"]
+inputs = ["video", "audio"]
+needs = { video = ["video"], audio = ["audio"] }
+output_extension = "mkv"
+media_type = "video/x-matroska"
+timeout = 60
+
+[mux.parameters.title]
+type = "string"
+pattern = "[A-Za-z0-9 ]{1,40}"
+default = "untitled"
+description = "Title."
+
+[mux.parameters.mute]
+type = "bool"
+default = false
+
+[mux.parameters.q]
+type = "int"
+minimum = 1
+maximum = 31
+default = 4
+
+[mux.parameters.gain]
+type = "float"
+minimum = -1.5
+maximum = 10
+default = 1
+
+[mux.parameters.preset]
+type = "choice"
+choices = ["fast", "slow"]
+default = "fast"
+
+[tag]
+executable = "ffmpeg"
+argv = ["-i", "{file}", "-metadata", "title={title}", "-an", "{mute}", "{output}"]
+
+[tag.parameters.title]
+type = "string"
+pattern = "[A-Za-z0-9 ]{1,40}"
+default = "untitled"
+
+[tag.parameters.mute]
+type = "bool"
+default = false
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_with_bool_and_string_parameters_conforms(
+    make_api: Callable[..., Api],
+) -> None:
+    """A job's params hold a bool as true/false and a string as sent; the job JSON conforms."""
+    api = make_api(profiles=parse_profiles(_FORM_PROFILES))
+    reply = await api.call("PUT", "/jobs?profile=tag&mute=1&title=Take%202", data=b"x" * 100)
+    assert reply.code == 201
+    assert reply.json()["params"] == {"title": "Take 2", "mute": True}
+    reply = await api.call("PUT", "/jobs?profile=tag&title=-an", data=b"x" * 100)
+    assert (reply.code, reply.json()["error"]["code"]) == (422, "invalid_parameter")
+
+
+@pytest_twisted.ensureDeferred
+async def test_profiles_tell_a_client_enough_to_build_a_form(
+    make_api: Callable[..., Api],
+) -> None:
+    """
+    GET /profiles gives, per profile, its inputs and the streams each needs,
+    every parameter with its type, default, description and range, choices
+    or pattern, and its outputs (one file for now: name, extension, media
+    type); every built-in and every parameter type conforms to the spec.
+    """
+    api = make_api()
+    built_in = {p["name"]: p for p in (await api.call("GET", "/profiles")).json()["profiles"]}
+    assert set(built_in) == {
+        "mux-avi",
+        "avi-mpeg4",
+        "mp4-h264",
+        "webm-vp9",
+        "audio-mp3",
+        "audio-aac",
+    }
+    h264 = built_in["mp4-h264"]
+    assert h264["inputs"] == ["file"] and h264["needs"] == {}
+    assert h264["outputs"] == [
+        {"name": "result.mp4", "extension": "mp4", "media_type": "video/mp4"}
+    ]
+    assert h264["parameters"]["height"] == {
+        "type": "int",
+        "minimum": 16,
+        "maximum": 4320,
+        "default": 4320,
+        "description": PROFILES["mp4-h264"].parameters["height"].description,
+    }
+    assert h264["parameters"]["preset"]["choices"][0] == "ultrafast"
+    assert built_in["audio-aac"]["needs"] == {"file": ["audio"]}
+    assert built_in["audio-aac"]["outputs"] == [
+        {"name": "result.m4a", "extension": "m4a", "media_type": "audio/mp4"}
+    ]
+    assert built_in["mux-avi"]["inputs"] == ["video", "audio"]
+
+    api = make_api(profiles=parse_profiles(_FORM_PROFILES))
+    [mux, _] = (await api.call("GET", "/profiles")).json()["profiles"]
+    assert mux == {
+        "name": "mux",
+        "description": "Two inputs.",
+        "inputs": ["video", "audio"],
+        "needs": {"video": ["video"], "audio": ["audio"]},
+        "output_extension": "mkv",
+        "media_type": "video/x-matroska",
+        "outputs": [{"name": "result.mkv", "extension": "mkv", "media_type": "video/x-matroska"}],
+        "timeout": 60.0,
+        "parameters": {
+            "title": {
+                "type": "string",
+                "pattern": "[A-Za-z0-9 ]{1,40}",
+                "max_length": 256,
+                "default": "untitled",
+                "description": "Title.",
+            },
+            "mute": {"type": "bool", "default": False},
+            "q": {"type": "int", "minimum": 1, "maximum": 31, "default": 4},
+            "gain": {"type": "float", "minimum": -1.5, "maximum": 10, "default": 1.0},
+            "preset": {"type": "choice", "choices": ["fast", "slow"], "default": "fast"},
+        },
+    }
 
 
 @pytest_twisted.ensureDeferred

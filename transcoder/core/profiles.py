@@ -8,93 +8,65 @@ before it is substituted into the profile's argv template.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 from transcoder.core.errors import Invalid
+from transcoder.core.parameters import (
+    NAME,
+    RESERVED_FIELDS,
+    Parameter,
+    ParamValue,
+    ProfileError,
+    build_parameter,
+    format_value,
+    validate_params,
+)
 
-ParamValue = int | float | str
+__all__ = [
+    "RESERVED_FIELDS",
+    "ParamValue",
+    "Parameter",
+    "Profile",
+    "ProfileError",
+    "builtin_profiles",
+    "format_value",
+    "load_profiles",
+    "parse_profiles",
+    "profile_for",
+]
+
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
+STREAM_KINDS = ("audio", "video")
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-# Plain ASCII numbers only: int() and float() also take " 1_000 ", "1e3" and
-# other scripts' digits, which no client means to send.
-_NUMBER = re.compile(r"^(-?)([0-9]+)(\.[0-9]+)?\Z")
-# Longer (leading zeros aside) is far past any range, and int() would refuse
-# more than 4300 digits.
-_MAX_DIGITS = 18
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
-# Choices are substituted into argv, so they must never look like options or paths.
-_SAFE_CHOICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+]*$")
-RESERVED_FIELDS = frozenset({"profile", "filename", "sha256", "callback_url", "output"})
-
-
-class ProfileError(ValueError):
-    """A profiles file is malformed."""
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """A client-settable value with its type and allowed range."""
-
-    name: str
-    type: Literal["int", "float", "choice"]
-    default: ParamValue
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
-    description: str = ""
-
-    def parse(self, raw: str) -> ParamValue:
-        """Convert a client's string, or raise L{Invalid} saying why not."""
-        value: ParamValue
-        if self.type == "choice":
-            if raw not in self.choices:
-                raise _bad_param(self.name, f"must be one of {', '.join(self.choices)}")
-            return raw
-        m = _NUMBER.match(raw)
-        if m is None or (self.type == "int" and m.group(3)):
-            raise _bad_param(
-                self.name, f"must be {'an integer' if self.type == 'int' else 'a number'}"
-            )
-        sign, whole, fraction = m.groups()
-        whole = whole.lstrip("0") or "0"
-        if len(whole) > _MAX_DIGITS:
-            # A number still, only too far from any range to convert.
-            bound = self.minimum if sign else self.maximum
-            if bound is not None:
-                raise _bad_param(
-                    self.name, f"must be {'at least' if sign else 'at most'} {_fmt(bound)}"
-                )
-            raise _bad_param(self.name, f"has more than {_MAX_DIGITS} digits")
-        if self.type == "int":
-            value = int(sign + whole)
-        else:
-            # + 0.0: "-0" is zero, never "-0.0" in an encoder's argv.
-            value = float(sign + whole + (fraction or "")) + 0.0
-        if self.minimum is not None and value < self.minimum:
-            raise _bad_param(self.name, f"must be at least {_fmt(self.minimum)}")
-        if self.maximum is not None and value > self.maximum:
-            raise _bad_param(self.name, f"must be at most {_fmt(self.maximum)}")
-        return value
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type, "default": self.default}
-        if self.minimum is not None:
-            out["minimum"] = self.minimum
-        if self.maximum is not None:
-            out["maximum"] = self.maximum
-        if self.choices:
-            out["choices"] = list(self.choices)
-        if self.description:
-            out["description"] = self.description
-        return out
+# Anything in braces that looks like a name: a placeholder mistyped ({Height},
+# {out-put}) would otherwise reach argv as it stands.
+_BRACED = re.compile(r"\{([A-Za-z0-9_-]+)\}")
+_EXTENSION = re.compile(r"^[a-z0-9]{1,8}$")
+_MEDIA_TYPE = re.compile(r"^[a-z]+/[A-Za-z0-9.+-]+$")
+PROFILE_KEYS = frozenset(
+    {
+        "description",
+        "executable",
+        "argv",
+        "inputs",
+        "needs",
+        "output_extension",
+        "media_type",
+        "progress",
+        "timeout",
+        "duration_tolerance",
+        "parameters",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +85,9 @@ class Profile:
     parameters: Mapping[str, Parameter] = field(default_factory=dict)
     # Allowed relative difference between the output's and the input's duration.
     duration_tolerance: float = 0.05
+    # Per input, the kinds of stream it must hold ("audio", "video"): an input
+    # without one fails the job saying so, rather than with the encoder's words.
+    needs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def validate_params(self, raw: Mapping[str, str]) -> dict[str, ParamValue]:
         """
@@ -120,13 +95,7 @@ class Profile:
 
         @raise Invalid: for an unknown parameter or a bad value.
         """
-        for name in raw:
-            if name not in self.parameters:
-                raise Invalid("unknown_parameter", f"profile {self.name} has no parameter {name!r}")
-        return {
-            name: (p.parse(raw[name]) if name in raw else p.default)
-            for name, p in self.parameters.items()
-        }
+        return validate_params(self.name, self.parameters, raw)
 
     def build_argv(
         self, inputs: Mapping[str, str], output: str, params: Mapping[str, ParamValue]
@@ -141,19 +110,24 @@ class Profile:
         return argv
 
     def to_json(self) -> dict[str, Any]:
+        """What a client needs to build a form for this profile, and what it will get."""
         return {
             "name": self.name,
             "description": self.description,
             "inputs": list(self.inputs),
+            "needs": {role: list(kinds) for role, kinds in self.needs.items()},
             "output_extension": self.output_extension,
             "media_type": self.media_type,
+            "outputs": [
+                {
+                    "name": f"result.{self.output_extension}",
+                    "extension": self.output_extension,
+                    "media_type": self.media_type,
+                }
+            ],
             "timeout": self.timeout,
             "parameters": {n: p.to_json() for n, p in self.parameters.items()},
         }
-
-
-def _bad_param(name: str, why: str) -> Invalid:
-    return Invalid("invalid_parameter", f"parameter {name!r} {why}")
 
 
 def profile_for(profiles: Mapping[str, Profile], name: str | None) -> Profile:
@@ -169,99 +143,103 @@ def profile_for(profiles: Mapping[str, Profile], name: str | None) -> Profile:
     return profile
 
 
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else format_value(float(x))
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def format_value(value: ParamValue) -> str:
-    """
-    A parameter's value as it goes into argv: a float in plain decimals
-    (C{1e-07} is C{0.0000001}), with no sign on zero, so that a value starts
-    with C{-} only where it is negative (and its range allows that).
-    """
-    if not isinstance(value, float):
-        return str(value)
-    if value == 0:
-        return "0.0"
-    # repr() is the shortest text that reads back as the same float.
-    text = format(Decimal(repr(value)), "f")
-    return text if "." in text else text + ".0"
+def _profile(name: str, spec: object) -> Profile:
+    def error(key: str | None, why: str) -> ProfileError:
+        return ProfileError(f"profile {name!r}" + (f", key {key!r}" if key else "") + f": {why}")
 
-
-def _parameter(profile: str, name: str, spec: Mapping[str, Any]) -> Parameter:
-    where = f"profile {profile!r} parameter {name!r}"
-    if not _NAME.match(name) or "-" in name or name in RESERVED_FIELDS:
-        raise ProfileError(f"{where}: bad or reserved name")
-    kind = spec.get("type")
-    if kind not in ("int", "float", "choice"):
-        raise ProfileError(f"{where}: type must be int, float or choice")
-    if "default" not in spec:
-        raise ProfileError(f"{where}: needs a default")
-    choices = tuple(spec.get("choices", ()))
-    if kind == "choice":
-        if not choices or not all(isinstance(c, str) and _SAFE_CHOICE.match(c) for c in choices):
-            raise ProfileError(f"{where}: choices must be plain words")
-    param = Parameter(
-        name=name,
-        type=kind,
-        default=spec["default"],
-        minimum=spec.get("minimum"),
-        maximum=spec.get("maximum"),
-        choices=choices,
-        description=str(spec.get("description", "")),
-    )
-    try:
-        param.parse(str(param.default))
-    except Invalid as e:
-        raise ProfileError(f"{where}: default {param.default!r} is invalid: {e.message}") from None
-    return param
-
-
-def _profile(name: str, spec: Mapping[str, Any]) -> Profile:
-    where = f"profile {name!r}"
-    if not _NAME.match(name):
-        raise ProfileError(f"{where}: bad name")
+    if not NAME.match(name):
+        raise error(None, "bad name (lower-case letters, digits, - and _)")
+    if not isinstance(spec, dict):
+        raise error(None, "must be a table")
+    for key in spec:
+        if key not in PROFILE_KEYS:
+            raise error(key, f"unknown key (known: {', '.join(sorted(PROFILE_KEYS))})")
     for key in ("executable", "argv"):
         if key not in spec:
-            raise ProfileError(f"{where}: missing {key}")
+            raise error(key, "missing")
+    executable = spec["executable"]
+    if not isinstance(executable, str) or not executable or executable.startswith("-"):
+        raise error("executable", "must be a program's name or path")
     argv = spec["argv"]
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise ProfileError(f"{where}: argv must be a list of strings")
-    inputs = tuple(spec.get("inputs", ["file"]))
-    if not inputs or not all(isinstance(i, str) and _NAME.match(i) for i in inputs):
-        raise ProfileError(f"{where}: inputs must be a non-empty list of names")
-    params = {
-        pname: _parameter(name, pname, pspec)
-        for pname, pspec in dict(spec.get("parameters", {})).items()
-    }
+        raise error("argv", "argv must be a list of strings")
+    inputs = spec.get("inputs", ["file"])
+    if (
+        not isinstance(inputs, list)
+        or not inputs
+        or not all(isinstance(i, str) and NAME.match(i) and "-" not in i for i in inputs)
+        or len(set(inputs)) != len(inputs)
+        or set(inputs) & (RESERVED_FIELDS | {"output"})
+    ):
+        raise error("inputs", "inputs must be a non-empty list of distinct names")
+    raw_params = spec.get("parameters", {})
+    if not isinstance(raw_params, dict):
+        raise error("parameters", "must be a table of parameters")
+    params = {pname: build_parameter(name, pname, pspec) for pname, pspec in raw_params.items()}
+    if set(params) & set(inputs):
+        raise error("parameters", f"{sorted(set(params) & set(inputs))} are inputs too")
     known = set(inputs) | set(params) | {"output"}
-    used = {m for a in argv for m in _PLACEHOLDER.findall(a)}
+    used = {m for a in argv for m in _BRACED.findall(a)}
     if used - known:
-        raise ProfileError(f"{where}: unknown placeholders {sorted(used - known)}")
+        unknown = ", ".join(f"{{{u}}}" for u in sorted(used - known))
+        allowed = ", ".join(f"{{{k}}}" for k in sorted(known))
+        raise error("argv", f"unknown placeholders {unknown} (known: {allowed})")
     if "output" not in used:
-        raise ProfileError(f"{where}: argv never names {{output}}")
+        raise error("argv", "argv never names {output}")
     if set(inputs) - used:
-        raise ProfileError(f"{where}: inputs {sorted(set(inputs) - used)} never used in argv")
+        raise error("argv", f"inputs {sorted(set(inputs) - used)} never used in argv")
+    needs = _needs(spec.get("needs", {}), inputs, error)
     progress = spec.get("progress", "none")
     if progress not in ("mencoder", "ffmpeg", "none"):
-        raise ProfileError(f"{where}: progress must be mencoder, ffmpeg or none")
-    ext = str(spec.get("output_extension", "bin"))
-    if not re.match(r"^[a-z0-9]{1,8}$", ext):
-        raise ProfileError(f"{where}: bad output_extension")
+        raise error("progress", "progress must be mencoder, ffmpeg or none")
+    ext = spec.get("output_extension", "bin")
+    if not isinstance(ext, str) or not _EXTENSION.match(ext):
+        raise error("output_extension", "bad output_extension (1-8 lower-case letters or digits)")
+    media_type = spec.get("media_type", "application/octet-stream")
+    if not isinstance(media_type, str) or not _MEDIA_TYPE.match(media_type):
+        raise error("media_type", "must be a media type such as video/mp4")
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise error("description", "must be a string")
     timeout = spec.get("timeout")
+    if timeout is not None and not (_is_number(timeout) and timeout > 0):
+        raise error("timeout", "must be a positive number of seconds")
+    tolerance = spec.get("duration_tolerance", 0.05)
+    if not (_is_number(tolerance) and 0 <= tolerance <= 1):
+        raise error("duration_tolerance", "must be a number from 0 to 1")
     return Profile(
         name=name,
-        description=str(spec.get("description", "")),
-        executable=str(spec["executable"]),
+        description=description,
+        executable=executable,
         argv=tuple(argv),
-        inputs=inputs,
+        inputs=tuple(inputs),
         output_extension=ext,
-        media_type=str(spec.get("media_type", "application/octet-stream")),
+        media_type=media_type,
         progress=progress,
         timeout=float(timeout) if timeout is not None else None,
         parameters=params,
-        duration_tolerance=float(spec.get("duration_tolerance", 0.05)),
+        duration_tolerance=float(tolerance),
+        needs=needs,
     )
+
+
+def _needs(
+    raw: object, inputs: list[str], error: Callable[[str | None, str], ProfileError]
+) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict):
+        raise error("needs", "must be a table: input name = list of stream kinds")
+    needs: dict[str, tuple[str, ...]] = {}
+    for role, kinds in raw.items():
+        if role not in inputs:
+            raise error("needs", f"{role!r} is not one of the inputs {inputs}")
+        if not isinstance(kinds, list) or not all(k in STREAM_KINDS for k in kinds):
+            raise error("needs", f"{role} = must be a list of {' or '.join(STREAM_KINDS)}")
+        needs[role] = tuple(kinds)
+    return needs
 
 
 def parse_profiles(text: str) -> dict[str, Profile]:
@@ -273,9 +251,9 @@ def parse_profiles(text: str) -> dict[str, Profile]:
     out: dict[str, Profile] = {}
     for name, spec in doc.items():
         if name == "replace_builtins":
+            if not isinstance(spec, bool):
+                raise ProfileError("key 'replace_builtins': must be true or false")
             continue
-        if not isinstance(spec, dict):
-            raise ProfileError(f"profile {name!r} must be a table")
         out[name] = _profile(name, spec)
     return out
 
@@ -291,12 +269,27 @@ def load_profiles(path: Path | None = None) -> dict[str, Profile]:
     The built-in profiles, extended (or overridden by name) by C{path}.
 
     A file whose top level says C{replace_builtins = true} replaces them.
+    Each of the file's executables must be found on the server's C{PATH}
+    (the one its encoders get) now, not when the first job runs.
+
+    @raise ProfileError: naming the file, the profile and the key at fault.
+    @raise OSError: the file cannot be read.
     """
     profiles = builtin_profiles()
     if path is None:
         return profiles
     text = Path(path).read_text("utf-8")
-    extra = parse_profiles(text)
+    try:
+        extra = parse_profiles(text)
+    except ProfileError as e:
+        raise ProfileError(f"{path}: {e}") from None
+    search = os.environ.get("PATH") or os.defpath
+    for profile in extra.values():
+        if shutil.which(profile.executable, path=search) is None:
+            raise ProfileError(
+                f"{path}: profile {profile.name!r}, key 'executable': "
+                f"{profile.executable!r} is not an executable on PATH ({search})"
+            )
     if tomllib.loads(text).get("replace_builtins") is True:
         profiles = {}
     profiles.update(extra)

@@ -50,6 +50,7 @@ class InputProbes:
         roles: Sequence[str],
         max_input_duration: float | None,
         on_probed: Callable[[Probed], None],
+        needs: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.probed: Probed | None = None
         self._reactor = reactor
@@ -59,6 +60,7 @@ class InputProbes:
         self._roles = roles
         self._max_input_duration = max_input_duration
         self._on_probed = on_probed
+        self._needs = needs or {}
         self._probing: Deferred[Probed] | None = None
 
     @property
@@ -132,6 +134,9 @@ class InputProbes:
                 refused = too_long(role, info.duration, self._max_input_duration)
                 if refused is not None:
                     return refused
+                for kind in self._needs.get(role, ()):
+                    if not info.codecs(kind):
+                        return f"input {role} has no {kind} stream"
                 infos.append(info)
         finally:
             for probing in started:

@@ -145,6 +145,7 @@ class _Execution:
             profile.inputs,
             limits.max_input_duration,
             self._inputs_probed,
+            profile.needs,
         )
         self._runaway: str | None = None
         # Each attempt (with several nodes) writes under its own names: a node
