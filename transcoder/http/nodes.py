@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from transcoder.core.errors import Unavailable
-from transcoder.http.responses import EndResource, write_error, write_json
+from transcoder.http.responses import EndResource, disconnected, write_error, write_json
 from transcoder.http.views import rfc3339
 
 _log = Logger()
@@ -67,7 +67,7 @@ class NodesResource(EndResource):
 
 
 def _send(request: server.Request, body: bytes) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if disconnected(request):
         return
     request.write(body)
     request.finish()
