@@ -323,12 +323,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     cluster: dict[str, Any] = {}
     registry_type: type[JobRegistry] = JobRegistry
+    side: SideDatabase | None = None
     if IClusterStore.providedBy(store):
         registry_type = ClusterRegistry
+        # Webhooks, retention's lock and the cluster's metrics.
+        side = SideDatabase(store_url.target, reactor)
         cluster = {
             "node": options["node-name"],
             "lease": options["lease"],
             "max_attempts": options["max-attempts"],
+            "side": side,
         }
     registry = registry_type(
         reactor,
@@ -354,11 +358,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         nodes = registry.nodes
     metrics = Metrics(registry, data_dir)
     secret = options["webhook-secret"]
-    side: SideDatabase | None = None
     notifier: WebhookNotifier
-    if isinstance(registry, ClusterRegistry):
+    if side is not None:
         # Deliveries in the shared database: any node sends them.
-        side = SideDatabase(store_url.target, reactor)
         notifier = ClusterWebhookNotifier(
             reactor,
             registry,

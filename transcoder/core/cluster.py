@@ -41,6 +41,7 @@ from transcoder.core import recovery
 from transcoder.core.executor import Outcome, Run
 from transcoder.core.files import remove
 from transcoder.core.jobs import Job, JobState
+from transcoder.core.pgside import RETENTION_LOCK
 from transcoder.core.registry import JobRegistry, _shutting_down
 
 _log = Logger()
@@ -69,9 +70,16 @@ class ClusterRegistry(JobRegistry):
         node: str,
         lease: float,
         max_attempts: int,
+        side: Any = None,
         **kwargs: Any,
     ) -> None:
+        """
+        @param side: the L{SideDatabase} whose advisory lock lets one node
+            at a time sweep old jobs (L{exclusive_sweep}); without it, each
+            node sweeps as if it were alone.
+        """
         super().__init__(reactor, store, *args, **kwargs)
+        self._side = side
         self._cluster: Any = store
         self.node = node
         self._lease = lease
@@ -213,6 +221,25 @@ class ClusterRegistry(JobRegistry):
             if self._jobs.get(job.id) is not job:
                 return None
         return job
+
+    def exclusive_sweep(self) -> Deferred[Callable[[], Deferred[None]] | None]:
+        if self._side is None:
+            return super().exclusive_sweep()
+        return Deferred.fromCoroutine(self._lock_sweep())
+
+    async def _lock_sweep(self) -> Callable[[], Deferred[None]] | None:
+        side = self._side
+        if not await side.try_lock(RETENTION_LOCK):
+            return None
+        # The last sweep was perhaps another node's, whose deletions may not
+        # have reached this copy yet: they would be deleted twice.
+        await self._resync()
+
+        def release() -> Deferred[None]:
+            d: Deferred[bool] = side.unlock(RETENTION_LOCK)
+            return d.addCallback(lambda _: None)
+
+        return release
 
     # -- claims and leases -------------------------------------------------
 
@@ -389,7 +416,7 @@ class ClusterRegistry(JobRegistry):
         d: Deferred[tuple[Job, bool] | None] = self._cluster.get(job_id)
         return d.addCallbacks(got, failed)
 
-    def _resync(self) -> None:
+    def _resync(self) -> Deferred[None]:
         def got(rows: list[tuple[Job, bool]]) -> None:
             seen = set()
             for job, cancel_requested in rows:
@@ -402,7 +429,7 @@ class ClusterRegistry(JobRegistry):
             _log.failure("could not read the jobs table", f)
 
         d: Deferred[list[tuple[Job, bool]]] = self._cluster.snapshot()
-        d.addCallbacks(got, failed)
+        return d.addCallbacks(got, failed)
 
     def _apply(self, job_id: str, found: tuple[Job, bool] | None) -> None:
         run = self._running.get(job_id)

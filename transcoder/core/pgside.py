@@ -22,6 +22,9 @@ from transcoder.core.jobs import StoreClosed
 
 _T = TypeVar("_T")
 
+# The advisory lock held by the node sweeping old jobs (retention).
+RETENTION_LOCK = 0x7472616E_7265_7465  # "tran" "re" "te"
+
 
 class SideDatabase:
     """
