@@ -23,6 +23,7 @@ from twisted.python import usage
 from transcoder._twisted import raise_listen_errors
 from transcoder.core.cluster import ClusterRegistry
 from transcoder.core.jobs import IClusterStore
+from transcoder.core.pggauges import read_cluster_gauges
 from transcoder.core.pgside import SideDatabase
 from transcoder.core.pgwebhooks import PostgresWebhooks
 from transcoder.core.profiles import ProfileError, load_profiles
@@ -356,7 +357,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Raises NodeNameTaken (a StoreUnavailable) when a live node has the name.
         registry.register(options["workers"])
         nodes = registry.nodes
-    metrics = Metrics(registry, data_dir)
+    metrics = Metrics(
+        registry, data_dir, cluster=partial(read_cluster_gauges, side) if side else None
+    )
     secret = options["webhook-secret"]
     notifier: WebhookNotifier
     if side is not None:
