@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,14 @@ class _Receiver:
 
     def __init__(self, on_post: Any) -> None:
         self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.times: list[float] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 receiver.posts.append((self.headers["X-Transcoder-Delivery"], body))
+                receiver.times.append(time.monotonic())
                 self.send_response(on_post(body))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -93,6 +96,7 @@ def test_another_node_delivers_when_the_first_dies(
             ).fetchone()
         assert row == (ids.pop(), 2, "delivered", None)
         assert len(receiver.posts) == 2
+        print(f"second POST {receiver.times[1] - receiver.times[0]:.2f}s after the first")
     finally:
         receiver.close()
         for server in servers.values():

@@ -86,6 +86,9 @@ class ClusterWebhookNotifier(WebhookNotifier):
             # This node ran the job: it tries first, without waiting for its next poll.
             d.addCallback(lambda _: self._poll())
 
+    def _keeps_pending(self) -> bool:
+        return True
+
     def _record(self, delivery: _Delivery) -> None:
         # The claim counted the attempt in the table.
         pass

@@ -307,7 +307,7 @@ class WebhookNotifier:
         if deliveries:
             _log.warn(
                 "{what} {count} undelivered webhooks on stop: {jobs}",
-                what="keeping for the next start" if self._journal else "dropping",
+                what="keeping for the next start" if self._keeps_pending() else "dropping",
                 count=len(deliveries),
                 jobs=", ".join(sorted(d.job_id for d in deliveries)),
             )
@@ -544,6 +544,10 @@ class WebhookNotifier:
             delay=delay,
         )
         self._retry_later(delivery, delay)
+
+    def _keeps_pending(self) -> bool:
+        """Whether deliveries pending at stop are sent after it."""
+        return self._journal is not None
 
     def _settled(self, delivery: _Delivery, delivered: bool) -> None:
         """C{delivery} is done with: delivered, or given up."""
