@@ -3,7 +3,8 @@ A throwaway PostgreSQL cluster for the tests (a pytest plugin, loaded by conftes
 
 C{postgres_cluster} (session) initdb's a cluster in a temp dir and starts it on a
 free loopback port, with its socket in that dir and fsync off; C{pg_dsn} gives
-each test a database of its own.  initdb and postgres refuse to run as root, so
+each test a database of its own; C{private_postgres} is a cluster of one
+test's own, which it may stop and start.  initdb and postgres refuse to run as root, so
 as root both run as the C{postgres} user through runuser (Debian's util-linux
 has it; no sudo needed).  Debian's C{postgresql} package (which C{make test}
 installs) provides the binaries; without them the tests that need PostgreSQL
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +73,60 @@ def _run(argv: list[str], log: Path | None = None) -> None:
         )
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL cluster for the whole session, stopped and removed at its end."""
+class Server:
+    """
+    A cluster in C{top}, initdb'd at once; L{start} and L{stop} it at will
+    (a test of losing the database stops it under the nodes and starts it
+    again on the same port).
+    """
+
+    def __init__(self, bindir: Path, top: Path, *, crashes: bool = False) -> None:
+        self.bindir = bindir
+        # A cluster that is stopped as if it crashed keeps every commit:
+        # synchronous_commit=off could lose the last ones (the schema itself).
+        # fsync stays off, as the machine does not crash.
+        self.commit = "on" if crashes else "off"
+        self.top = top
+        self.data, self.log = top / "data", top / "log"
+        self.port: int | None = None
+        _run([str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+              "-E", "UTF8", "--locale", "C.UTF-8", "--no-sync"])  # fmt: skip
+
+    def start(self) -> None:
+        """Start it: on a free port the first time, on the same port after that."""
+        for attempt in itertools.count():
+            # The port is free when picked, but another process may take it first.
+            port = self.port or _free_port()
+            opts = (
+                f"-p {port} -k {self.top} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c synchronous_commit={self.commit} -c full_page_writes=off "
+                "-c max_connections=200"
+            )
+            try:
+                _run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                      "-w", "-t", "60", "-o", opts, "start"], self.log)  # fmt: skip
+                self.port = port
+                return
+            except RuntimeError:
+                if attempt == 2 or self.port is not None:
+                    raise
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop it (C{immediate}: as if it crashed, every connection cut)."""
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(
+                _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode,
+                              "-w", "stop"]),
+                capture_output=True,
+                timeout=60,
+            )  # fmt: skip
+
+    def cluster(self, started: float) -> Cluster:
+        assert self.port is not None
+        return Cluster("127.0.0.1", self.port, self.top, time.monotonic() - started)
+
+
+def _server(*, crashes: bool = False) -> Server:
     bindir = _bindir()
     if bindir is None:
         pytest.skip(f"no PostgreSQL server ({_BINDIRS}/initdb): `make test` installs it")
@@ -81,40 +134,42 @@ def postgres_cluster() -> Iterator[Cluster]:
         import psycopg  # noqa: F401
     except ImportError:
         pytest.skip("psycopg is not installed: `make test` installs the postgres extra")
-    started = time.monotonic()
     # Short and outside pytest's kept temp dirs: the socket path has a 107-byte limit,
     # and a cluster's 40 MB should not outlive the session.
     top = Path(tempfile.mkdtemp(prefix="transcoder-pg-"))
     if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
         os.chown(top, pw.pw_uid, pw.pw_gid)
-    data, log = top / "data", top / "log"
     try:
-        _run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-              "-E", "UTF8", "--locale", "C.UTF-8", "--no-sync"])  # fmt: skip
-        for attempt in itertools.count():
-            # The port is free when picked, but another process may take it first.
-            port = _free_port()
-            opts = (
-                f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
-            try:
-                _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
-                      "-t", "60", "-o", opts, "start"], log)  # fmt: skip
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        yield Cluster("127.0.0.1", port, top, time.monotonic() - started)
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                capture_output=True,
-                timeout=60,
-            )
+        return Server(bindir, top, crashes=crashes)
+    except BaseException:
         shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def _running(server: Server) -> Iterator[Server]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster for the whole session, stopped and removed at its end."""
+    started = time.monotonic()
+    with _running(_server()) as server:
+        yield server.cluster(started)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[Server]:
+    """A cluster of the test's own, which it may stop and start (database C{postgres})."""
+    with _running(_server(crashes=True)) as server:
+        yield server
 
 
 _databases = itertools.count(1)

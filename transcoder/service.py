@@ -23,6 +23,9 @@ from twisted.python import usage
 from transcoder._twisted import raise_listen_errors
 from transcoder.core.cluster import ClusterRegistry
 from transcoder.core.jobs import IClusterStore
+from transcoder.core.pggauges import read_cluster_gauges
+from transcoder.core.pgside import SideDatabase
+from transcoder.core.pgwebhooks import PostgresWebhooks
 from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
@@ -31,6 +34,7 @@ from transcoder.engine.deathsig import warn_if_unavailable
 from transcoder.engine.probe import tool_env
 from transcoder.engine.runner import execute_job
 from transcoder.http.auth import TokenAuth, TokenFileError
+from transcoder.http.clusterhooks import ClusterWebhookNotifier
 from transcoder.http.metrics import Metrics
 from transcoder.http.nodes import NodeLister
 from transcoder.http.resources import build_root
@@ -320,12 +324,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     cluster: dict[str, Any] = {}
     registry_type: type[JobRegistry] = JobRegistry
+    side: SideDatabase | None = None
     if IClusterStore.providedBy(store):
         registry_type = ClusterRegistry
+        # Webhooks, retention's lock and the cluster's metrics.
+        side = SideDatabase(store_url.target, reactor)
         cluster = {
             "node": options["node-name"],
             "lease": options["lease"],
             "max_attempts": options["max-attempts"],
+            "side": side,
         }
     registry = registry_type(
         reactor,
@@ -349,14 +357,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Raises NodeNameTaken (a StoreUnavailable) when a live node has the name.
         registry.register(options["workers"])
         nodes = registry.nodes
-    metrics = Metrics(registry, data_dir)
-    secret = options["webhook-secret"]
-    notifier = WebhookNotifier(
-        reactor,
-        registry,
-        secret=secret.encode("utf-8") if secret else None,
-        journal=data_dir / "webhooks",
+    metrics = Metrics(
+        registry, data_dir, cluster=partial(read_cluster_gauges, side) if side else None
     )
+    secret = options["webhook-secret"]
+    notifier: WebhookNotifier
+    if side is not None:
+        # Deliveries in the shared database: any node sends them.
+        notifier = ClusterWebhookNotifier(
+            reactor,
+            registry,
+            queue=PostgresWebhooks(side),
+            node=options["node-name"],
+            secret=secret.encode("utf-8") if secret else None,
+        )
+    else:
+        notifier = WebhookNotifier(
+            reactor,
+            registry,
+            secret=secret.encode("utf-8") if secret else None,
+            journal=data_dir / "webhooks",
+        )
     sweeper = RetentionSweeper(reactor, registry, keep=options["keep-results"])
     root = build_root(
         reactor,
@@ -378,9 +399,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics.start()
         notifier.start()
 
-    def stop_hooks() -> None:
+    def stop_hooks() -> Deferred[None] | None:
         notifier.stop()
         metrics.stop()
+        return side.close() if side is not None else None
 
     top = TranscoderService(site, options["shutdown-grace"])
     _Hooked(start_hooks, stop_hooks).setServiceParent(top)

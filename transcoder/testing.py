@@ -356,6 +356,9 @@ class FakeJobSource:
     def delete(self, job_id: str) -> Deferred[bool]:
         return succeed(self.live.pop(job_id, None) is not None)
 
+    def exclusive_sweep(self) -> Deferred[Callable[[], Deferred[None]] | None]:
+        return succeed(lambda: succeed(None))
+
     def change(self, job: Job) -> None:
         """Hold C{job} as it is now, and tell every subscriber."""
         self.live[job.id] = job

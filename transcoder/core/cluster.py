@@ -17,15 +17,22 @@ whichever node notices.  A write about a running job that the store refuses
 (L{LostJob}: another node or a later attempt holds it) stops this node's
 encoder and forgets the run.  A cancel asked on any node reaches the node
 running the job through the store's C{cancel_requested}.
+
+A node that cannot renew its leases for half a lease (the database is gone)
+stops its encoders, as their jobs will be requeued elsewhere, and takes no
+upload and claims nothing until a test write succeeds again.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,6 +41,7 @@ from transcoder.core import recovery
 from transcoder.core.executor import Outcome, Run
 from transcoder.core.files import remove
 from transcoder.core.jobs import Job, JobState
+from transcoder.core.pgside import RETENTION_LOCK
 from transcoder.core.registry import JobRegistry, _shutting_down
 
 _log = Logger()
@@ -62,9 +70,16 @@ class ClusterRegistry(JobRegistry):
         node: str,
         lease: float,
         max_attempts: int,
+        side: Any = None,
         **kwargs: Any,
     ) -> None:
+        """
+        @param side: the L{SideDatabase} whose advisory lock lets one node
+            at a time sweep old jobs (L{exclusive_sweep}); without it, each
+            node sweeps as if it were alone.
+        """
         super().__init__(reactor, store, *args, **kwargs)
+        self._side = side
         self._cluster: Any = store
         self.node = node
         self._lease = lease
@@ -76,6 +91,8 @@ class ClusterRegistry(JobRegistry):
         self._poller = LoopingCall(self._poll)
         self._poller.clock = reactor
         self._stop_listening: Callable[[], None] | None = None
+        # Fires half a lease after the last renewal that reached the database.
+        self._unreachable: IDelayedCall | None = None
 
     @property
     def queued_count(self) -> int:
@@ -124,6 +141,8 @@ class ClusterRegistry(JobRegistry):
         for call in (self._renewer, self._poller):
             if call.running:
                 call.stop()
+        if self._unreachable is not None and self._unreachable.active():
+            self._unreachable.cancel()
         if self._stop_listening is not None:
             self._stop_listening()
         self._writer.stop()
@@ -203,6 +222,25 @@ class ClusterRegistry(JobRegistry):
                 return None
         return job
 
+    def exclusive_sweep(self) -> Deferred[Callable[[], Deferred[None]] | None]:
+        if self._side is None:
+            return super().exclusive_sweep()
+        return Deferred.fromCoroutine(self._lock_sweep())
+
+    async def _lock_sweep(self) -> Callable[[], Deferred[None]] | None:
+        side = self._side
+        if not await side.try_lock(RETENTION_LOCK):
+            return None
+        # The last sweep was perhaps another node's, whose deletions may not
+        # have reached this copy yet: they would be deleted twice.
+        await self._resync()
+
+        def release() -> Deferred[None]:
+            d: Deferred[bool] = side.unlock(RETENTION_LOCK)
+            return d.addCallback(lambda _: None)
+
+        return release
+
     # -- claims and leases -------------------------------------------------
 
     def _schedule(self) -> None:
@@ -254,6 +292,7 @@ class ClusterRegistry(JobRegistry):
         held = {job_id: run.job.attempt for job_id, run in self._running.items()}
 
         def renewed(still: dict[str, bool]) -> None:
+            self._reached_database()
             for job_id, attempt in held.items():
                 run = self._running.get(job_id)
                 if run is None or run.job.attempt != attempt:
@@ -268,6 +307,44 @@ class ClusterRegistry(JobRegistry):
 
         d: Deferred[dict[str, bool]] = self._cluster.renew(self.node, held, self._lease)
         return d.addCallback(renewed).addErrback(failed)
+
+    def _reached_database(self) -> None:
+        if self._stopping:
+            return
+        # A renewal is a write: the store takes writes again.
+        self._writer.ok()
+        if self._unreachable is not None and self._unreachable.active():
+            self._unreachable.reset(self._lease / 2)
+        else:
+            self._unreachable = self._reactor.callLater(self._lease / 2, self._database_lost)
+
+    def _database_lost(self) -> None:
+        # The leases held here run out soon and their jobs go to other nodes:
+        # the encoders stop now, before a second attempt writes beside them.
+        self._unreachable = None
+        self._writer.failed(
+            ConnectionError(f"the job database did not answer for {self._lease / 2:g}s")
+        )
+        for run in list(self._running.values()):
+            if id(run) in self._lost_runs:
+                continue
+            _log.warn(
+                "job {job_id}: stopping its encoder, the job database cannot be reached",
+                job_id=run.job.id,
+            )
+            self._lost_runs.add(id(run))
+            run.requeue = True
+            if run.execution is not None:
+                run.cancel()
+                # Nothing it makes is wanted now, and an encoder given TERM
+                # may flush for seconds: no grace.  Still unreaped, so the
+                # group is still this node's child's.
+                pgid = getattr(run.execution, "pid", None)
+                if pgid is not None:
+                    try:
+                        os.killpg(pgid, signal.SIGKILL)
+                    except OSError:
+                        pass
 
     def _poll(self) -> Deferred[None]:
         def requeued(ids: list[str]) -> None:
@@ -339,7 +416,7 @@ class ClusterRegistry(JobRegistry):
         d: Deferred[tuple[Job, bool] | None] = self._cluster.get(job_id)
         return d.addCallbacks(got, failed)
 
-    def _resync(self) -> None:
+    def _resync(self) -> Deferred[None]:
         def got(rows: list[tuple[Job, bool]]) -> None:
             seen = set()
             for job, cancel_requested in rows:
@@ -352,7 +429,7 @@ class ClusterRegistry(JobRegistry):
             _log.failure("could not read the jobs table", f)
 
         d: Deferred[list[tuple[Job, bool]]] = self._cluster.snapshot()
-        d.addCallbacks(got, failed)
+        return d.addCallbacks(got, failed)
 
     def _apply(self, job_id: str, found: tuple[Job, bool] | None) -> None:
         run = self._running.get(job_id)

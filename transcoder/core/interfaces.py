@@ -33,5 +33,12 @@ class IJobSource(Interface):
     def subscribe(callback: Callable[[Job], None]) -> Callable[[], None]:
         """Call C{callback} with each job that changes; returns a function that unsubscribes."""
 
+    def exclusive_sweep() -> Deferred[Callable[[], Deferred[None]] | None]:
+        """
+        Take the right to sweep (remove old jobs), which one node of several
+        holds at a time; fires with the function that gives it back, or
+        C{None} when another node sweeps now.  A single server always has it.
+        """
+
     queued_count = Attribute("How many jobs wait for an encoder (an int).")
     running_count = Attribute("How many jobs have an encoder running (an int).")

@@ -5,8 +5,9 @@ they are older than C{--keep-results}.
 A L{LoopingCall} sweeps every C{interval} seconds (by default a tenth of
 C{keep}, between 1 s and 5 minutes, so that a job goes at most 10 % late, or
 5 minutes for a long C{keep}).  Queued and running jobs are
-never touched.  Sweeps never overlap, and a failure is logged without ending
-the loop.
+never touched.  Sweeps never overlap, on one server or across the nodes of a
+cluster (L{IJobSource.exclusive_sweep}), and a failure is logged without
+ending the loop.
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ class RetentionSweeper:
         return result
 
     async def _sweep(self) -> int:
+        release = await self._registry.exclusive_sweep()
+        if release is None:
+            # Another node sweeps now; it removes what is due here too.
+            return 0
+        try:
+            return await self._sweep_held()
+        finally:
+            await release()
+
+    async def _sweep_held(self) -> int:
         now = self._reactor.seconds()
         expired = [job.id for job in self._registry.jobs() if self._expired(job, now)]
         deleted = 0

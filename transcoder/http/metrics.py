@@ -4,6 +4,9 @@ Prometheus metrics, through prometheus_client, on a registry of their own.
 Upload counters are fed by the upload path (L{Metrics.upload_finished}); the
 encode-time histogram by the job registry's changes; job counts, queue depth,
 running encoders and free disk are read at scrape time, so they are never stale.
+Each node of a cluster has its own; with a C{cluster} reader, each scrape
+also reads the cluster's gauges (queued jobs, running jobs per node) from
+the shared store first, off the reactor thread.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job, JobState
@@ -39,8 +44,19 @@ class Metrics:
         global one, so that several instances do not clash).
     """
 
-    def __init__(self, registry: IJobSource, data_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: IJobSource,
+        data_dir: Path,
+        cluster: Callable[[], Deferred[tuple[int, dict[str, int]]]] | None = None,
+    ) -> None:
+        """
+        @param cluster: reads (jobs queued, {node: jobs running}) from a store
+            that several nodes share.
+        """
         self._jobs = registry
+        self.cluster = cluster
+        self._cluster_gauges = _ClusterCollector()
         self._data_dir = Path(data_dir)
         self.registry = CollectorRegistry()
         self._upload_bytes = Counter(
@@ -67,6 +83,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ScrapeTimeCollector(self._jobs, self._data_dir))
+        if cluster is not None:
+            self.registry.register(self._cluster_gauges)
         self._unsubscribe: Callable[[], None] | None = None
         # Jobs already observed: a finished job may be notified again.
         self._observed: set[str] = set()
@@ -99,6 +117,20 @@ class Metrics:
         """The metrics in the Prometheus text format."""
         return _generate_latest(self.registry)
 
+    def generate_later(self) -> Deferred[bytes]:
+        """L{generate}, after reading the cluster's gauges (left out when they cannot be read)."""
+        if self.cluster is None:
+            return succeed(self.generate())
+
+        def read(gauges: tuple[int, dict[str, int]] | None) -> bytes:
+            self._cluster_gauges.values = gauges
+            return self.generate()
+
+        def unread(f: Any) -> None:
+            _log.failure("could not read the cluster's gauges", f)
+
+        return self.cluster().addErrback(unread).addCallback(read)
+
     def resource(self) -> MetricsResource:
         """A resource answering C{GET} and C{HEAD} with the metrics."""
         return MetricsResource(self)
@@ -123,6 +155,40 @@ class Metrics:
             return
         self._observed = {i for i in self._observed if self._jobs.get(i) is not None}
         self._prune_at = max(_PRUNE_AT, 2 * len(self._observed))
+
+
+class _ClusterCollector:
+    """The cluster's gauges, as the scrape under way read them."""
+
+    def __init__(self) -> None:
+        self.values: tuple[int, dict[str, int]] | None = None
+
+    def describe(self) -> list[Metric]:
+        return list(_cluster_families())
+
+    def collect(self) -> Iterator[Metric]:
+        if self.values is None:
+            return
+        queued, running = _cluster_families()
+        queued.add_metric([], self.values[0])
+        yield queued
+        for node, count in sorted(self.values[1].items()):
+            running.add_metric([node], count)
+        yield running
+
+
+def _cluster_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            "transcoder_cluster_queued_jobs",
+            "Jobs waiting for an encoder on any node of the cluster (from the shared store).",
+        ),
+        GaugeMetricFamily(
+            "transcoder_cluster_running_jobs",
+            "Jobs running on each node of the cluster (from the shared store).",
+            labels=["node"],
+        ),
+    )
 
 
 class _ScrapeTimeCollector:
@@ -181,8 +247,17 @@ class MetricsResource(JSONResource):
         super().__init__()
         self._metrics = metrics
 
-    def render_GET(self, request: Request) -> bytes:
-        body = self._metrics.generate()
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
-        return body
+        if self._metrics.cluster is None:
+            return self._metrics.generate()
+
+        def send(body: bytes) -> None:
+            if request.finished or request._disconnected:  # type: ignore[attr-defined]
+                return
+            request.write(body)
+            request.finish()
+
+        self._metrics.generate_later().addCallback(send)
+        return NOT_DONE_YET

@@ -307,7 +307,7 @@ class WebhookNotifier:
         if deliveries:
             _log.warn(
                 "{what} {count} undelivered webhooks on stop: {jobs}",
-                what="keeping for the next start" if self._journal else "dropping",
+                what="keeping for the next start" if self._keeps_pending() else "dropping",
                 count=len(deliveries),
                 jobs=", ".join(sorted(d.job_id for d in deliveries)),
             )
@@ -507,7 +507,7 @@ class WebhookNotifier:
         where = _for_log(delivery.url)
         if isinstance(result, int) and 200 <= result < 300:
             self._deliveries.discard(delivery)
-            self._forget(delivery)
+            self._settled(delivery, delivered=True)
             _log.info(
                 "webhook of job {job_id} delivered to {url} (HTTP {code}, attempt {attempt})",
                 job_id=delivery.job_id,
@@ -524,7 +524,7 @@ class WebhookNotifier:
             reason = f"HTTP {result}"
         if delivery.attempts >= self._max_attempts:
             self._deliveries.discard(delivery)
-            self._forget(delivery)
+            self._settled(delivery, delivered=False)
             _log.error(
                 "giving up on the webhook of job {job_id} to {url} after {attempts} attempts;"
                 " last: {reason}",
@@ -535,8 +535,6 @@ class WebhookNotifier:
             )
             return
         delay = self.retry_delay(delivery.attempts)
-        delivery.due = self._reactor.seconds() + delay
-        self._record(delivery)
         _log.warn(
             "webhook of job {job_id} to {url} failed ({reason}); attempt {next} in {delay:.1f}s",
             job_id=delivery.job_id,
@@ -545,6 +543,20 @@ class WebhookNotifier:
             next=delivery.attempts + 1,
             delay=delay,
         )
+        self._retry_later(delivery, delay)
+
+    def _keeps_pending(self) -> bool:
+        """Whether deliveries pending at stop are sent after it."""
+        return self._journal is not None
+
+    def _settled(self, delivery: _Delivery, delivered: bool) -> None:
+        """C{delivery} is done with: delivered, or given up."""
+        self._forget(delivery)
+
+    def _retry_later(self, delivery: _Delivery, delay: float) -> None:
+        """Attempt C{delivery} again in C{delay} seconds."""
+        delivery.due = self._reactor.seconds() + delay
+        self._record(delivery)
         delivery.timer = self._reactor.callLater(delay, self._attempt, delivery)
 
     def retry_delay(self, failed_attempts: int) -> float:
