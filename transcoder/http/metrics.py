@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job, JobState
-from transcoder.http.responses import JSONResource
+from transcoder.http.responses import JSONResource, disconnected
 
 _log = Logger()
 
@@ -254,7 +254,7 @@ class MetricsResource(JSONResource):
             return self._metrics.generate()
 
         def send(body: bytes) -> None:
-            if request.finished or request._disconnected:  # type: ignore[attr-defined]
+            if disconnected(request):
                 return
             request.write(body)
             request.finish()
