@@ -391,11 +391,13 @@ async def test_profiles_tell_a_client_enough_to_build_a_form(
         "webm-vp9",
         "audio-mp3",
         "audio-aac",
+        "hls",
+        "thumbnails",
     }
     h264 = built_in["mp4-h264"]
     assert h264["inputs"] == ["file"] and h264["needs"] == {}
     assert h264["outputs"] == [
-        {"name": "result.mp4", "extension": "mp4", "media_type": "video/mp4"}
+        {"name": "result.mp4", "extension": "mp4", "media_type": "video/mp4", "check": "media"}
     ]
     assert h264["parameters"]["height"] == {
         "type": "int",
@@ -407,9 +409,20 @@ async def test_profiles_tell_a_client_enough_to_build_a_form(
     assert h264["parameters"]["preset"]["choices"][0] == "ultrafast"
     assert built_in["audio-aac"]["needs"] == {"file": ["audio"]}
     assert built_in["audio-aac"]["outputs"] == [
-        {"name": "result.m4a", "extension": "m4a", "media_type": "audio/mp4"}
+        {"name": "result.m4a", "extension": "m4a", "media_type": "audio/mp4", "check": "media"}
     ]
     assert built_in["mux-avi"]["inputs"] == ["video", "audio"]
+    assert built_in["thumbnails"]["outputs"] == [
+        {
+            "name": "thumb-*.jpg",
+            "extension": "jpg",
+            "media_type": "image/jpeg",
+            "check": "image",
+            "count": "{count}",
+        },
+        {"name": "poster.jpg", "extension": "jpg", "media_type": "image/jpeg", "check": "image"},
+    ]
+    assert [o["check"] for o in built_in["hls"]["outputs"]] == ["hls", "hls", "none"]
 
     api = make_api(profiles=parse_profiles(_FORM_PROFILES))
     [mux, _] = (await api.call("GET", "/profiles")).json()["profiles"]
@@ -420,7 +433,14 @@ async def test_profiles_tell_a_client_enough_to_build_a_form(
         "needs": {"video": ["video"], "audio": ["audio"]},
         "output_extension": "mkv",
         "media_type": "video/x-matroska",
-        "outputs": [{"name": "result.mkv", "extension": "mkv", "media_type": "video/x-matroska"}],
+        "outputs": [
+            {
+                "name": "result.mkv",
+                "extension": "mkv",
+                "media_type": "video/x-matroska",
+                "check": "media",
+            }
+        ],
         "timeout": 60.0,
         "parameters": {
             "title": {
