@@ -136,7 +136,7 @@ async def test_submit_raw_wait_download(client: Client, clips: Any, tmp_path: Pa
     assert isinstance(job, RemoteJob)
     size = clips.av.stat().st_size
     assert sent[-1] == (size, size)
-    assert job.params == {"preset": "ultrafast", "crf": 30, "abitrate": 128}
+    assert job.params == {"preset": "ultrafast", "crf": 30, "abitrate": 128, "height": 4320}
     assert job.inputs[0]["sha256"] == sha256_of(clips.av)
     assert job.inputs[0]["filename"] == clips.av.name
 
