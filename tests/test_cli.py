@@ -538,3 +538,41 @@ def test_wait_follows_the_job_through_a_server_restart(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_OK, stderr
     assert json.loads(stdout)["state"] == "succeeded"
     assert "Traceback" not in stderr
+
+
+def test_download_to_a_directory_writes_every_output(server: ServerProcess, tmp_path: Path) -> None:
+    """`transcoder download ID -o DIR` of a thumbnails job writes each still and the poster into DIR; `submit ... -o DIR/` does the same; a one-output job's -o FILE still writes that file."""
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=2",
+         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(clip)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    r = _run(server, "submit", str(clip), "-p", "thumbnails", "--param", "count=2", "--wait")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split()[0]
+    out = tmp_path / "thumbs"
+    out.mkdir()
+    r = _run(server, "download", job_id, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["poster.jpg", "thumb-001.jpg", "thumb-002.jpg"]
+    assert all((out / n).read_bytes()[:2] == b"\xff\xd8" for n in os.listdir(out))
+    again = tmp_path / "again"
+    r = _run(
+        server, "submit", str(clip), "-p", "thumbnails", "--param", "count=1", "-o", f"{again}/"
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(again)) == ["poster.jpg", "thumb-001.jpg"]
+    r = _run(
+        server,
+        "submit",
+        str(clip),
+        "-p",
+        "mp4-h264",
+        "--param",
+        "preset=ultrafast",
+        "-o",
+        str(tmp_path / "one.mp4"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "one.mp4").stat().st_size > 0

@@ -136,7 +136,7 @@ async def test_submit_raw_wait_download(client: Client, clips: Any, tmp_path: Pa
     assert isinstance(job, RemoteJob)
     size = clips.av.stat().st_size
     assert sent[-1] == (size, size)
-    assert job.params == {"preset": "ultrafast", "crf": 30, "abitrate": 128}
+    assert job.params == {"preset": "ultrafast", "crf": 30, "abitrate": 128, "height": 4320}
     assert job.inputs[0]["sha256"] == sha256_of(clips.av)
     assert job.inputs[0]["filename"] == clips.av.name
 
@@ -751,3 +751,34 @@ async def test_download_survives_a_server_restart(tmp_path: Path, clips: Any) ->
     assert seen == sorted(seen)
     assert seen[-1] == job.output["size"]
     assert not (tmp_path / "out.nut.part").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_outputs_saves_every_output(
+    client: Client, clips: Any, tmp_path: Path
+) -> None:
+    """download_outputs saves each output of an hls job under its name (levels made), each checked against its SHA-256; a one-output job's result is saved as result.<ext>."""
+    job = await client.submit(clips.av, "hls", {"rungs": "240p", "segment_seconds": 2})
+    job = await client.wait(job.id)
+    assert job.state == "succeeded", job.error
+    saved = await client.download_outputs(job.id, tmp_path / "hls")
+    listed = {o["name"]: o["sha256"] for o in job.data["outputs"]}
+    assert sorted(str(p.relative_to(tmp_path / "hls")) for p in saved) == sorted(listed)
+    for p in saved:
+        name = str(p.relative_to(tmp_path / "hls"))
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == listed[name]
+    assert (tmp_path / "hls" / "master.m3u8").read_bytes().startswith(b"#EXTM3U")
+    one = await client.wait((await client.submit(clips.av, "audio-aac", {})).id)
+    [path] = await client.download_outputs(one.id, tmp_path / "one")
+    assert path == tmp_path / "one" / "result.m4a"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (one.output or {})["sha256"]
+
+
+def test_output_names_from_a_server_are_checked() -> None:
+    """A name that would leave the directory (.., absolute, hidden, empty level) is refused before any file is written."""
+    from transcoder.client.outputs import safe_name
+
+    assert safe_name("360p/index.m3u8") == "360p/index.m3u8"
+    for bad in ("../x", "/etc/x", "a/../../b", ".bashrc", "a//b", "", None, "a/.."):
+        with pytest.raises(TranscoderError):
+            safe_name(bad)

@@ -15,11 +15,20 @@ from transcoder.core.profiles import ProfileError, builtin_profiles, load_profil
 from transcoder.http.errors import http_error
 from transcoder.service import Options
 
-BUILTINS = {"mux-avi", "avi-mpeg4", "mp4-h264", "webm-vp9", "audio-mp3", "audio-aac"}
+BUILTINS = {
+    "mux-avi",
+    "avi-mpeg4",
+    "mp4-h264",
+    "webm-vp9",
+    "audio-mp3",
+    "audio-aac",
+    "hls",
+    "thumbnails",
+}
 
 
 def test_builtins_are_the_documented_profiles() -> None:
-    """The six built-ins ship, with the inputs, outputs and needs the docs give."""
+    """The eight built-ins ship, with the inputs, outputs and needs the docs give."""
     profiles = builtin_profiles()
     assert set(profiles) == BUILTINS
     assert profiles["mux-avi"].inputs == ("video", "audio")
@@ -29,7 +38,12 @@ def test_builtins_are_the_documented_profiles() -> None:
         "video/mp4",
     )
     assert {"-noskip", "-mc"} <= set(profiles["avi-mpeg4"].argv)
-    assert {n: (profiles[n].output_extension, profiles[n].media_type) for n in BUILTINS} == {
+    one_output = {n for n in BUILTINS if not profiles[n].outputs}
+    assert {n: [o.name for o in profiles[n].outputs] for n in BUILTINS - one_output} == {
+        "hls": ["master.m3u8", "*/index.m3u8", "*/seg-*.ts"],
+        "thumbnails": ["thumb-*.jpg", "poster.jpg"],
+    }
+    assert {n: (profiles[n].output_extension, profiles[n].media_type) for n in one_output} == {
         "mux-avi": ("avi", "video/x-msvideo"),
         "avi-mpeg4": ("avi", "video/x-msvideo"),
         "mp4-h264": ("mp4", "video/mp4"),

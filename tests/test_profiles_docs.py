@@ -18,7 +18,7 @@ import pytest
 from serverproc import LISTEN, ServerProcess, serve, transcoder
 
 from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE
-from transcoder.core.profiles import ProfileError, load_profiles, parse_profiles
+from transcoder.core.profiles import ProfileError, builtin_profiles, load_profiles, parse_profiles
 
 if TYPE_CHECKING:
     from conftest import Clips
@@ -50,10 +50,15 @@ def _streams(doc: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 
 def test_the_examples_are_the_two_the_page_promises() -> None:
-    """The page's TOML blocks are the resize and the two-input mux, each a valid profiles file."""
+    """The page's TOML blocks are the thumbnails built-in (as stills), the resize and the two-input mux, each a valid profiles file."""
     blocks = toml_blocks()
-    assert [list(parse_profiles(b)) for b in blocks] == [["resize"], ["mux-mkv"]]
-    mux = parse_profiles(blocks[1])["mux-mkv"]
+    assert [list(parse_profiles(b)) for b in blocks] == [["stills"], ["resize"], ["mux-mkv"]]
+    stills, thumbnails = parse_profiles(blocks[0])["stills"], builtin_profiles()["thumbnails"]
+    assert stills.argv == thumbnails.argv
+    assert [(o.name, o.check, o.count) for o in stills.outputs] == [
+        (o.name, o.check, o.count) for o in thumbnails.outputs
+    ]
+    mux = parse_profiles(blocks[2])["mux-mkv"]
     assert mux.inputs == ("video", "audio")
     assert mux.needs == {"video": ("video",), "audio": ("audio",)}
 

@@ -269,7 +269,9 @@ def test_kill_9_while_encoding_then_restart(
         done = wait_job(second.url, job["id"], finished)
         check_result(second.url, done, tmp_path, RECOVERY_CLIP_SECONDS)
         assert done["started_at"] > running["started_at"]
-        assert done["inputs"] == job["inputs"]
+        # The same inputs; only what the probe learnt of them is added.
+        assert [{**i, "media": None} for i in done["inputs"]] == job["inputs"]
+        assert done["inputs"][0]["media"]["duration"] is not None
         assert encoders(data) == {}
         assert not list((data / "jobs" / job["id"]).glob("result.partial.*"))
         assert "Traceback" not in second.log_text()

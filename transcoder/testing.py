@@ -51,6 +51,8 @@ class FakeOutcome:
     exit_code: int | None = None
     error: str | None = None
     log_tail: str | None = None
+    outputs: list[OutputFile] = field(default_factory=list)
+    inputs_media: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(eq=False)

@@ -44,6 +44,7 @@ from transcoder._twisted import RequestNotSent
 from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
 from transcoder.client.errors import TranscoderError, error_from, network_failure
 from transcoder.client.jobs import JobCallback, RemoteJob
+from transcoder.client.outputs import save_outputs
 from transcoder.client.retry import Streak, Watchdog, retryable
 from transcoder.client.sink import Sink
 
@@ -426,11 +427,39 @@ class Client:
         """
         return ensureDeferred(self._download(job_id, Path(path), on_progress, retries))
 
+    def download_outputs(
+        self,
+        job_id: str,
+        directory: Path,
+        on_progress: ProgressCallback | None = None,
+        retries: int = 5,
+    ) -> Deferred[list[Path]]:
+        """
+        Save every output of the job into C{directory} under its name
+        (C{360p/index.m3u8} makes C{360p/}), each as L{download} saves the
+        result, checked against its SHA-256; a one-output job's result is
+        saved as C{result.<ext>}.  Fires with the paths saved.
+        """
+        return ensureDeferred(save_outputs(self, job_id, Path(directory), on_progress, retries))
+
     async def _download(
         self, job_id: str, path: Path, on_progress: ProgressCallback | None, retries: int
     ) -> Path:
         job = await self._get_again(job_id)
-        expected = (job.output or {}).get("sha256")
+        result = f"/jobs/{quote(job_id, safe='')}/result"
+        return await self.fetch(
+            result, (job.output or {}).get("sha256"), path, on_progress, retries
+        )
+
+    async def fetch(
+        self,
+        result: str,
+        expected: str | None,
+        path: Path,
+        on_progress: ProgressCallback | None,
+        retries: int,
+    ) -> Path:
+        """Save C{result} (a path on the server) to C{path}, as L{download} describes."""
         partial = path.with_name(path.name + ".part")
         digest = hashlib.sha256()
         have = 0
@@ -449,7 +478,6 @@ class Client:
                 headers[b"Range"] = b"bytes=%d-" % have
                 if etag is not None:
                     headers[b"If-Range"] = etag
-            result = f"/jobs/{quote(job_id, safe='')}/result"
             try:
                 response = await self._limit(
                     Deferred.fromCoroutine(
@@ -504,14 +532,14 @@ class Client:
             pause = streak.failed()
             if pause is None:
                 raise TranscoderError(
-                    0, "download_failed", f"the download of {job_id} kept failing"
+                    0, "download_failed", f"the download of {result} kept failing"
                 )
             await deferLater(self._reactor, pause, lambda: None)
         if expected is not None and digest.hexdigest() != expected:
             partial.unlink(missing_ok=True)
             if old_part:
                 # Once more from the start, with nothing of the old .part.
-                return await self._download(job_id, path, on_progress, retries)
+                return await self.fetch(result, expected, path, on_progress, retries)
             raise TranscoderError(
                 0, "digest_mismatch", f"the result's SHA-256 is not {expected}; removed the copy"
             )

@@ -160,7 +160,9 @@ class WaitOptions(_JobOptions):
 
 class DownloadOptions(_JobOptions):
     longdesc = "Save the job's result, resuming after a dropped connection."
-    optParameters: list[list[Any]] = [["output", "o", None, "Where to save the result."]]
+    optParameters: list[list[Any]] = [
+        ["output", "o", None, "The file to save the result to; a directory for every output."]
+    ]
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -401,6 +403,20 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+async def _save(client: Any, job_id: str, output: str, progress: _Progress) -> None:
+    """
+    The result into the file C{output}; or, when C{output} is a directory
+    (or ends with C{/}) or the job has several outputs, each output into it.
+    """
+    target = Path(output)
+    job = await client.get(job_id)
+    if target.is_dir() or output.endswith("/") or (job.output is None and job.data.get("outputs")):
+        target.mkdir(parents=True, exist_ok=True)
+        await client.download_outputs(job_id, target, progress.bytes("download"))
+    else:
+        await client.download(job_id, target, progress.bytes("download"))
+
+
 async def _dispatch(
     client: Any, name: str, options: Any, progress: _Progress, out: TextIO, err: TextIO
 ) -> int:
@@ -418,7 +434,7 @@ async def _dispatch(
         code, job = await _follow(client, job.id, progress, out, err)
         if code != EXIT_OK or not options["output"]:
             return code
-        await client.download(job.id, Path(options["output"]), progress.bytes("download"))
+        await _save(client, job.id, options["output"], progress)
         return EXIT_OK
     if name == "status":
         _print_job(await client.get(options["job"]), out)
@@ -428,7 +444,7 @@ async def _dispatch(
         _print_job(job, out)
         return code
     if name == "download":
-        await client.download(options["job"], Path(options["output"]), progress.bytes("download"))
+        await _save(client, options["job"], options["output"], progress)
         return EXIT_OK
     if name == "cancel":
         await client.cancel(options["job"])

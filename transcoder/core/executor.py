@@ -37,6 +37,10 @@ class Outcome(Protocol):
     def error(self) -> str | None: ...
     @property
     def log_tail(self) -> str | None: ...
+    @property
+    def outputs(self) -> list[OutputFile]: ...
+    @property
+    def inputs_media(self) -> dict[str, dict[str, Any]] | None: ...
 
 
 class Execution(Protocol):
@@ -85,6 +89,8 @@ class Ended:
     exit_code: int | None = None
     error: str | None = None
     log_tail: str | None = None
+    outputs: list[OutputFile] = field(default_factory=list)
+    inputs_media: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(eq=False)

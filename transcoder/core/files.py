@@ -37,12 +37,13 @@ def empty_uploads(directory: Path) -> None:
 def remove_results(job_dir: Path) -> None:
     """Remove a job's results, finished or partial."""
     if job_dir.is_dir():
-        for result in job_dir.glob("result.*"):
+        # outputs[.<attempt>]/: a multi-output profile's directory.
+        for result in [*job_dir.glob("result.*"), *job_dir.glob("outputs*")]:
             remove(result)
 
 
 def remove_partials(job_dir: Path) -> None:
     """Remove what an encoder that did not finish wrote."""
     if job_dir.is_dir():
-        for partial in job_dir.glob("result.partial.*"):
+        for partial in [*job_dir.glob("result.partial.*"), *job_dir.glob("outputs.partial*")]:
             remove(partial)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from pathlib import PurePosixPath
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -52,6 +53,8 @@ class InputFile:
     sha256: str
     # Relative to the job's directory.
     path: str
+    # What the probe learnt of it (container, duration, streams), once it answered.
+    media: dict[str, Any] | None = None
 
 
 @dataclass
@@ -62,6 +65,9 @@ class OutputFile:
     # Relative to the job's directory.
     path: str
     duration: float | None = None
+    # Its name under /jobs/<id>/outputs/ ("" for a one-output job's result:
+    # result.<ext>); relative to the job's output directory, "/" between levels.
+    name: str = ""
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     output: OutputFile | None = None
+    # Every output of a multi-output profile's job (its output stays None).
+    outputs: list[OutputFile] = field(default_factory=list)
     exit_code: int | None = None
     error: str | None = None
     log_tail: str | None = None
@@ -95,6 +103,24 @@ class Job:
     attempt: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def result_files(self) -> list[OutputFile]:
+        """
+        Every output, each with its name: a multi-output job's C{outputs}, or
+        a one-output job's C{output} as C{result.<ext>} (whatever attempt made it).
+        """
+        if self.outputs:
+            return list(self.outputs)
+        if self.output is None:
+            return []
+        name = self.output.name or "result" + PurePosixPath(self.output.path).suffix
+        return [replace(self.output, name=name)]
+
+    def describe_inputs(self, media: Mapping[str, dict[str, Any]] | None) -> None:
+        """Keep what the probes learnt of each input (by role), when they answered."""
+        for i in self.inputs:
+            if media and i.name in media:
+                i.media = media[i.name]
+
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict holding everything, for storage."""
         d = asdict(self)
@@ -107,6 +133,7 @@ class Job:
         d["state"] = JobState(d["state"])
         d["inputs"] = [InputFile(**i) for i in d["inputs"]]
         d["output"] = OutputFile(**d["output"]) if d.get("output") else None
+        d["outputs"] = [OutputFile(**o) for o in d.get("outputs") or []]
         return cls(**d)
 
 

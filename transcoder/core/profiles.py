@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from transcoder.core.errors import Invalid
+from transcoder.core.outputs import OutputSpec, parse_outputs
 from transcoder.core.parameters import (
     NAME,
     RESERVED_FIELDS,
@@ -45,6 +46,10 @@ __all__ = [
 
 ProgressKind = Literal["mencoder", "ffmpeg", "none"]
 STREAM_KINDS = ("audio", "video")
+# Placeholders filled from the first input's probe: a profile naming one has
+# its encoder wait for the probes.  {ladder} is the HLS renditions'
+# arguments, from the rungs a C{rungs} parameter picks (engine/ladder.py).
+PROBED_PLACEHOLDERS = frozenset({"input_duration", "input_height", "ladder"})
 
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 # Anything in braces that looks like a name: a placeholder mistyped ({Height},
@@ -65,6 +70,7 @@ PROFILE_KEYS = frozenset(
         "timeout",
         "duration_tolerance",
         "parameters",
+        "outputs",
     }
 )
 
@@ -88,6 +94,15 @@ class Profile:
     # Per input, the kinds of stream it must hold ("audio", "video"): an input
     # without one fails the job saying so, rather than with the encoder's words.
     needs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Declared outputs of a profile that writes a directory ({output_dir});
+    # empty for one that writes one file ({output}).
+    outputs: tuple[OutputSpec, ...] = ()
+    # Its argv names a placeholder filled from the inputs' probe.
+    probe_first: bool = False
+
+    @property
+    def multi_output(self) -> bool:
+        return bool(self.outputs)
 
     def validate_params(self, raw: Mapping[str, str]) -> dict[str, ParamValue]:
         """
@@ -98,15 +113,31 @@ class Profile:
         return validate_params(self.name, self.parameters, raw)
 
     def build_argv(
-        self, inputs: Mapping[str, str], output: str, params: Mapping[str, ParamValue]
+        self,
+        inputs: Mapping[str, str],
+        output: str,
+        params: Mapping[str, ParamValue],
+        probed: Mapping[str, str | list[str]] | None = None,
     ) -> list[str]:
-        """The encoder's full argv: only checked values fill the placeholders."""
-        values: dict[str, str] = {k: format_value(v) for k, v in params.items()}
+        """
+        The encoder's full argv: only checked values fill the placeholders.
+
+        @param output: the output file, or directory for a multi-output profile.
+        @param probed: the values of L{PROBED_PLACEHOLDERS}; a list stands
+            for several arguments, and fills only an argument that is the
+            placeholder alone.
+        """
+        values: dict[str, str | list[str]] = {k: format_value(v) for k, v in params.items()}
         values.update(inputs)
-        values["output"] = output
+        values.update(probed or {})
+        values["output"] = values["output_dir"] = output
         argv = [self.executable]
         for part in self.argv:
-            argv.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], part))
+            whole = _PLACEHOLDER.fullmatch(part)
+            if whole is not None and isinstance(values[whole.group(1)], list):
+                argv.extend(values[whole.group(1)])
+                continue
+            argv.append(_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), part))
         return argv
 
     def to_json(self) -> dict[str, Any]:
@@ -120,9 +151,20 @@ class Profile:
             "media_type": self.media_type,
             "outputs": [
                 {
+                    "name": s.name,
+                    "extension": s.name.rpartition(".")[2] if "." in s.name else "",
+                    "media_type": s.media_type,
+                    "check": s.check,
+                    **({"count": s.to_json()["count"]} if s.count is not None else {}),
+                }
+                for s in self.outputs
+            ]
+            or [
+                {
                     "name": f"result.{self.output_extension}",
                     "extension": self.output_extension,
                     "media_type": self.media_type,
+                    "check": "media",
                 }
             ],
             "timeout": self.timeout,
@@ -182,14 +224,27 @@ def _profile(name: str, spec: object) -> Profile:
     params = {pname: build_parameter(name, pname, pspec) for pname, pspec in raw_params.items()}
     if set(params) & set(inputs):
         raise error("parameters", f"{sorted(set(params) & set(inputs))} are inputs too")
-    known = set(inputs) | set(params) | {"output"}
+    outputs: tuple[OutputSpec, ...] = ()
+    target = "output"
+    if "outputs" in spec:
+        outputs = parse_outputs(spec["outputs"], params, error)
+        target = "output_dir"
+        for key in ("output_extension", "media_type"):
+            if key in spec:
+                raise error(key, "a profile with outputs declares media types there")
+    known = set(inputs) | set(params) | {target} | PROBED_PLACEHOLDERS
     used = {m for a in argv for m in _BRACED.findall(a)}
     if used - known:
         unknown = ", ".join(f"{{{u}}}" for u in sorted(used - known))
-        allowed = ", ".join(f"{{{k}}}" for k in sorted(known))
+        # The probe's placeholders are in docs/profiles.md; listed here they
+        # would bury the names a typo most likely meant.
+        allowed = ", ".join(f"{{{k}}}" for k in sorted(known - PROBED_PLACEHOLDERS))
         raise error("argv", f"unknown placeholders {unknown} (known: {allowed})")
-    if "output" not in used:
-        raise error("argv", "argv never names {output}")
+    if target not in used:
+        raise error("argv", f"argv never names {{{target}}}")
+    rungs = params.get("rungs")
+    if "ladder" in used and ("{ladder}" not in argv or rungs is None or rungs.type != "string"):
+        raise error("argv", "{ladder} must be an argument alone, with a string parameter rungs")
     if set(inputs) - used:
         raise error("argv", f"inputs {sorted(set(inputs) - used)} never used in argv")
     needs = _needs(spec.get("needs", {}), inputs, error)
@@ -224,6 +279,8 @@ def _profile(name: str, spec: object) -> Profile:
         parameters=params,
         duration_tolerance=float(tolerance),
         needs=needs,
+        outputs=outputs,
+        probe_first=bool(used & PROBED_PLACEHOLDERS),
     )
 
 

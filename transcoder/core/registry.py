@@ -468,7 +468,8 @@ class JobRegistry:
             self._mean_run = took if self._mean_run is None else 0.8 * self._mean_run + 0.2 * took
         job.state = state
         job.finished_at = now
-        job.output = outcome.output
+        job.output, job.outputs = outcome.output, list(outcome.outputs)
+        job.describe_inputs(outcome.inputs_media)
         job.exit_code = outcome.exit_code
         job.error = error
         job.log_tail = outcome.log_tail
@@ -563,7 +564,7 @@ def _reset(job: Job) -> None:
     job.progress = 0.0
     job.started_at = None
     job.finished_at = None
-    job.output = None
+    job.output, job.outputs = None, []
     job.exit_code = None
     job.error = None
     job.log_tail = None

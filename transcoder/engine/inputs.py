@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -88,6 +89,12 @@ class InputProbes:
 
         self._probing.addBoth(pass_on)
         return d
+
+    def described(self) -> dict[str, dict[str, Any]] | None:
+        """What the probes learnt of each input, by role, once they all answered."""
+        if not isinstance(self.probed, list):
+            return None
+        return {role: info.describe() for role, info in zip(self._roles, self.probed, strict=False)}
 
     def abandon(self) -> None:
         if self._probing is not None:

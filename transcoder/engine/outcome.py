@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -58,6 +58,10 @@ class Outcome:
     exit_code: int | None = None
     error: str | None = None
     log_tail: str | None = None
+    # A multi-output profile's outputs (its output stays None).
+    outputs: list[OutputFile] = field(default_factory=list)
+    # What the probes learnt of each input, by role, once they answered.
+    inputs_media: dict[str, dict[str, Any]] | None = None
 
 
 def with_detail(message: str, detail: str | None) -> str:

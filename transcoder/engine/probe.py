@@ -56,6 +56,12 @@ class StreamInfo:
     frames: int | None = None
     frame_rate: float | None = None
     packets: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    # Frames ffprobe decoded (only with decode).
+    decoded: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,26 @@ class MediaInfo:
     def codecs(self, codec_type: str) -> list[str]:
         """The codec names of the streams of one type (C{"video"}, C{"audio"})."""
         return [s.codec_name for s in self.streams if s.codec_type == codec_type]
+
+    @property
+    def height(self) -> int | None:
+        """The first video stream's height, if it states one."""
+        return next((s.height for s in self.streams if s.codec_type == "video"), None)
+
+    def describe(self) -> dict[str, Any]:
+        """What a client is shown of an input: container, duration, its audio and video streams."""
+        streams: list[dict[str, Any]] = []
+        for s in self.streams:
+            if s.codec_type not in _MEDIA_TYPES:
+                continue
+            entry: dict[str, Any] = {"type": s.codec_type, "codec": s.codec_name}
+            if s.codec_type == "video":
+                rate = round(s.frame_rate, 3) if s.frame_rate is not None else None
+                entry.update(width=s.width, height=s.height, frame_rate=rate)
+            else:
+                entry.update(sample_rate=s.sample_rate, channels=s.channels)
+            streams.append(entry)
+        return {"container": self.format_name, "duration": self.duration, "streams": streams}
 
 
 def tool_env(home: Path | None = None) -> dict[str, str]:
@@ -112,6 +138,11 @@ def parse_ffprobe(document: bytes) -> MediaInfo:
                 frames=_count(s.get("nb_frames")),
                 frame_rate=_rate(s.get("avg_frame_rate")),
                 packets=_count(s.get("nb_read_packets")),
+                width=_count(s.get("width")),
+                height=_count(s.get("height")),
+                sample_rate=_count(s.get("sample_rate")),
+                channels=_count(s.get("channels")),
+                decoded=_count(s.get("nb_read_frames")),
             )
         )
         if d is not None and s.get("codec_type") in _MEDIA_TYPES:
@@ -205,6 +236,7 @@ def probe(
     path: Path,
     timeout: float = 60,
     count_packets: bool = False,
+    decode: bool = False,
 ) -> Deferred[MediaInfo]:
     """
     Run C{ffprobe} on C{path}, as a child that dies with this process
@@ -236,6 +268,8 @@ def probe(
     argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     if count_packets:
         argv.insert(3, "-count_packets")
+    if decode:
+        argv.insert(3, "-count_frames")
     argv.append("file:" + str(Path(path).absolute()))
     # Bound to die with this process: a probe of a huge or stalled input
     # would otherwise outlive a killed node.
@@ -259,3 +293,8 @@ def probe(
 def probe_counting(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
     """L{probe} counting packets, with time to read a big file through."""
     return probe(reactor, path, timeout=COUNT_TIMEOUT, count_packets=True)
+
+
+def probe_decoding(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
+    """L{probe} decoding every frame (an image's one): proof that it decodes."""
+    return probe(reactor, path, decode=True)

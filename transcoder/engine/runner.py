@@ -25,7 +25,6 @@ probe; it reads untrusted files anyway.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
@@ -33,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProcessTransport,
@@ -45,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from transcoder.core.files import remove
 from transcoder.core.jobs import JobState
 from transcoder.core.profiles import ParamValue, Profile
 from transcoder.engine.container import read_contents
@@ -52,7 +52,9 @@ from transcoder.engine.deferreds import abandon
 from transcoder.engine.digest import Fingerprint, HashFunction, fingerprint, hash_in_pool
 from transcoder.engine.disk import DISK_RESERVE, DiskWatch, FreeSpace, free_space
 from transcoder.engine.inputs import InputProbes, Probed, ProbeFunction
-from transcoder.engine.outcome import HeaderReader, Outcome, accept_output, with_detail
+from transcoder.engine.ladder import probed_values
+from transcoder.engine.outcome import HeaderReader, Outcome, with_detail
+from transcoder.engine.outputs import accept_any, partial_path
 from transcoder.engine.probe import probe as ffprobe
 from transcoder.engine.probe import probe_counting, tool_env
 from transcoder.engine.process import (
@@ -150,8 +152,7 @@ class _Execution:
         self._runaway: str | None = None
         # Each attempt (with several nodes) writes under its own names: a node
         # that lost the job never writes over the one that took it over.
-        run = f"{attempt}." if attempt else ""
-        self._partial = job_dir / f"result.partial.{run}{profile.output_extension}"
+        self._partial = partial_path(job_dir, profile, attempt)
         self._stop: str | None = None
         self._finished = False
         self._progress = 0.0
@@ -191,12 +192,16 @@ class _Execution:
         if self._stop is not None:
             # Cancelled (or timed out) before its turn came: nothing to stop.
             return self._stopped(None)
-        self._partial.unlink(missing_ok=True)
+        remove(self._partial)
+        if self._profile.multi_output:
+            self._partial.mkdir()
         for role in self._profile.inputs:
             if role not in self._inputs:
                 return self._failed(f"missing input: {role}")
-        if not all(self._tools.sniff(self._inputs[role]) for role in self._profile.inputs):
-            # Not recognisably media: the probes answer before any encoder runs.
+        sniffed = all(self._tools.sniff(self._inputs[role]) for role in self._profile.inputs)
+        if not sniffed or self._profile.probe_first:
+            # Not recognisably media, or the argv needs what the probes
+            # learn: the probes answer before any encoder runs.
             self._probes.start(together=True)
             try:
                 early = await self._interruptible(self._probes.answer())
@@ -231,7 +236,9 @@ class _Execution:
 
     def _start_hash(self) -> None:
         self._hashed_as = fingerprint(self._partial)
-        self._hashing = self._hash(self._partial)
+        # Several outputs are hashed one by one once they have passed.
+        multi = self._profile.multi_output
+        self._hashing = succeed("") if multi else self._hash(self._partial)
 
     async def _ended(self, proto: EncoderProtocol) -> Outcome:
         """The outcome of an encoder whose process has exited: once its pipes are drained."""
@@ -297,6 +304,7 @@ class _Execution:
                 {role: str(path) for role, path in self._inputs.items()},
                 output=str(self._partial),
                 params=self._params,
+                probed=probed_values(self._profile, self._params, self._probes.probed),
             )
         except KeyError as e:
             return self._failed(f"missing parameter: {e.args[0]}")
@@ -343,15 +351,17 @@ class _Execution:
     async def _check_and_keep(
         self, duration: float | None, last: str | None, hashing: Deferred[str]
     ) -> Outcome:
-        """Check the encoder's output and, if it passes, make it the result."""
+        """Check the encoder's output (or outputs) and, if it passes, make it the result."""
         try:
-            output = await accept_output(
+            output = await accept_any(
                 self._partial,
                 self._profile,
+                self._params,
                 duration,
                 hashing,
-                read_header=self._tools.read_header,
-                count=functools.partial(self._tools.count, self._reactor),
+                tools=self._tools,
+                reactor=self._reactor,
+                hash_file=self._hash,
                 wait=self._interruptible,
                 last=last,
             )
@@ -359,7 +369,9 @@ class _Execution:
             return self._stopped(0)
         if isinstance(output, str):
             return self._failed(output, 0)
-        return Outcome(JobState.SUCCEEDED, output, exit_code=0, log_tail=self._tail_text())
+        many = output if isinstance(output, list) else []
+        one = output if not isinstance(output, list) else None
+        return Outcome(JobState.SUCCEEDED, one, 0, outputs=many, log_tail=self._tail_text())
 
     def _hash(self, path: Path) -> Deferred[str]:
         if self._tools.hash_file is not None:
@@ -378,13 +390,11 @@ class _Execution:
         self._finished = True
         self._cancel_timers()
         self._probes.abandon()
+        outcome.inputs_media = self._probes.described()
         if outcome.state is JobState.SUCCEEDED:
             self._report(100.0)
         else:
-            try:
-                self._partial.unlink(missing_ok=True)
-            except OSError as e:
-                _log.warn("cannot remove {path}: {error}", path=self._partial, error=e)
+            remove(self._partial)
         self.deferred.callback(outcome)
 
     def _internal_error(self, failure: Failure) -> Outcome:

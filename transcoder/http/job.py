@@ -23,6 +23,7 @@ from transcoder.core.registry import JobRegistry
 from transcoder.http.download import FileResource, file_problem
 from transcoder.http.errors import APIError, method_not_allowed, not_found
 from transcoder.http.names import sanitise_filename
+from transcoder.http.outputs import ZipResource, mark_missing, output_resource
 from transcoder.http.query import int_arg, number_arg
 from transcoder.http.responses import (
     EndResource,
@@ -100,6 +101,7 @@ def job_json(registry: JobRegistry, job: Job) -> dict[str, Any]:
         path = registry.job_dir(job.id) / job.output.path
         if file_problem(path, job.output.size) is not None:
             out["output"]["missing"] = True
+    mark_missing(out, job, registry.job_dir(job.id))
     return out
 
 
@@ -126,13 +128,19 @@ class JobResource(JSONResource):
             return self
         if path == b"log":
             return LogResource(self._registry.job_dir(job.id) / job.log_path)
-        if path == b"result":
+        if path in (b"result", b"outputs"):
             method = request.method.decode("ascii", "replace")
             if method not in ("GET", "HEAD"):
                 # Whatever the job's state: no other method will ever work here.
                 return ErrorResource(method_not_allowed(method, ["GET", "HEAD"]))
-            if job.state is not JobState.SUCCEEDED or job.output is None:
+            if job.state is not JobState.SUCCEEDED or not job.result_files():
                 return ErrorResource(_NotReady(job))
+            job_dir = self._registry.job_dir(job.id)
+            if path == b"outputs":
+                return output_resource(job, job_dir, request)
+            if job.output is None:
+                # Several outputs: one zip of them all.
+                return ZipResource(job, job_dir, _stem(job) + ".zip")
             return FileResource(
                 self._registry.job_dir(job.id) / job.output.path,
                 job.output.media_type,
@@ -222,11 +230,13 @@ def result_filename(job: Job) -> str:
     """C{<first input's name without its extension>.<output extension>}: what C{curl -OJ} saves."""
     assert job.output is not None
     ext = Path(job.output.path).suffix
+    return sanitise_filename(_stem(job) + ext, default="result" + ext)
+
+
+def _stem(job: Job) -> str:
     stem = job.inputs[0].filename if job.inputs else "result"
     base, dot, _ = stem.rpartition(".")
-    if dot and base:
-        stem = base
-    return sanitise_filename(stem + ext, default="result" + ext)
+    return base if dot and base else stem
 
 
 class LogResource(EndResource):

@@ -26,16 +26,36 @@ def job_view(job: Job, base_url: str = "") -> dict[str, Any]:
         "started_at": rfc3339(job.started_at),
         "finished_at": rfc3339(job.finished_at),
         "inputs": [
-            {"name": i.name, "filename": i.filename, "size": i.size, "sha256": i.sha256}
+            {
+                "name": i.name,
+                "filename": i.filename,
+                "size": i.size,
+                "sha256": i.sha256,
+                # What the probe learnt of it: container, duration, streams.
+                "media": i.media,
+            }
             for i in job.inputs
         ],
         "output": None,
+        "outputs": [],
         "error": None,
         # With several nodes: which ran (or runs) the job, and which run of it this is.
         "node": job.node,
         "attempt": job.attempt,
         "url": f"{base_url}/jobs/{job.id}",
     }
+    if job.state is JobState.SUCCEEDED:
+        out["outputs"] = [
+            {
+                "name": o.name,
+                "size": o.size,
+                "sha256": o.sha256,
+                "media_type": o.media_type,
+                "duration": o.duration,
+                "url": f"{base_url}/jobs/{job.id}/outputs/{o.name}",
+            }
+            for o in job.result_files()
+        ]
     if job.output is not None and job.state is JobState.SUCCEEDED:
         out["output"] = {
             "size": job.output.size,
