@@ -426,4 +426,50 @@ async def test_a_node_that_lost_its_job_removes_its_attempts_files(
             assert sorted(p.name for p in job_dir.glob("result.*")) == ["result.2.avi"]
             await _until(lambda job=job: (job.node, job.attempt) == ("b", 2))
     finally:
+        for left in executor.running():
+            # Only if an assertion failed: stop() waits for every run.
+            left.finish(JobState.CANCELLED)
+        await registry.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_lost_its_job_kills_its_encoder_at_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A node that learns it lost a running job (the row handed to node b by SQL) kills its encoder's process group with SIGKILL at once, without the TERM and --kill-grace (5 s) a cancel gets: the output is thrown away, and the encoder would only take CPU from the attempt that replaced it.  Here the encoder is a process group that nothing else stops (figure: seconds from the takeover to the group gone, under 1 s)."""
+    import psycopg
+
+    store = PostgresClusterStore(pg_dsn, reactor)
+    executor = FakeExecutor()
+    registry = ClusterRegistry(
+        reactor, store, tmp_path, {"copy": COPY}, workers=1, executor=executor,
+        node="a", lease=30.0, max_attempts=3,
+    )  # fmt: skip
+    registry.register(1)
+    registry.start()
+    encoder = subprocess.Popen(
+        ["sh", "-c", "trap '' TERM; sleep 60 & wait"], start_new_session=True
+    )
+    try:
+        job = Job(new_job_id(), "copy", {}, [InputFile("file", "in.avi", 1, "00" * 32, "in.avi")])
+        registry.job_dir(job.id).mkdir(parents=True)
+        await registry.add(job)
+        await _until(lambda: len(executor.executions) == 1)
+        run = executor.executions[0]
+        run.spawn(encoder.pid)
+        await _until(lambda: stored(pg_dsn, job.id) == ("running", "a", 1, encoder.pid))
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET node = 'b', attempt = 2 WHERE id = %s", (job.id,))
+        taken = time.monotonic()
+        await _until(lambda: encoder.poll() is not None, timeout=1.0)
+        print(f"\nthe lost run's encoder gone {time.monotonic() - taken:.3f} s after the takeover")
+        assert encoder.returncode == -signal.SIGKILL
+        run.finish(JobState.CANCELLED)
+    finally:
+        if encoder.poll() is None:
+            os.killpg(encoder.pid, signal.SIGKILL)
+            encoder.wait()
+        for left in executor.running():
+            # Only if an assertion failed: stop() waits for every run.
+            left.finish(JobState.CANCELLED)
         await registry.stop()
