@@ -481,3 +481,36 @@ async def test_a_node_that_lost_its_job_kills_its_encoder_at_once(
             # Only if an assertion failed: stop() waits for every run.
             left.finish(JobState.CANCELLED)
         await registry.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_from_before_the_claim_does_not_take_the_job(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A copy of the row read before this node's claim (the upload's notification, answered after the claim) does not count as the job taken from this node: the run goes on and the job succeeds once, as attempt 1.  Before, the node stopped its own run, its lease expired, and the job ran again as attempt 2 (seen in test_a_killed_node_restarts_and_claims_again)."""
+    store = PostgresClusterStore(pg_dsn, reactor)
+    executor = FakeExecutor()
+    registry = ClusterRegistry(
+        reactor, store, tmp_path, {"copy": COPY}, workers=1, executor=executor,
+        node="a", lease=2.0, max_attempts=3,
+    )  # fmt: skip
+    registry.register(1)
+    registry.start()
+    try:
+        job = Job(new_job_id(), "copy", {}, [InputFile("file", "in.avi", 1, "00" * 32, "in.avi")])
+        registry.job_dir(job.id).mkdir(parents=True)
+        before = Job.from_record(job.to_record())
+        await registry.add(job)
+        await _until(lambda: len(executor.executions) == 1)
+        run = executor.executions[0]
+        # The row as stored by the upload.
+        before.seq = job.seq
+        registry._apply(job.id, (before, False))
+        assert run.cancels == 0
+        run.finish(JobState.SUCCEEDED, output=_output("result.1.avi"))
+        await _until(lambda: stored(pg_dsn, job.id) == ("succeeded", "a", 1, None))
+        assert len(executor.executions) == 1
+    finally:
+        for left in executor.running():
+            left.finish(JobState.CANCELLED)
+        await registry.stop()

@@ -390,6 +390,10 @@ class ClusterRegistry(JobRegistry):
         if run is not None:
             # This node's copy of a job it runs is the newer one; the store
             # only says whether it is still ours and whether to cancel it.
+            if found is not None and found[0].attempt < run.job.attempt:
+                # Read before this node's claim (a notification of the upload
+                # answered late): it says nothing about this attempt.
+                return
             if found is None or (found[0].node, found[0].attempt) != (self.node, run.job.attempt):
                 self._lost(run.job)
             elif found[1]:
