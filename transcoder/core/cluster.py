@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 
 from transcoder.core import recovery
 from transcoder.core.executor import Outcome, Run
-from transcoder.core.files import remove
-from transcoder.core.jobs import Job, JobState
+from transcoder.core.files import remove, remove_attempt
+from transcoder.core.jobs import Job, JobState, LostJob
 from transcoder.core.pgside import RETENTION_LOCK
 from transcoder.core.registry import JobRegistry, _shutting_down
 
@@ -262,8 +262,7 @@ class ClusterRegistry(JobRegistry):
             return
         job = self._adopt(claimed)
         if self._stopping:
-            _requeue(job)
-            self._writer.persist(job)
+            self._give_back(job)
             return
         try:
             self._start_job(job)
@@ -364,9 +363,33 @@ class ClusterRegistry(JobRegistry):
             if run.execution is not None:
                 run.cancel()
 
+    def _give_back(self, job: Job) -> Deferred[None]:
+        remove_attempt(self.job_dir(job.id), job.attempt)
+        _requeue(job)
+
+        def released(_: None) -> None:
+            job.node = None
+            job.attempt -= 1
+
+        def failed(f: Failure) -> None:
+            if f.check(LostJob):
+                _log.warn("job {job_id} was no longer this node's to give back", job_id=job.id)
+            else:
+                # Its lease expires instead, which counts as an attempt.
+                _log.failure("could not give job {job_id} back", f, job_id=job.id)
+
+        d: Deferred[None] = self._cluster.release(job)
+        return d.addCallbacks(released, failed)
+
     def _lost(self, job: Job) -> None:
         run = self._running.get(job.id)
-        if run is None or run.job.attempt != job.attempt or id(run) in self._lost_runs:
+        if run is None or run.job.attempt != job.attempt:
+            if run is None and job.node == self.node and job.attempt:
+                # The run ended before its end was refused (the job is the
+                # refused draft): what that attempt wrote is nobody's now.
+                remove_attempt(self.job_dir(job.id), job.attempt)
+            return
+        if id(run) in self._lost_runs:
             return
         _log.warn(
             "job {job_id} attempt {attempt} was taken from this node: stopping its encoder",
@@ -377,14 +400,20 @@ class ClusterRegistry(JobRegistry):
         run.requeue = True
         if run.execution is not None:
             run.cancel()
+            if run.job.pid is not None:
+                # What it makes is thrown away, so it gets no grace (ffmpeg may
+                # take seconds to flush after TERM): it only takes CPU from the
+                # attempt that replaced it.  Not yet reaped, the group is ours.
+                _kill_group(run.job.pid)
 
     def _ended(self, outcome: Outcome, run: Run) -> None:
         if id(run) not in self._lost_runs:
             super()._ended(outcome, run)
             return
-        # Another node holds the job: nothing of this run is written or shown.
+        # Another node holds the job: nothing of this run is written, shown or kept.
         self._lost_runs.discard(id(run))
         job = run.job
+        remove_attempt(self.job_dir(job.id), job.attempt)
         if self._running.get(job.id) is run:
             del self._running[job.id]
         if run.flush_call is not None and run.flush_call.active():
@@ -436,6 +465,10 @@ class ClusterRegistry(JobRegistry):
         if run is not None:
             # This node's copy of a job it runs is the newer one; the store
             # only says whether it is still ours and whether to cancel it.
+            if found is not None and found[0].attempt < run.job.attempt:
+                # Read before this node's claim (a notification of the upload
+                # answered late): it says nothing about this attempt.
+                return
             if found is None or (found[0].node, found[0].attempt) != (self.node, run.job.attempt):
                 self._lost(run.job)
             elif found[1]:
@@ -462,6 +495,13 @@ def _requeue(job: Job) -> None:
     job.progress = 0.0
     job.started_at = None
     job.pid = None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _failed(error: Exception) -> Deferred[Job]:

@@ -42,6 +42,14 @@ def remove_results(job_dir: Path) -> None:
             remove(result)
 
 
+def remove_attempt(job_dir: Path, attempt: int) -> None:
+    """Remove what one attempt (with several nodes) wrote: C{result[.partial].<attempt>.*}."""
+    if job_dir.is_dir():
+        for name in (f"result.partial.{attempt}.*", f"result.{attempt}.*"):
+            for result in job_dir.glob(name):
+                remove(result)
+
+
 def remove_partials(job_dir: Path) -> None:
     """Remove what an encoder that did not finish wrote."""
     if job_dir.is_dir():

@@ -202,6 +202,12 @@ class IClusterStore(Interface):
         Fires with the ids still held, each with whether a cancel was asked for.
         """
 
+    def release(job: Job) -> Deferred[None]:
+        """
+        Give back C{job}, which its node stopped cleanly (fenced as L{IJobStore.save},
+        failing with L{LostJob}): queued again, and the attempt it used not counted.
+        """
+
     def requeue_expired(max_attempts: int) -> Deferred[list[str]]:
         """Jobs whose lease expired go back to the queue, or fail after C{max_attempts}."""
 

@@ -69,6 +69,14 @@ UPDATE jobs SET state = %(state)s, owner = %(owner)s, record = %(record)s::jsonb
 WHERE id = %(id)s AND node = %(node)s AND attempt = %(attempt)s
 """
 
+# A clean stop is not an attempt: the next claim takes the same number again,
+# so that restarts never count toward --max-attempts.
+_RELEASE = """
+UPDATE jobs SET state = 'queued', node = NULL, attempt = attempt - 1, lease_expires_at = NULL,
+    record = %(record)s::jsonb
+WHERE id = %(id)s AND node = %(node)s AND attempt = %(attempt)s AND state = 'running'
+"""
+
 
 def host_name() -> str:
     return socket.gethostname()
@@ -186,6 +194,18 @@ class PostgresClusterStore(PostgresJobStore):
             return {i: bool(c) for i, a, c in rows if running[i] == a}
 
         return self._call(self._claimer, renew)
+
+    def release(self, job: Job) -> Deferred[None]:
+        params = {"id": job.id, "record": record_json(job), "node": job.node,
+                  "attempt": job.attempt}  # fmt: skip
+
+        def release() -> None:
+            with self._pool.connection() as conn:
+                if conn.execute(_RELEASE, params).rowcount != 1:
+                    raise LostJob(f"job {job.id} attempt {job.attempt} is no longer {job.node}'s")
+
+        # On the writer's thread: after this job's earlier writes.
+        return self._write(release)
 
     def requeue_expired(self, max_attempts: int) -> Deferred[list[str]]:
         def requeue() -> list[str]:

@@ -441,9 +441,7 @@ class JobRegistry:
                 ended = Ended(JobState.CANCELLED)
                 saved = self._record(job, lambda j: self._record_end(j, now, ended))
             else:
-                remove_partials(self.job_dir(job.id))
-                _reset(job)
-                saved = self._writer.persist(job).addCallback(lambda _: job)
+                saved = self._give_back(job).addCallback(lambda _: job)
                 self._events.changed(job)
         except Exception:
             _log.failure("error recording the end of job {job_id}", job_id=job.id)
@@ -524,6 +522,12 @@ class JobRegistry:
         return True
 
     # -- helpers -----------------------------------------------------------
+
+    def _give_back(self, job: Job) -> Deferred[None]:
+        """Put a job whose run this server stopped back in the queue, as if it had never run."""
+        remove_partials(self.job_dir(job.id))
+        _reset(job)
+        return self._writer.persist(job)
 
     def _lost(self, job: Job) -> None:
         """A write about C{job} was refused: another node holds it now (only with several)."""

@@ -126,7 +126,9 @@ class StoreWriter:
             try:
                 await call_store(self._store.save, draft)
             except LostJob:
-                self.lost(job)
+                # The draft, not the job: a copy of the table may already have
+                # made the job the next attempt's, whose files are not ours.
+                self.lost(draft)
                 return False
             except Exception as e:
                 if failures == 0:
