@@ -19,6 +19,7 @@ is never applied before an earlier one), and LISTEN on a dedicated thread.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -67,6 +68,16 @@ UPDATE jobs SET state = %(state)s, owner = %(owner)s, record = %(record)s::jsonb
     node = CASE WHEN %(state)s = 'queued' THEN NULL ELSE node END,
     lease_expires_at = CASE WHEN %(state)s = 'running' THEN lease_expires_at END
 WHERE id = %(id)s AND node = %(node)s AND attempt = %(attempt)s
+"""
+
+
+# An upload's one statement (not nextval, then INSERT, in a transaction: four
+# round trips): the row and its record get the seq drawn here.
+_INSERT = """
+WITH s AS (SELECT nextval('jobs_seq') AS seq)
+INSERT INTO jobs (id, seq, state, owner, created_at, record)
+SELECT %s, s.seq, %s, %s, to_timestamp(%s), jsonb_set(%s::jsonb, '{seq}', to_jsonb(s.seq))
+FROM s RETURNING seq
 """
 
 
@@ -126,7 +137,17 @@ class PostgresClusterStore(PostgresJobStore):
 
     def insert(self, job: Job) -> Deferred[int]:
         def insert() -> int:
-            with self._pool.connection() as conn, conn.transaction():
+            record = record_json(job)
+            with self._pool.connection() as conn:
+                if "seq" in json.loads(record):
+                    row = conn.execute(
+                        _INSERT,
+                        (job.id, job.state.value, column_text(job.owner), job.created_at, record),
+                    ).fetchone()
+                    assert row is not None
+                    job.seq = int(row[0])
+                    return job.seq
+                # A record stored as a JSON string (see record_json) gets its seq before.
                 row = conn.execute("SELECT nextval('jobs_seq')").fetchone()
                 assert row is not None
                 job.seq = int(row[0])
