@@ -2,7 +2,7 @@
 #
 # `make run` and `make test` each do all their own set-up on a fresh Debian 12 machine:
 # the system commands the service runs (apt-get, only when one is missing; `make test` adds
-# PostgreSQL for the store tests), a virtualenv in
+# PostgreSQL for the store tests and nginx for the deployment docs' test), a virtualenv in
 # .venv (only when missing) and the project installed into it (only when pyproject.toml is
 # newer than the stamp left by the last install).
 
@@ -68,11 +68,13 @@ endef
 
 help:
 	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data (LISTEN=..., DATA_DIR=...)"
-	@echo "make test    set up (PostgreSQL and the postgres extra too), then lint and run pytest"
+	@echo "make test    set up (PostgreSQL, nginx and the postgres extra too), then lint and run pytest"
 	@echo "             (extra arguments: PYTEST_ARGS='...')"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make bench   uploads against nginx, aiohttp and stock twisted.web, the job engine's"
 	@echo "             overhead, downloads against nginx, and the load test; see docs/performance.md"
+	@echo "make bench-cluster  several nodes on one PostgreSQL: drain rate, statements per job,"
+	@echo "             claim latency (not part of make bench; CLUSTER_ARGS='...')"
 	@echo "make setup   only the set-up that run and test do"
 
 setup: sysdeps venv
@@ -80,9 +82,13 @@ setup: sysdeps venv
 sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
 
-# `make run` needs no PostgreSQL: only the tests install it.
+# `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
+# nginx block of docs/deployment.md with `nginx -t`.
+TEST_CMDS := nginx:nginx
+
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
+	@$(call ensure_cmds,$(TEST_CMDS))
 
 # The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)
@@ -149,7 +155,7 @@ DOWNLOAD_MIB ?= 1024
 LOAD_TEST_ARGS ?=
 BENCH_LOCK = flock "$${TMPDIR:-/tmp}/transcoder-upload-bench.lock"
 
-.PHONY: bench-upload bench-engine bench-download bench-load
+.PHONY: bench-upload bench-engine bench-download bench-load bench-cluster
 
 bench: bench-upload bench-engine bench-download bench-load
 
@@ -170,3 +176,10 @@ bench-load: setup
 	else \
 	  echo "bench/load_test.py does not exist yet: load test skipped"; \
 	fi
+
+# Several nodes on one throwaway PostgreSQL (issue 16): it needs what the store tests need
+# (PostgreSQL, the postgres extra), so it is set up as `make test` is.  Not part of `make bench`.
+CLUSTER_ARGS ?=
+
+bench-cluster: test-sysdeps test-venv
+	$(BENCH_LOCK) $(VENV_PY) bench/cluster_bench.py $(CLUSTER_ARGS)
