@@ -34,11 +34,12 @@ Direct and server runs alternate within every round, so a change in the
 machine's load hits both alike.  Round 0 is a warm-up and is not counted.
 It prints, per profile, the medians (min-max), the ratio server/direct
 (target: at most 1.05) and the difference, as a Markdown table.  The last
-two columns are what the ffprobe runs the service makes for each job (one per
-input; the output's header is read in-process) take when run one after another
-alone, and the CPU time the server process itself used during the job (reading
-the encoder's output, progress, log, hashing), which competes with the encoder
-for the cores.
+two columns are what the ffprobe runs the service makes of a job's inputs (one
+per input) take when run one after another alone (not in it: those that check
+an output the in-process header reader does not know, such as an MP3 or WebM,
+or thumbnails' images, one each), and the CPU time the server process itself
+used during the job (reading the encoder's output, progress, log, hashing),
+which competes with the encoder for the cores.
 
 usage: engine_bench.py [--seconds 60] [--size 640x360] [--rounds 3]
                        [--profiles mp4-h264,avi-mpeg4,...] [--poll-pause 0.2]
