@@ -6,7 +6,13 @@ For each built-in profile, on a generated clip (default 60 s at 640x360):
 
   direct  the profile's command line as the runner builds it (the same argv,
           through setsid, in a working directory, with the runner's
-          environment), run with subprocess and timed from start to exit;
+          environment), run with subprocess and timed from start to exit.
+          A profile with several outputs (hls, thumbnails) writes into an
+          empty directory, and its argv's probed placeholders (the input's
+          duration and height, the HLS ladder) are filled by the engine's
+          own functions from one ffprobe of the input made before the
+          rounds: the command a user would type having looked at the file.
+          The run must leave an output (a non-empty file or directory);
   server  the same job through a running `transcoder serve`: the time from
           the upload's completion to the job's end with `succeeded`, both as
           the server recorded them on this machine's clock: the job's
@@ -28,14 +34,16 @@ Direct and server runs alternate within every round, so a change in the
 machine's load hits both alike.  Round 0 is a warm-up and is not counted.
 It prints, per profile, the medians (min-max), the ratio server/direct
 (target: at most 1.05) and the difference, as a Markdown table.  The last
-two columns are what the ffprobe runs the service makes for each job (one per
-input; the output's header is read in-process) take when run one after another
-alone, and the CPU time the server process itself used during the job (reading
-the encoder's output, progress, log, hashing), which competes with the encoder
-for the cores.
+two columns are what the ffprobe runs the service makes of a job's inputs (one
+per input) take when run one after another alone (not in it: those that check
+an output the in-process header reader does not know, such as an MP3 or WebM,
+or thumbnails' images, one each), and the CPU time the server process itself
+used during the job (reading the encoder's output, progress, log, hashing),
+which competes with the encoder for the cores.
 
 usage: engine_bench.py [--seconds 60] [--size 640x360] [--rounds 3]
-                       [--profiles mp4-h264,avi-mpeg4,mux-avi] [--poll-pause 0.2]
+                       [--profiles mp4-h264,avi-mpeg4,...] [--poll-pause 0.2]
+(--profiles: every built-in by default)
 needs: ffmpeg, mencoder, curl on PATH; run with the project's virtualenv
 (.venv/bin/python), whose `transcoder` it starts.
 """
@@ -56,8 +64,15 @@ from pathlib import Path
 
 from _project_server import ProjectServer
 
-from transcoder.core.profiles import Profile, builtin_profiles
-from transcoder.engine.probe import tool_env
+from transcoder.core.profiles import ParamValue, Profile, builtin_profiles
+from transcoder.engine.ladder import probed_values
+from transcoder.engine.outputs import partial_path
+from transcoder.engine.probe import MediaInfo, parse_ffprobe, tool_env
+
+# Every built-in profile, the issue 4 ones first.
+ALL_PROFILES = "mp4-h264,avi-mpeg4,mux-avi,webm-vp9,audio-mp3,audio-aac,hls,thumbnails"
+# The probe the runner makes of each input (transcoder.engine.probe.probe).
+FFPROBE = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
 
 
 def ffmpeg(*args: str) -> None:
@@ -94,17 +109,41 @@ def inputs_for(profile: Profile, files: dict[str, Path]) -> dict[str, Path]:
     return {role: files[role] for role in profile.inputs}
 
 
-def run_direct(profile: Profile, inputs: dict[str, Path], work: Path) -> float:
+def probe_inputs(files: dict[str, Path]) -> dict[str, MediaInfo]:
+    """Each input as the runner's probe sees it (run once, before the rounds)."""
+    return {
+        role: parse_ffprobe(
+            subprocess.run(
+                [*FFPROBE, f"file:{path.absolute()}"], capture_output=True, check=True
+            ).stdout
+        )
+        for role, path in files.items()
+    }
+
+
+def direct_argv(
+    profile: Profile, inputs: dict[str, str], output: str, infos: dict[str, MediaInfo]
+) -> list[str]:
+    """
+    The argv the runner builds for a job with the default parameters: the
+    probed placeholders (hls, thumbnails) filled as the runner fills them.
+    """
+    params: dict[str, ParamValue] = profile.validate_params({})
+    probed = probed_values(profile, params, [infos[role] for role in profile.inputs])
+    return profile.build_argv(inputs, output, params, probed)
+
+
+def run_direct(
+    profile: Profile, inputs: dict[str, Path], infos: dict[str, MediaInfo], work: Path
+) -> float:
     """Seconds the profile's own command line takes, set up as the runner sets it up."""
     job_dir = work / "direct"
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir()
-    output = job_dir / f"result.partial.{profile.output_extension}"
-    argv = profile.build_argv(
-        {r: str(p) for r, p in inputs.items()},
-        str(output),
-        {n: p.default for n, p in profile.parameters.items()},
-    )
+    output = partial_path(job_dir, profile, 0)
+    if profile.multi_output:
+        output.mkdir()
+    argv = direct_argv(profile, {r: str(p) for r, p in inputs.items()}, str(output), infos)
     t = time.perf_counter()
     subprocess.run(
         ["setsid", *argv],
@@ -116,7 +155,8 @@ def run_direct(profile: Profile, inputs: dict[str, Path], work: Path) -> float:
         check=True,
     )
     took = time.perf_counter() - t
-    if not output.stat().st_size:
+    wrote = any(output.iterdir()) if profile.multi_output else output.stat().st_size > 0
+    if not wrote:
         raise SystemExit(f"{profile.name}: the direct run wrote nothing")
     return took
 
@@ -142,13 +182,11 @@ def probe_time(paths: list[Path]) -> float:
     return time.perf_counter() - t
 
 
-def direct_command(profile: Profile, inputs: dict[str, Path]) -> str:
-    argv = profile.build_argv(
-        {r: p.name for r, p in inputs.items()},
-        f"result.partial.{profile.output_extension}",
-        {n: p.default for n, p in profile.parameters.items()},
+def direct_command(profile: Profile, inputs: dict[str, Path], infos: dict[str, MediaInfo]) -> str:
+    output = partial_path(Path("."), profile, 0)
+    return " ".join(
+        direct_argv(profile, {r: p.name for r, p in inputs.items()}, str(output), infos)
     )
-    return " ".join(argv)
 
 
 def get_json(url: str) -> dict:
@@ -226,7 +264,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--profiles", default="mp4-h264,avi-mpeg4,mux-avi")
+    ap.add_argument("--profiles", default=ALL_PROFILES)
     ap.add_argument(
         "--poll-pause",
         type=float,
@@ -241,6 +279,7 @@ def main() -> None:
     server = None
     try:
         files = make_inputs(work, args.seconds, args.size)
+        infos = probe_inputs(files)
         server = ProjectServer(work, "--workers", "1")
         times: dict[str, dict[str, list[float]]] = {
             n: {"direct": [], "server": [], "probe": [], "cpu": []} for n in names
@@ -249,7 +288,7 @@ def main() -> None:
             for name in names:
                 profile = profiles[name]
                 inputs = inputs_for(profile, files)
-                d = run_direct(profile, inputs, work)
+                d = run_direct(profile, inputs, infos, work)
                 p = probe_time(list(inputs.values()))
                 s, c, polls, head = run_server(server, profile, inputs, work, args.poll_pause)
                 if rnd:
@@ -286,7 +325,8 @@ def main() -> None:
         print("\nserver: " + " ".join(server.argv).replace(str(work), "$WORK"))
         print("direct commands (run in $WORK/direct through setsid, env PATH, LANG=C.UTF-8, HOME):")
         for name in names:
-            print(f"  {name}: {direct_command(profiles[name], inputs_for(profiles[name], files))}")
+            profile = profiles[name]
+            print(f"  {name}: {direct_command(profile, inputs_for(profile, files), infos)}")
     finally:
         if server is not None:
             server.stop()
