@@ -146,16 +146,7 @@ class ClusterRegistry(JobRegistry):
         if self._stop_listening is not None:
             self._stop_listening()
         self._writer.stop()
-        ended: list[Deferred[Job]] = []
-        for run in list(self._running.values()):
-            run.requeue = True
-            d: Deferred[Job] = Deferred()
-            run.ended.append(d)
-            ended.append(d)
-            if run.execution is not None:
-                run.cancel()
-        for d in ended:
-            await d
+        await self._requeue_running()
         try:
             await self._cluster.unregister_node(self.node)
         except Exception:

@@ -491,6 +491,11 @@ class JobRegistry:
 
     async def _stop(self) -> None:
         self._writer.stop()
+        await self._requeue_running()
+        await self._store.close()
+
+    async def _requeue_running(self) -> None:
+        """Stop every encoder, its job going back to the queue; return once all have ended."""
         ended: list[Deferred[Job]] = []
         for run in list(self._running.values()):
             run.requeue = True
@@ -500,7 +505,6 @@ class JobRegistry:
             if run.execution is not None:
                 run.cancel()
         await gatherResults(ended)
-        await self._store.close()
 
     async def _delete(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
