@@ -39,10 +39,10 @@ from twisted.python.failure import Failure
 
 from transcoder.core import recovery
 from transcoder.core.executor import Outcome, Run
-from transcoder.core.files import remove, remove_attempt
+from transcoder.core.files import remove_attempt
 from transcoder.core.jobs import Job, JobState, LostJob
 from transcoder.core.pgside import RETENTION_LOCK
-from transcoder.core.registry import JobRegistry, _shutting_down
+from transcoder.core.registry import JobRegistry
 
 _log = Logger()
 
@@ -155,31 +155,13 @@ class ClusterRegistry(JobRegistry):
 
     # -- adding and cancelling ---------------------------------------------
 
-    def add(self, job: Job) -> Deferred[Job]:
-        if self._stopping:
-            return _failed(_shutting_down())
-        if not self._started:
-            return _failed(RuntimeError("the registry is not started"))
-        if job.id in self._jobs:
-            return _failed(ValueError(f"job {job.id} already exists"))
-        job.created_at = self._reactor.seconds()
-        job.state = JobState.QUEUED
+    def _store_new(self, job: Job) -> Deferred[Any]:
+        # The store numbers it, from a sequence every node shares.
+        d: Deferred[Any] = self._cluster.insert(job)
+        return d
 
-        def stored(_: int) -> Job:
-            self._writer.ok()
-            self._jobs[job.id] = job
-            self._events.changed(job)
-            self._schedule()
-            return job
-
-        def not_stored(f: Failure) -> Failure:
-            _log.failure("could not store new job {job_id}", f, job_id=job.id)
-            self._writer.failed(f.value)
-            remove(self.job_dir(job.id))
-            return f
-
-        d: Deferred[int] = self._cluster.insert(job)
-        return d.addCallbacks(stored, not_stored)
+    def _enqueue(self, job: Job) -> None:
+        """Nothing: the queue is the store's, and whichever node claims a job takes it there."""
 
     def cancel(self, job_id: str) -> Deferred[Job | None]:
         job = self._jobs.get(job_id)
@@ -493,9 +475,3 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
-
-
-def _failed(error: Exception) -> Deferred[Job]:
-    d: Deferred[Job] = Deferred()
-    d.errback(error)
-    return d

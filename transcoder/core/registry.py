@@ -188,12 +188,10 @@ class JobRegistry:
             return fail(RuntimeError("the registry is not started"))
         if job.id in self._jobs:
             return fail(ValueError(f"job {job.id} already exists"))
-        job.seq = self._next_seq
-        self._next_seq += 1
         job.created_at = self._reactor.seconds()
         job.state = JobState.QUEUED
 
-        def stored(_: None) -> Job:
+        def stored(_: object) -> Job:
             self._writer.ok()
             self._jobs[job.id] = job
             self._enqueue(job)
@@ -207,7 +205,13 @@ class JobRegistry:
             remove(self.job_dir(job.id))
             return f
 
-        return call_store(self._store.save, job).addCallbacks(stored, not_stored)
+        return self._store_new(job).addCallbacks(stored, not_stored)
+
+    def _store_new(self, job: Job) -> Deferred[Any]:
+        """Number a new job and store it (a cluster's store numbers it itself)."""
+        job.seq = self._next_seq
+        self._next_seq += 1
+        return call_store(self._store.save, job)
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -524,8 +528,6 @@ class JobRegistry:
             _log.failure("could not delete job {job_id} from the store", job_id=job_id)
         self._events.deleted(job)
         return True
-
-    # -- helpers -----------------------------------------------------------
 
     def _give_back(self, job: Job) -> Deferred[None]:
         """Put a job whose run this server stopped back in the queue, as if it had never run."""
