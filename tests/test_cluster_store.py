@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from transcoder.core.jobs import Job, JobState, LostJob, NodeNameTaken, new_job_id
+from transcoder.core.jobs import Job, JobChange, JobState, LostJob, NodeNameTaken, new_job_id
 from transcoder.core.pgcluster import PostgresClusterStore
 
 
@@ -161,33 +161,39 @@ async def test_a_live_node_name_is_refused(
     await b.register_node("n1", 1, 30)
 
 
+class Heard:
+    """What a listener was told, with a way to wait until it was told enough."""
+
+    def __init__(self) -> None:
+        self.changes: list[JobChange | None] = []
+        self._waiting: list[tuple[int, Deferred[None]]] = []
+
+    def __call__(self, change: JobChange | None) -> None:
+        self.changes.append(change)
+        for n, d in list(self._waiting):
+            if len(self.changes) >= n:
+                self._waiting.remove((n, d))
+                d.callback(None)
+
+    def at_least(self, n: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if len(self.changes) >= n:
+            d.callback(None)
+        else:
+            self._waiting.append((n, d))
+        return d
+
+
 @pytest_twisted.ensureDeferred
 async def test_changes_are_fed_to_listeners(
     two: tuple[PostgresClusterStore, PostgresClusterStore],
 ) -> None:
-    """A listener hears None once connected (re-read everything), then the id of each job inserted or changed on another node; a lease renewal alone says nothing."""
+    """A listener hears None once connected (re-read everything), then each job inserted or changed on another node, in commit order and with the row as it was committed (state, node, attempt, cancel); a lease renewal alone says nothing."""
     a, b = two
-    heard: list[str | None] = []
-    waiting: list[tuple[int, Deferred[None]]] = []
-
-    def on_change(job_id: str | None) -> None:
-        heard.append(job_id)
-        for n, d in list(waiting):
-            if len(heard) >= n:
-                waiting.remove((n, d))
-                d.callback(None)
-
-    def heard_at_least(n: int) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if len(heard) >= n:
-            d.callback(None)
-        else:
-            waiting.append((n, d))
-        return d
-
-    stop = a.listen(on_change)
+    heard = Heard()
+    stop = a.listen(heard)
     try:
-        await heard_at_least(1)
+        await heard.at_least(1)
         job = make_job()
         await b.insert(job)
         claimed = await b.claim("b", 30)
@@ -195,7 +201,43 @@ async def test_changes_are_fed_to_listeners(
         await b.renew("b", {job.id: 1}, 30)
         claimed.state = JobState.SUCCEEDED
         await b.save(claimed)
-        await heard_at_least(4)
-        assert heard == [None, job.id, job.id, job.id]
+        await heard.at_least(4)
+        assert heard.changes[0] is None
+        changes = [c for c in heard.changes[1:] if c is not None]
+        assert [c.job_id for c in changes] == [job.id] * 3
+        assert all(c.carried and c.found is not None for c in changes)
+        rows = [c.found for c in changes if c.found is not None]
+        assert [(j.state, j.node, j.attempt, cancel) for j, cancel in rows] == [
+            (JobState.QUEUED, None, 0, False),
+            (JobState.RUNNING, "b", 1, False),
+            (JobState.SUCCEEDED, "b", 1, False),
+        ]
+        assert rows[2][0].to_record() == (await b.get(job.id) or (make_job(), False))[0].to_record()
+    finally:
+        stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_too_big_for_a_notification_sends_its_id(
+    two: tuple[PostgresClusterStore, PostgresClusterStore],
+) -> None:
+    """A job whose row would not fit in NOTIFY's 8000 bytes (a long error) is announced by id alone, to be read; its deletion is announced as carried with no row."""
+    a, b = two
+    heard = Heard()
+    stop = a.listen(heard)
+    try:
+        await heard.at_least(1)
+        job = make_job()
+        job.error = "x" * 9000
+        await b.insert(job)
+        await heard.at_least(2)
+        big = heard.changes[1]
+        assert big is not None
+        assert (big.job_id, big.carried, big.found) == (job.id, False, None)
+        await b.delete(job.id)
+        await heard.at_least(3)
+        gone = heard.changes[2]
+        assert gone is not None
+        assert (gone.job_id, gone.carried, gone.found) == (job.id, True, None)
     finally:
         stop()

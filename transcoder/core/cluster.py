@@ -4,9 +4,10 @@ The job registry of one node among several sharing a PostgreSQL store
 
 The store, not this process, is the authority.  The registry keeps a copy of
 the whole jobs table, so that status reads never wait on the database: it is
-read once at start, then each job is read again when the store NOTIFYs its
-id, and the whole table again whenever the LISTEN connection was
-(re)established, since notifications may have been lost meanwhile.  Changes
+read once at start, then kept by the store's notifications, each of which
+carries the changed row (or only its id, when the row is too big for one, and
+then the row is read), and the whole table is read again whenever the LISTEN
+connection was (re)established, since notifications may have been lost meanwhile.  Changes
 made on other nodes wake this node's long-polls, but not its subscribers
 (webhooks, metrics): those hear of a job from the node that ran it.
 
@@ -40,7 +41,7 @@ from twisted.python.failure import Failure
 from transcoder.core import recovery
 from transcoder.core.executor import Outcome, Run
 from transcoder.core.files import remove_attempt
-from transcoder.core.jobs import Job, JobState, LostJob
+from transcoder.core.jobs import Job, JobChange, JobState, LostJob
 from transcoder.core.pgside import RETENTION_LOCK
 from transcoder.core.registry import JobRegistry
 
@@ -402,11 +403,13 @@ class ClusterRegistry(JobRegistry):
 
     # -- the copy of the table ---------------------------------------------
 
-    def _changed_in_store(self, job_id: str | None) -> None:
-        if job_id is None:
+    def _changed_in_store(self, change: JobChange | None) -> None:
+        if change is None:
             self._resync()
+        elif change.carried:
+            self._apply(change.job_id, change.found)
         else:
-            self._refresh(job_id)
+            self._refresh(change.job_id)
 
     def _refresh(self, job_id: str) -> Deferred[None]:
         def got(found: tuple[Job, bool] | None) -> None:

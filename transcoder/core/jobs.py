@@ -180,6 +180,20 @@ class NodeNameTaken(StoreUnavailable):
     """Another live node already runs under this node's name."""
 
 
+@dataclass(frozen=True)
+class JobChange:
+    """
+    What an L{IClusterStore} feed says of one changed job: its id and, when the
+    notification could carry it, the row as L{IClusterStore.get} gives it
+    (None for a deleted job).  C{carried} is False when only the id came, and
+    the row must be read.
+    """
+
+    job_id: str
+    carried: bool
+    found: tuple[Job, bool] | None = None
+
+
 class IClusterStore(Interface):
     """
     What a store shared by several nodes adds to L{IJobStore}: claims, leases
@@ -233,9 +247,9 @@ class IClusterStore(Interface):
     def nodes(lease: float) -> Deferred[list[dict[str, Any]]]:
         """Live nodes (a heartbeat within C{lease}): name, workers, running, heartbeat_at."""
 
-    def listen(on_change: Callable[[str | None], None]) -> Callable[[], None]:
+    def listen(on_change: Callable[[JobChange | None], None]) -> Callable[[], None]:
         """
-        Call C{on_change} (on the reactor thread) with the id of each job that
-        changed, and with None when changes may have been missed (the feed was
-        (re)connected); returns a function that stops the feed.
+        Call C{on_change} (on the reactor thread) with a L{JobChange} for each job
+        that changed, in commit order, and with None when changes may have been
+        missed (the feed was (re)connected); returns a function that stops the feed.
         """

@@ -38,6 +38,7 @@ from transcoder.core.jobs import (
     IClusterStore,
     IJobStore,
     Job,
+    JobChange,
     JobState,
     LostJob,
     NodeNameTaken,
@@ -49,6 +50,7 @@ from transcoder.core.postgres import (
     oneline,
     parse_record,
     record_json,
+    unwrap_record,
 )
 
 _log = Logger()
@@ -370,7 +372,7 @@ class PostgresClusterStore(PostgresJobStore):
 
         return self._call(self._reader, nodes)
 
-    def listen(self, on_change: Callable[[str | None], None]) -> Callable[[], None]:
+    def listen(self, on_change: Callable[[JobChange | None], None]) -> Callable[[], None]:
         listener = _Listener(self._url, self._connect_timeout, self._reactor, on_change)
         self._listeners.append(listener)
         listener.start()
@@ -391,13 +393,17 @@ class PostgresClusterStore(PostgresJobStore):
 class _Listener:
     """
     LISTEN on a connection of its own, on a thread of its own: each
-    notification's payload (a job id) goes to C{on_change} on the reactor
+    notification, as a L{JobChange}, goes to C{on_change} on the reactor
     thread; after every (re)connection C{on_change(None)} says that
     notifications may have been missed, so the whole table must be read again.
     """
 
     def __init__(
-        self, url: str, timeout: float, reactor: Any, on_change: Callable[[str | None], None]
+        self,
+        url: str,
+        timeout: float,
+        reactor: Any,
+        on_change: Callable[[JobChange | None], None],
     ) -> None:
         self._url = url
         self._timeout = max(1, round(timeout))
@@ -430,12 +436,27 @@ class _Listener:
                     self._reactor.callFromThread(self._on_change, None)
                     while not self._stopping.is_set():
                         for n in conn.notifies(timeout=_LISTEN_POLL):
-                            self._reactor.callFromThread(self._on_change, n.payload)
+                            change = job_change(n.payload)
+                            self._reactor.callFromThread(self._on_change, change)
             except psycopg.Error as e:
                 if not failing:
                     _log.warn("lost the job-change feed ({error}); reconnecting", error=oneline(e))
                 failing = True
                 self._stopping.wait(_RELISTEN_PAUSE)
+
+
+def job_change(payload: str) -> JobChange:
+    """The L{JobChange} that a notification's payload (see migration 3) describes."""
+    body: dict[str, Any] = json.loads(payload)
+    job_id = str(body["id"])
+    if body.get("deleted"):
+        return JobChange(job_id, carried=True, found=None)
+    if "record" not in body:
+        return JobChange(job_id, carried=False)
+    job = Job.from_record(unwrap_record(body["record"]))
+    job.node = body["node"]
+    job.attempt = int(body["attempt"])
+    return JobChange(job_id, carried=True, found=(job, bool(body["cancel"])))
 
 
 def _job(row: tuple[Any, ...]) -> Job:

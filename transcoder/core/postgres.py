@@ -98,6 +98,29 @@ MIGRATIONS: tuple[str, ...] = (
               OR OLD.cancel_requested IS DISTINCT FROM NEW.cancel_requested)
         EXECUTE FUNCTION jobs_notify();
     """,
+    # 3: a notification carries the changed row (record, node, attempt, cancel),
+    # so that no node reads it back: with N nodes, a re-read per change per node
+    # was most of the statements a job costs.  A row too big for NOTIFY's 8000
+    # bytes still sends only its id, which the listener then reads.
+    """
+    CREATE OR REPLACE FUNCTION jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        payload text;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            payload := json_build_object('id', OLD.id, 'deleted', true)::text;
+        ELSE
+            payload := json_build_object(
+                'id', NEW.id, 'record', NEW.record, 'node', NEW.node,
+                'attempt', NEW.attempt, 'cancel', NEW.cancel_requested)::text;
+            IF octet_length(payload) > 7900 THEN
+                payload := json_build_object('id', NEW.id)::text;
+            END IF;
+        END IF;
+        PERFORM pg_notify('transcoder_jobs', payload);
+        RETURN NULL;
+    END $$;
+    """,
 )
 
 # node, attempt and the lease are not written: they will belong to claims.
@@ -158,7 +181,11 @@ def record_json(job: Job) -> str:
 
 
 def parse_record(text: str) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads(text)
+    return unwrap_record(json.loads(text))
+
+
+def unwrap_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record as the job wrote it (see L{record_json})."""
     if len(record) == 1 and _WRAPPED in record:
         unwrapped: dict[str, Any] = json.loads(record[_WRAPPED])
         return unwrapped
