@@ -187,13 +187,19 @@ outputs = [{outputs}]
             '{name = "t.jpg", check = "image"}',
             "output t.jpg is not an image",
         ),
+        (
+            'ffmpeg -v error -i \\"$1\\" -frames:v 1 \\"$2/t-1.jpg\\" && cp \\"$2/t-1.jpg\\"'
+            ' \\"$2/t-3.jpg\\" && head -c 3000 /dev/urandom > \\"$2/t-2.jpg\\"',
+            '{name = "t-*.jpg", check = "image"}',
+            "output t-2.jpg is not an image",
+        ),
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_job_fails_unless_every_output_passes(
     script: str, outputs: str, error: str, clips: Clips, tmp_path: Path
 ) -> None:
-    """Each case fails the job, saying why, and leaves no output directory: an undeclared file, too few files for a count, a truncated video, a playlist shorter than the input, an image that does not decode."""
+    """Each case fails the job, saying why, and leaves no output directory: an undeclared file, too few files for a count, a truncated video, a playlist shorter than the input, an image that does not decode, and, among images that do, the one that does not is named."""
     profile = parse_profiles(_profile(script, outputs))["p"]
     outcome = await _run(tmp_path / "job", profile, {"file": clips.av})  # type: ignore[arg-type]
     assert outcome.state is JobState.FAILED

@@ -10,7 +10,8 @@ has as many files as it says, and each file passes its check:
   - C{hls}: a playlist that parses (C{#EXTM3U}); a master playlist's
     renditions are outputs of the job, and a rendition's segments are too,
     their C{#EXTINF} durations summing to the input's duration;
-  - C{image}: ffprobe decodes it;
+  - C{image}: ffmpeg decodes a picture from it (all of a job's images in one
+    run, L{transcoder.engine.images});
   - C{none}: listed only (an HLS segment is checked through its playlist).
 
 Then each is hashed and the directory renamed from C{outputs.partial[.N]} to
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -32,6 +33,7 @@ from twisted.python.failure import Failure
 from transcoder.core.jobs import OutputFile
 from transcoder.core.outputs import OutputSpec, is_output_name
 from transcoder.core.profiles import ParamValue, Profile
+from transcoder.engine.images import Picture
 from transcoder.engine.outcome import (
     HeaderReader,
     Wait,
@@ -51,6 +53,7 @@ _MIN_SLACK = 0.1
 _MAX_PLAYLIST = 8 * 1024 * 1024
 
 ProbeFile = Callable[[Path], Deferred[MediaInfo]]
+DecodeFile = Callable[[Sequence[Path]], Deferred[list[Picture]]]
 
 
 def partial_path(job_dir: Path, profile: Profile, attempt: int) -> Path:
@@ -252,21 +255,47 @@ async def _check_media(
     return None if refused is None else f"output {name}: {refused}"
 
 
-async def _check_image(path: Path, name: str, decode: ProbeFile, wait: Wait) -> str | None:
+async def _check_images(
+    partial: Path, names: list[str], decode: DecodeFile, wait: Wait
+) -> str | None:
+    if not names:
+        return None
+    paths = [partial / name for name in names]
     try:
-        info = await wait(maybeDeferred(decode, path))
+        pictures = await wait(maybeDeferred(decode, paths))
     except CancelledError:
         raise
     except NotMediaError:
-        return f"output {name} is not an image ffprobe can decode"
+        pictures = None
     except Exception as e:
-        _log.failure("decoding output {name}", Failure(), name=name)
-        return f"could not check output {name}: {e}"
-    video = [s for s in info.streams if s.codec_type == "video"]
-    if not video or not video[0].width or not video[0].height:
-        return f"output {name} is not an image ffprobe can decode"
-    if video[0].decoded is not None and video[0].decoded < 1:
-        return f"output {name}: ffprobe decoded no picture from it"
+        _log.failure("decoding outputs {names}", Failure(), names=names)
+        return f"could not check outputs {', '.join(names)}: {e}"
+    if pictures is not None and all(
+        _refusal(name, p) is None for name, p in zip(names, pictures, strict=True)
+    ):
+        return None
+    # Decode them one by one to name the one at fault.
+    for name, path in zip(names, paths, strict=True):
+        try:
+            alone = await wait(maybeDeferred(decode, [path]))
+        except CancelledError:
+            raise
+        except NotMediaError:
+            return f"output {name} is not an image ffmpeg can decode"
+        except Exception as e:
+            _log.failure("decoding output {name}", Failure(), name=name)
+            return f"could not check output {name}: {e}"
+        refused = _refusal(name, alone[0])
+        if refused is not None:
+            return refused
+    return f"outputs {', '.join(names)} could not be decoded together"
+
+
+def _refusal(name: str, picture: Picture) -> str | None:
+    if not picture.width or not picture.height:
+        return f"output {name} is not an image ffmpeg can decode"
+    if picture.frames < 1:
+        return f"output {name}: ffmpeg decoded no picture from it"
     return None
 
 
@@ -278,7 +307,7 @@ async def accept_outputs(
     *,
     read_header: HeaderReader,
     count: ProbeFile,
-    decode: ProbeFile,
+    decode: DecodeFile,
     hash_file: Callable[[Path], Deferred[str]],
     wait: Wait,
     last: str | None,
@@ -287,7 +316,7 @@ async def accept_outputs(
     Check every output in the directory C{partial} and, if all pass, make
     them the job's outputs (L{final_dir}); or say why the job fails.
 
-    @param decode: ffprobe decoding a file (images).
+    @param decode: decoding images (L{transcoder.engine.images}), all in one call.
     @param hash_file: the SHA-256 of a file, off the reactor thread.
     """
     names = list_outputs(partial)
@@ -299,6 +328,7 @@ async def accept_outputs(
     every = set(names)
     tolerance = profile.duration_tolerance
     durations: dict[str, float | None] = {}
+    images: list[str] = []
     for name, spec in found.items():
         path = partial / name
         problem: str | None = None
@@ -308,9 +338,12 @@ async def accept_outputs(
         elif spec.check == "hls":
             problem = check_playlist(partial, name, every, duration, tolerance)
         elif spec.check == "image":
-            problem = await _check_image(path, name, decode, wait)
+            images.append(name)
         if problem is not None:
             return problem
+    problem = await _check_images(partial, images, decode, wait)
+    if problem is not None:
+        return problem
     digests = {name: await wait(hash_file(partial / name)) for name in names}
     final = final_dir(partial)
     os.replace(partial, final)

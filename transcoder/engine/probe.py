@@ -60,8 +60,6 @@ class StreamInfo:
     height: int | None = None
     sample_rate: int | None = None
     channels: int | None = None
-    # Frames ffprobe decoded (only with decode).
-    decoded: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,6 @@ def parse_ffprobe(document: bytes) -> MediaInfo:
                 height=_count(s.get("height")),
                 sample_rate=_count(s.get("sample_rate")),
                 channels=_count(s.get("channels")),
-                decoded=_count(s.get("nb_read_frames")),
             )
         )
         if d is not None and s.get("codec_type") in _MEDIA_TYPES:
@@ -236,7 +233,6 @@ def probe(
     path: Path,
     timeout: float = 60,
     count_packets: bool = False,
-    decode: bool = False,
 ) -> Deferred[MediaInfo]:
     """
     Run C{ffprobe} on C{path}, as a child that dies with this process
@@ -268,8 +264,6 @@ def probe(
     argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     if count_packets:
         argv.insert(3, "-count_packets")
-    if decode:
-        argv.insert(3, "-count_frames")
     argv.append("file:" + str(Path(path).absolute()))
     # Bound to die with this process: a probe of a huge or stalled input
     # would otherwise outlive a killed node.
@@ -293,8 +287,3 @@ def probe(
 def probe_counting(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
     """L{probe} counting packets, with time to read a big file through."""
     return probe(reactor, path, timeout=COUNT_TIMEOUT, count_packets=True)
-
-
-def probe_decoding(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
-    """L{probe} decoding every frame (an image's one): proof that it decodes."""
-    return probe(reactor, path, decode=True)

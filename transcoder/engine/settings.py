@@ -14,10 +14,11 @@ from pathlib import Path
 from transcoder.engine.container import read_contents
 from transcoder.engine.digest import HashFunction
 from transcoder.engine.disk import DISK_RESERVE, FreeSpace, free_space
+from transcoder.engine.images import DecodeImages, decode_images
 from transcoder.engine.inputs import ProbeFunction
 from transcoder.engine.outcome import HeaderReader
 from transcoder.engine.probe import probe as ffprobe
-from transcoder.engine.probe import probe_counting, probe_decoding
+from transcoder.engine.probe import probe_counting
 from transcoder.engine.process import LOG_LIMIT, KillGroup
 from transcoder.engine.sniff import looks_like_media
 
@@ -27,7 +28,7 @@ class Tools:
     """
     @ivar probe: reads a media file (an input).
     @ivar count: reads a media file counting its packets (for the output).
-    @ivar decode: reads an image decoding it (a multi-output job's images).
+    @ivar decode: decodes a multi-output job's images, all in one run.
     @ivar hash_file: the SHA-256 of a file as hex; C{None}: computed in the
         reactor's thread pool.
     @ivar killpg: signals a process group.
@@ -42,7 +43,7 @@ class Tools:
 
     probe: ProbeFunction = ffprobe
     count: ProbeFunction = probe_counting
-    decode: ProbeFunction = probe_decoding
+    decode: DecodeImages = decode_images
     hash_file: HashFunction | None = None
     killpg: KillGroup = os.killpg
     sniff: Callable[[Path], bool] = looks_like_media
