@@ -230,7 +230,6 @@ def test_files_it_does_not_read(clips: Clips, tmp_path: Path) -> None:
     ftyp.write_bytes(struct.pack(">I", 4096) + b"ftyp" + os.urandom(4088))
     for path in (
         clips.flv_video,
-        clips.mp3_audio,
         clips.noise,
         empty,
         riff,

@@ -1,6 +1,7 @@
 """
-What an AVI or MP4 output holds, read in-process: the duration its header
-states, and how much of each stream the file itself holds.
+What an AVI or MP4 output holds (an MP3's: L{transcoder.engine.mp3}), read
+in-process: the duration its header states, and how much of each stream the
+file itself holds.
 
 An encoder's output is checked once it has exited, and nothing can overlap
 that check: running ffprobe for it costs about 55 ms (most of it the dynamic
@@ -40,6 +41,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+from transcoder.engine.mp3 import read_mp3
 from transcoder.engine.verify import Contents, Held
 
 # Boxes or chunks looked at in one list before giving up: a real output has
@@ -77,6 +79,8 @@ def read_contents(path: Path) -> Contents | None:
                 return _avi(f, size)
             if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
                 return _mp4(f, size)
+            if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] >= 0xE0):
+                return read_mp3(path)
     except (_Unsure, OSError, struct.error, ValueError, OverflowError):
         pass
     return None
