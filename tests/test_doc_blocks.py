@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
-import pytest
 from docblocks import DOCS, OTHER_SHELL_LABELS, Block, blocks
 from serverproc import BIN, REPO, ServerProcess, serve
 
@@ -47,7 +47,9 @@ def _all_blocks(doc: str) -> list[Block]:
 
 def _script(doc: str, url: str) -> str:
     lines = ["set -euo pipefail", "doc_block=none"]
-    lines.append(f"trap 'echo \"doc check: a command failed in the block at {doc}:$doc_block\" >&2' ERR")
+    lines.append(
+        f"trap 'echo \"doc check: a command failed in the block at {doc}:$doc_block\" >&2' ERR"
+    )
     for block in _all_blocks(doc):
         if block.label != "sh" or block.not_run is not None:
             continue
@@ -63,7 +65,9 @@ def _make_clip(work: Path, name: str) -> None:
     )  # fmt: skip
 
 
-def _run_doc(doc: str, tmp_path: Path) -> tuple[ServerProcess, Path, subprocess.CompletedProcess[str]]:
+def _run_doc(
+    doc: str, tmp_path: Path
+) -> tuple[ServerProcess, Path, subprocess.CompletedProcess[str]]:
     work = tmp_path / "work"
     work.mkdir()
     (work / ".venv").symlink_to(BIN.parent)
@@ -107,7 +111,9 @@ def test_every_shell_block_is_sh_and_every_skip_says_why() -> None:
         for block in _all_blocks(doc):
             assert block.label not in OTHER_SHELL_LABELS, f"{doc}:{block.line} is ```{block.label}"
             if block.not_run is not None:
-                assert block.label == "sh", f"{doc}:{block.line}: a not-run marker on a non-sh block"
+                assert block.label == "sh", (
+                    f"{doc}:{block.line}: a not-run marker on a non-sh block"
+                )
                 assert len(block.not_run) >= 10, f"{doc}:{block.line}: say why it is not run"
     runnable = [b for doc in DOCS for b in _all_blocks(doc) if b.label == "sh" and not b.not_run]
     assert len(runnable) > 20
@@ -142,3 +148,36 @@ def test_deployment_blocks_run(tmp_path: Path) -> None:
     """docs/deployment.md's shell blocks that can run here (those that need root, systemd or another machine say so) run as written."""
     server, _work, result = _run_doc("docs/deployment.md", tmp_path)
     _check(server, result)
+
+
+def test_readme_download_of_a_failed_job_saves_nothing(tmp_path: Path) -> None:
+    """The README's download line, run for a job that failed, exits 22 and leaves out/ empty: the 409 error is not saved, under the video's name or any other."""
+    (quick,) = [b for b in _all_blocks("README.md") if "-OJ" in b.text and b.not_run is None]
+    (download,) = [line for line in quick.text.splitlines() if "-OJ" in line]
+    work = tmp_path / "work"
+    work.mkdir()
+    _make_clip(work, "video.flv")
+    server = serve(tmp_path / "data", tmp_path / "server.log")
+    try:
+        # A video without audio, for a profile that needs audio: the job fails.
+        up = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", "-T", "video.flv",
+             f"{server.url}/jobs?profile=audio-mp3&filename=video.flv"],
+            cwd=work, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        job_id = json.loads(up.stdout)["id"]
+        for _ in range(60):
+            with urllib.request.urlopen(f"{server.url}/jobs/{job_id}?wait=30") as r:
+                state = json.load(r)["state"]
+            if state not in ("queued", "running"):
+                break
+        assert state == "failed"
+        result = subprocess.run(
+            ["bash", "-c", download.replace(DOC_URL, server.url)],
+            cwd=work, env={**os.environ, "id": job_id}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 22, result.stderr
+    assert "409" in result.stderr
+    assert list((work / "out").iterdir()) == []
