@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -88,12 +89,30 @@ def _run_doc(
     return server, work, result
 
 
-def _check(server: ServerProcess, result: subprocess.CompletedProcess[str]) -> None:
+def _check(server: ServerProcess, work: Path, result: subprocess.CompletedProcess[str]) -> None:
     server.stop()
     assert result.returncode == 0, (
         f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
         f"\n--- server\n{server.output[-4000:]}"
     )
+    # Followed in the checkout, the examples leave these files there: git must ignore them.
+    left = sorted(
+        p.name + "/" if p.is_dir() else p.name
+        for p in work.iterdir()
+        if p.name not in ("doc.sh", ".venv")
+    )
+    assert left == sorted(set(left) & _ignored(left)), f"not in .gitignore: {left}"
+
+
+def _ignored(names: list[str]) -> set[str]:
+    """Those of C{names}, at the checkout's root, that its .gitignore ignores."""
+    if not names:
+        return set()
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", "--no-index", "--", *names],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return set(found.stdout.split())
 
 
 def _media(path: Path) -> dict[str, object]:
@@ -122,7 +141,7 @@ def test_every_shell_block_is_sh_and_every_skip_says_why() -> None:
 def test_readme_blocks_run(tmp_path: Path) -> None:
     """The README's shell blocks, pasted in order, transcode the clip, wait for it and save the video itself under out/ (not an error body), and the seed job and the CLI examples work."""
     server, work, result = _run_doc("README.md", tmp_path)
-    _check(server, result)
+    _check(server, work, result)
     saved = sorted(p.name for p in (work / "out").iterdir())
     assert saved == ["clip.mp4"], saved
     media = _media(work / "out" / "clip.mp4")
@@ -133,21 +152,21 @@ def test_readme_blocks_run(tmp_path: Path) -> None:
 def test_api_blocks_run(tmp_path: Path) -> None:
     """docs/api.md's shell blocks run in order in one shell against `make run`'s stand-in, as its introduction promises."""
     server, work, result = _run_doc("docs/api.md", tmp_path)
-    _check(server, result)
+    _check(server, work, result)
     assert _media(work / "clip.mp4")["streams"]
 
 
 def test_client_blocks_run(tmp_path: Path) -> None:
     """docs/client.md's shell blocks (the CLI) run in order, from a directory holding the README's clips, and leave the files they name."""
     server, work, result = _run_doc("docs/client.md", tmp_path)
-    _check(server, result)
+    _check(server, work, result)
     assert _media(work / "out.avi")["streams"]
 
 
 def test_deployment_blocks_run(tmp_path: Path) -> None:
     """docs/deployment.md's shell blocks that can run here (those that need root, systemd or another machine say so) run as written."""
-    server, _work, result = _run_doc("docs/deployment.md", tmp_path)
-    _check(server, result)
+    server, work, result = _run_doc("docs/deployment.md", tmp_path)
+    _check(server, work, result)
 
 
 def test_readme_download_of_a_failed_job_saves_nothing(tmp_path: Path) -> None:
@@ -181,3 +200,34 @@ def test_readme_download_of_a_failed_job_saves_nothing(tmp_path: Path) -> None:
     assert result.returncode == 22, result.stderr
     assert "409" in result.stderr
     assert list((work / "out").iterdir()) == []
+
+
+def test_files_the_docs_and_twistd_leave_are_ignored_and_not_linted(tmp_path: Path) -> None:
+    """twistd's pid and log files are in .gitignore, and a mux.py saved in the checkout's root as docs/client.md says (here with the example's code and an unused import on top) is left out by ruff check and ruff format, as `make lint` runs them: ruff follows .gitignore."""
+    assert _ignored(["twistd.pid", "twistd.log", "mux.py"]) == {
+        "twistd.pid",
+        "twistd.log",
+        "mux.py",
+    }
+    (example,) = [b for b in _all_blocks("docs/client.md") if b.label == "python"]
+    assert "mux.py" in (REPO / "docs" / "client.md").read_text()
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in (".gitignore", "pyproject.toml"):
+        shutil.copy(REPO / name, checkout / name)
+    (checkout / "mux.py").write_text("import os\n" + example.text + "\n\n\n")
+    (checkout / "kept.py").write_text('"""A module ruff does check."""\n')
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True, timeout=30)
+    ruff = str(BIN / "ruff")
+    for argv in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
+        result = subprocess.run(argv, cwd=checkout, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # The control: ruff does read kept.py, and would fail mux.py were it not ignored.
+    listed = subprocess.run(
+        [ruff, "check", "--show-files", "."], cwd=checkout, capture_output=True, text=True, timeout=60
+    )  # fmt: skip
+    assert "kept.py" in listed.stdout and "mux.py" not in listed.stdout, listed.stdout
+    direct = subprocess.run(
+        [ruff, "check", "--no-cache", "mux.py"], cwd=checkout, capture_output=True, text=True, timeout=60
+    )  # fmt: skip
+    assert direct.returncode == 1, direct.stdout
