@@ -231,3 +231,26 @@ def test_files_the_docs_and_twistd_leave_are_ignored_and_not_linted(tmp_path: Pa
         [ruff, "check", "--no-cache", "mux.py"], cwd=checkout, capture_output=True, text=True, timeout=60
     )  # fmt: skip
     assert direct.returncode == 1, direct.stdout
+
+
+def test_client_python_example_runs(tmp_path: Path) -> None:
+    """docs/client.md's Python example, saved as mux.py next to the README's video.flv and audio.mp3 as the doc says, runs with .venv/bin/python mux.py against a real server and leaves out.avi, a video with both streams."""
+    (example,) = [b for b in _all_blocks("docs/client.md") if b.label == "python"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(BIN.parent)
+    for name in ("video.flv", "audio.mp3"):
+        _make_clip(work, name)
+    server = serve(tmp_path / "data", tmp_path / "server.log")
+    (work / "mux.py").write_text(example.text.replace(DOC_URL, server.url))
+    try:
+        result = subprocess.run(
+            [str(work / ".venv" / "bin" / "python"), "mux.py"],
+            cwd=work, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    streams = _media(work / "out.avi")["streams"]
+    assert {s["codec_type"] for s in streams} == {"video", "audio"}  # type: ignore[attr-defined]
+    assert _ignored(["mux.py", "out.avi"]) == {"mux.py", "out.avi"}
