@@ -83,8 +83,9 @@ sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
 
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
-# nginx block of docs/deployment.md with `nginx -t`.
-TEST_CMDS := nginx:nginx
+# nginx blocks of docs/deployment.md with `nginx -t` (with a certificate made by openssl);
+# the doc check runs docs/api.md's examples, which use jq.
+TEST_CMDS := nginx:nginx openssl:openssl jq:jq
 
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi

@@ -30,6 +30,7 @@ from transcoder.core.profiles import ProfileError, load_profiles
 from transcoder.core.registry import STORE_HEADROOM, JobRegistry
 from transcoder.core.retention import RetentionSweeper
 from transcoder.core.stores import BadStoreURL, StoreURL, open_store, parse_store_url
+from transcoder.core.tombstones import Tombstones
 from transcoder.engine.deathsig import warn_if_unavailable
 from transcoder.engine.probe import tool_env
 from transcoder.engine.runner import execute_job
@@ -37,6 +38,7 @@ from transcoder.http.auth import TokenAuth, TokenFileError
 from transcoder.http.clusterhooks import ClusterWebhookNotifier
 from transcoder.http.metrics import Metrics
 from transcoder.http.nodes import NodeLister
+from transcoder.http.publicurl import normal_public_url, public_url_problem
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
 from transcoder.http.webhooks import WebhookNotifier
@@ -169,6 +171,13 @@ class Options(usage.Options):
             "(at least 1M, kept for the job database).",
         ],
         ["shutdown-grace", None, "30s", "On SIGTERM, give in-flight uploads this long to finish."],
+        [
+            "public-url",
+            None,
+            None,
+            "The service's URL as clients reach it (e.g. https://transcode.example.org behind "
+            "a proxy): webhook bodies' URLs start with it (default: the upload's Host header).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -184,6 +193,11 @@ class Options(usage.Options):
             "lease",
         ):
             self[key] = parse_duration(self[key])
+        if self["public-url"]:
+            problem = public_url_problem(self["public-url"])
+            if problem is not None:
+                raise usage.UsageError(f"--public-url {problem}")
+            self["public-url"] = normal_public_url(self["public-url"])
         if self["lease"] < 1:
             raise usage.UsageError("--lease: at least 1s")
         if not self["node-name"]:
@@ -370,6 +384,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             queue=PostgresWebhooks(side),
             node=options["node-name"],
             secret=secret.encode("utf-8") if secret else None,
+            base_url=options["public-url"] or "",
         )
     else:
         notifier = WebhookNotifier(
@@ -377,8 +392,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             registry,
             secret=secret.encode("utf-8") if secret else None,
             journal=data_dir / "webhooks",
+            base_url=options["public-url"] or "",
         )
-    sweeper = RetentionSweeper(reactor, registry, keep=options["keep-results"])
+    # In the data dir: shared by the nodes of a cluster, whatever the store.
+    tombstones = Tombstones(data_dir / "expired")
+    sweeper = RetentionSweeper(
+        reactor, registry, keep=options["keep-results"], tombstones=tombstones
+    )
     root = build_root(
         reactor,
         registry,
@@ -391,6 +411,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics=metrics,
         nodes=nodes,
         node_name=options["node-name"],
+        tombstones=tombstones,
     )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
 

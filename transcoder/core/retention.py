@@ -8,6 +8,9 @@ C{keep}, between 1 s and 5 minutes, so that a job goes at most 10 % late, or
 never touched.  Sweeps never overlap, on one server or across the nodes of a
 cluster (L{IJobSource.exclusive_sweep}), and a failure is logged without
 ending the loop.
+
+With L{Tombstones}, each job is recorded as removed before it is removed, so
+that the API can answer it with "expired" (410) rather than "no such job".
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from twisted.python.failure import Failure
 
 from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job
+from transcoder.core.tombstones import Tombstones
 
 _log = Logger()
 
@@ -50,6 +54,7 @@ class RetentionSweeper:
         the first sweep sees the jobs it recovered.
     @param keep: how long a finished job is kept, in seconds.
     @param interval: seconds between sweeps; by default L{default_interval}.
+    @param tombstones: where removed jobs are recorded (and old records pruned).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class RetentionSweeper:
         *,
         keep: float,
         interval: float | None = None,
+        tombstones: Tombstones | None = None,
     ) -> None:
         if keep < 0:
             raise ValueError("keep must not be negative")
@@ -70,6 +76,7 @@ class RetentionSweeper:
         self._registry = registry
         self._keep = keep
         self._interval = interval
+        self._tombstones = tombstones
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred[int] | None = None
         self._waiting: list[Deferred[int]] = []
@@ -145,11 +152,17 @@ class RetentionSweeper:
             # Checked again: a long sweep waits on each deletion, and the job may have gone.
             if job is None or not self._expired(job, now):
                 continue
+            self._bury(job, now)
             try:
                 if await self._registry.delete(job_id):
                     deleted += 1
             except Exception:
                 _log.failure("retention: could not delete job {job_id}", job_id=job_id)
+        if self._tombstones is not None:
+            try:
+                self._tombstones.prune(now)
+            except OSError:
+                _log.failure("retention: could not prune the tombstones")
         if deleted:
             _log.info(
                 "retention: deleted {count} jobs finished more than {keep}s ago",
@@ -157,6 +170,16 @@ class RetentionSweeper:
                 keep=self._keep,
             )
         return deleted
+
+    def _bury(self, job: Job, now: float) -> None:
+        """Record the job as expired, first: it answers so from the moment it is gone."""
+        if self._tombstones is None:
+            return
+        try:
+            self._tombstones.bury(job, now, self._keep)
+        except OSError:
+            # Removing it still frees the disk (which may be why this failed): it goes anyway.
+            _log.failure("retention: could not record job {job_id} as expired", job_id=job.id)
 
     def _expired(self, job: Job, now: float) -> bool:
         since = _finished_since(job)

@@ -20,6 +20,9 @@ from transcoder.core.jobs import InputFile, Job
 from transcoder.core.profiles import ParamValue, Profile
 from transcoder.core.registry import JobRegistry
 
+# The key of Job.extra that holds the service's URL as the upload saw it.
+BASE_URL_KEY = "base_url"
+
 
 @dataclass
 class Submission:
@@ -32,6 +35,8 @@ class Submission:
     inputs: list[InputFile]
     callback_url: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    # The service's URL as the upload's Host header gave it: webhooks' URLs start with it.
+    base_url: str | None = None
 
 
 def submit(registry: JobRegistry, submission: Submission, owner: str | None) -> Deferred[Job]:
@@ -51,6 +56,7 @@ def submit(registry: JobRegistry, submission: Submission, owner: str | None) -> 
         inputs=submission.inputs,
         owner=owner,
         callback_url=submission.callback_url,
+        extra={BASE_URL_KEY: submission.base_url} if submission.base_url else {},
     )
 
     def not_added(f: Failure) -> Failure:

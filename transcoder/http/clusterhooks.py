@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job
 from transcoder.core.pgwebhooks import DELIVERED, GIVEN_UP, Claimed, PostgresWebhooks
-from transcoder.http.views import job_view
 from transcoder.http.webhooks import WebhookNotifier, _Delivery, _for_log, callback_url_problem
 
 _log = Logger()
@@ -112,7 +111,7 @@ class ClusterWebhookNotifier(WebhookNotifier):
             _log.warn("not calling back job {job_id}: its callback_url {problem}",
                       job_id=job.id, problem=problem)  # fmt: skip
             return None
-        body = json.dumps(job_view(job, self._base_url), separators=(",", ":"))
+        body = json.dumps(self._view(job), separators=(",", ":"))
         return Deferred.fromCoroutine(self._add_row(job.id, url, body))
 
     async def _add_row(self, job_id: str, url: str, body: str) -> None:

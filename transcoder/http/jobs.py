@@ -29,6 +29,7 @@ from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.core.profiles import Profile, profile_for
 from transcoder.core.registry import JobRegistry
 from transcoder.core.submit import Submission, submit
+from transcoder.core.tombstones import Tombstones
 from transcoder.http.bodies import (
     IBodyReceiver,
     IRequestBody,
@@ -37,9 +38,11 @@ from transcoder.http.bodies import (
     uploads_in_flight,
 )
 from transcoder.http.errors import APIError, http_error, not_found
+from transcoder.http.expired import find_expired
 from transcoder.http.fields import query_arg
 from transcoder.http.formdata import MultipartBody, multipart_boundary
 from transcoder.http.job import JobResource, job_json
+from transcoder.http.publicurl import request_base_url
 from transcoder.http.query import bad_query, int_arg
 from transcoder.http.request import TranscoderRequest
 from transcoder.http.responses import (
@@ -137,6 +140,7 @@ class JobsResource(JSONResource):
         min_free_disk: int = 0,
         free_disk: FreeDisk = free_space,
         upload_finished: UploadReport | None = None,
+        tombstones: Tombstones | None = None,
     ) -> None:
         """
         @param upload_finished: called with each upload's outcome and size in bytes.
@@ -144,6 +148,7 @@ class JobsResource(JSONResource):
         @param private: each token sees only its own jobs (tokens are configured).
         @param min_free_disk: uploads are refused (507) while the data
             directory has less free space than this.
+        @param tombstones: the jobs retention removed, answered 410 C{expired}.
         """
         super().__init__()
         self._reactor = reactor
@@ -156,13 +161,17 @@ class JobsResource(JSONResource):
         self._min_free = min_free_disk
         self.free_space = free_disk
         self._upload_finished = upload_finished
+        self._tombstones = tombstones
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         if path == b"":
             return self
-        job = self._visible_job(path.decode("ascii", "replace"), request)
+        job_id = path.decode("ascii", "replace")
+        job = self._visible_job(job_id, request)
         if job is None:
-            return ErrorResource(not_found("job"))
+            owner = getattr(request, "owner", None)
+            expired = find_expired(self._tombstones, job_id, owner, private=self._private)
+            return ErrorResource(expired or not_found("job"))
         return JobResource(self._clock, self._registry, job)
 
     def _visible_job(self, job_id: str, request: server.Request) -> Job | None:
@@ -306,6 +315,8 @@ class JobsResource(JSONResource):
             finish_json(request, 201, job_view(job))
 
         owner = getattr(request, "owner", None)
+        if submission.callback_url:
+            submission.base_url = request_base_url(request)
         return submit(self._registry, submission, owner).addCallback(created)
 
     def _failed(self, f: Failure, request: server.Request, body: IRequestBody) -> None:

@@ -26,6 +26,7 @@ from transcoder import __version__
 from transcoder.core.errors import DomainError
 from transcoder.core.profiles import Profile
 from transcoder.core.registry import JobRegistry
+from transcoder.core.tombstones import Tombstones
 from transcoder.http.auth import TokenAuth
 from transcoder.http.errors import not_found
 from transcoder.http.jobs import FreeDisk, JobsResource, UploadReport, free_space
@@ -182,6 +183,7 @@ def build_root(
     metrics: Any = None,
     nodes: NodeLister | None = None,
     node_name: str | None = None,
+    tombstones: Tombstones | None = None,
 ) -> Resource:
     """
     The whole resource tree.
@@ -195,6 +197,7 @@ def build_root(
         started here, which then also counts uploads.
     @param nodes: lists the nodes sharing the job store, for C{/nodes};
         by default this one alone, named C{node_name} (the host name).
+    @param tombstones: the jobs retention removed, answered 410 C{expired}.
     """
     upload_finished: UploadReport | None = None
     if metrics is None:
@@ -221,6 +224,7 @@ def build_root(
             min_free_disk=min_free_disk,
             free_disk=free_disk,
             upload_finished=upload_finished,
+            tombstones=tombstones,
         ),
     )
     root.putChild(b"profiles", ProfilesResource(profiles))

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from transcoder import __version__
 from transcoder.core.interfaces import IJobSource
 from transcoder.core.jobs import Job, is_job_id
+from transcoder.http.publicurl import BASE_URL_KEY
 from transcoder.http.views import job_view
 
 _log = Logger()
@@ -355,10 +356,14 @@ class WebhookNotifier:
             )
             return
         # The job may change again (be deleted) before a retry: every attempt sends this snapshot.
-        body = json.dumps(job_view(job, self._base_url), separators=(",", ":")).encode("utf-8")
+        body = json.dumps(self._view(job), separators=(",", ":")).encode("utf-8")
         delivery = _Delivery(job.id, url, body, str(uuid.uuid4()))
         self._deliveries.add(delivery)
         self._attempt(delivery)
+
+    def _view(self, job: Job) -> dict[str, Any]:
+        """The job's JSON, its URLs absolute: --public-url, else the upload's Host."""
+        return job_view(job, self._base_url or job.extra.get(BASE_URL_KEY) or "")
 
     # The journal: one small JSON file per pending delivery.
 
