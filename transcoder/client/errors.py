@@ -130,6 +130,9 @@ def _tls_reason(failures: list[Failure]) -> str | None:
                 if isinstance(item, tuple) and item:
                     details.append(str(item[-1]))
             return "; ".join(details) or _one_line(f.value)
+        if type(f.value).__module__.startswith("service_identity"):
+            # The chain is trusted, but the certificate names another host.
+            return f"the certificate is not for this host: {_one_line(f.value)}"
     return None
 
 
