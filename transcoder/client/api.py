@@ -44,6 +44,7 @@ from transcoder.client.errors import (
     TranscoderError,
     as_network_error,
     error_from,
+    error_from_text,
     network_failure,
 )
 from transcoder.client.fetch import fetch, header
@@ -426,10 +427,23 @@ class Client:
         return ensureDeferred(self._health())
 
     async def _health(self) -> dict[str, Any]:
-        data = await self._json("GET", "/health", accept=(503,))
-        if not isinstance(data, dict) or "status" not in data:
-            raise TranscoderError(0, "bad_response", "no status in the answer")
-        return data
+        result: dict[str, Any] = await self._limit(
+            Deferred.fromCoroutine(self._health_now()), self._request_timeout, "GET /health"
+        )
+        return result
+
+    async def _health_now(self) -> dict[str, Any]:
+        response = await self._request("GET", "/health", accept=(503,))
+        text = await _content(response)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and "status" in data:
+            return data
+        if response.code >= 400:
+            raise error_from_text(response, text)
+        raise TranscoderError(0, "bad_response", "no status in the answer")
 
     def suggested_name(self, job_id: str) -> Deferred[str | None]:
         """

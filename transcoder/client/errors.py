@@ -185,6 +185,11 @@ async def error_from(response: Any) -> TranscoderError:
         text: bytes = await response.content()
     except Exception:
         text = b""
+    return error_from_text(response, text)
+
+
+def error_from_text(response: Any, text: bytes) -> TranscoderError:
+    """The error an answer of status C{response.code} with body C{text} stands for."""
     try:
         error = json.loads(text)["error"]
         return TranscoderError(response.code, str(error["code"]), str(error["message"]))
