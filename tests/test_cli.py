@@ -211,7 +211,10 @@ def test_exit_codes_for_refusals_and_unreachable_servers(server: ServerProcess, 
 
 
 def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path: Path) -> None:
-    """With stderr on a terminal, upload and transcode progress are drawn as bars."""
+    """
+    With stderr on a terminal, upload and transcode progress are drawn as
+    bars in binary units, and the transcode bar ends saying "succeeded" at 100%.
+    """
     master, slave = pty.openpty()
     # A new pty is 0x0; tqdm sizes its bar to the terminal.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -244,7 +247,8 @@ def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path
     text = screen.decode("utf-8", "replace")
     assert "upload" in text and "running" in text and "download" in text
     assert "\r" in text and "|" in text
-    assert "100%" in text
+    assert "succeeded: 100%|" in text
+    assert "KiB" in text and "KB" not in text and "kB" not in text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -240,6 +240,9 @@ async def _jobs(client: Any, options: Any, out: TextIO, err: TextIO) -> int:
             break
     else:
         more = cursor is not None
+    if limit is not None and len(jobs) > limit:
+        # A server that gave more than asked for.
+        jobs, more = jobs[:limit], True
     if options["json"]:
         print(json.dumps([j.data for j in jobs], indent=2), file=out)
     else:

@@ -33,22 +33,24 @@ def job_row(job: Any) -> tuple[str, ...]:
     )
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Columns two spaces apart, as wide as their widest cell; numbers to the right."""
+def print_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    out: TextIO,
+    right: Sequence[int] = (),
+) -> None:
+    """Columns two spaces apart, as wide as their widest cell; those in C{right} to the right."""
     widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
-    right = [
-        bool(rows) and all(r[i].rstrip("%").isdigit() for r in rows) for i in range(len(header))
-    ]
     for row in [header, *rows]:
         cells = [
-            cell.rjust(width) if right[i] else cell.ljust(width)
+            cell.rjust(width) if i in right else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         print("  ".join(cells).rstrip(), file=out)
 
 
 def print_jobs(jobs: Sequence[Any], out: TextIO) -> None:
-    print_table(JOB_COLUMNS, [job_row(j) for j in jobs], out)
+    print_table(JOB_COLUMNS, [job_row(j) for j in jobs], out, right=(2,))
 
 
 def _bounds(spec: dict[str, Any]) -> str:
