@@ -60,6 +60,7 @@ def test_no_time_left_before_progress_allows() -> None:
     assert time_left(50, 100, 0.5) is None
     assert time_left(0.5, 100, 30) is None
     assert time_left(25, 100, 10) == 30
+    assert time_left(100, 100, 10) is None
     err, clock = io.StringIO(), _Clock()
     progress = Progress(err, quiet=False, tty=True, clock=clock)
     progress.job(_Job("j", "running", 0))

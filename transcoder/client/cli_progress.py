@@ -38,7 +38,7 @@ def duration(seconds: float) -> str:
 
 def time_left(done: float, total: float, elapsed: float) -> float | None:
     """Seconds left at the average rate so far, or None while that says too little."""
-    if total <= 0 or done <= 0 or elapsed < _ESTIMATE_FROM_SECONDS:
+    if total <= 0 or done <= 0 or done >= total or elapsed < _ESTIMATE_FROM_SECONDS:
         return None
     if done * 100 / total < _ESTIMATE_FROM_PERCENT:
         return None
