@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from transcoder.client import Client
-from transcoder.client.cli import EXIT_OK, EXIT_USAGE, Options
+from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
 from transcoder.client.cli_commands import run_command
 
 
@@ -132,6 +132,7 @@ def test_download_without_o_uses_the_servers_name(
     `transcoder download ID` saves the result in the current directory under
     the name the server suggests (the input's, with the output's extension),
     says so, and refuses to overwrite a file of that name (exit 2, file kept).
+    A job not finished yet is a server error saying its state, nothing saved.
     """
     clip = tmp_path / "my clip.mov"
     shutil.copy(clips.av, clip)
@@ -150,6 +151,12 @@ def test_download_without_o_uses_the_servers_name(
     assert again.returncode == EXIT_USAGE
     assert "my clip.mp4 exists; not overwriting it" in again.stderr
     assert (where / "my clip.mp4").read_bytes() == data
+    assert os.listdir(where) == ["my clip.mp4"]
+    slow = _submit(server, clips.av_long, "--param", "preset=veryslow")
+    early = _run("-s", server.url, "download", slow, cwd=where)
+    _run("-s", server.url, "cancel", slow)
+    assert early.returncode == EXIT_SERVER_ERROR
+    assert "409: not_ready: the job is" in early.stderr
     assert os.listdir(where) == ["my clip.mp4"]
 
 

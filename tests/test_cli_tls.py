@@ -17,8 +17,12 @@ from typing import Any
 
 import pytest
 from serverproc import LISTEN, ServerProcess, transcoder
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface.verify import verifyObject
 
 from transcoder.client.cli import EXIT_CONNECTION, EXIT_OK, EXIT_USAGE
+from transcoder.client.tls import Unverified, tls_policy
 
 
 def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
@@ -133,3 +137,22 @@ def test_python_client_over_tls(tls: _Tls) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"True tls_failed {tls.url}/health", "ok", "ok"]
+
+
+def test_tls_policies(tls: _Tls, tmp_path: Path) -> None:
+    """
+    The policies provide IPolicyForHTTPS (and --insecure's creator its
+    interface); a --cacert that cannot be read or holds no certificate is a
+    ValueError saying so, before any request.
+    """
+    verifyObject(IPolicyForHTTPS, tls_policy())
+    verifyObject(IPolicyForHTTPS, tls_policy(tls.cert))
+    verifyObject(IPolicyForHTTPS, Unverified())
+    verifyObject(IOpenSSLClientConnectionCreator, Unverified().creatorForNetloc(b"h", 443))
+    assert isinstance(tls_policy(tls.cert, verify=False), Unverified)
+    with pytest.raises(ValueError, match="cannot read the CA certificate"):
+        tls_policy(tmp_path / "nope.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ValueError, match="holds no PEM certificate"):
+        tls_policy(garbage)

@@ -209,8 +209,15 @@ async def _save(client: Any, job_id: str, output: str, progress: Progress) -> No
 
 async def _save_as_suggested(client: Any, job_id: str, progress: Progress, err: TextIO) -> int:
     """C{download ID} without C{-o}: as C{curl -OJ}, but never over a file nor outside C{.}."""
+    from transcoder.client import TranscoderError
     from transcoder.client.names import safe_filename
 
+    job = await client.get(job_id)
+    if job.state != "succeeded":
+        # Said before the HEAD, whose 409 has no body to say it.
+        raise TranscoderError(
+            409, "not_ready", f"the job is {job.state}; it has no result to download"
+        )
     suggested = await client.suggested_name(job_id)
     name = safe_filename(suggested) or safe_filename(f"{job_id}.result")
     assert name is not None

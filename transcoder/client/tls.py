@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -30,7 +30,7 @@ def tls_policy(cacert: Path | str | None = None, verify: bool = True) -> IPolicy
         raise ValueError(f"cannot read the CA certificate {cacert}: {e.strerror}") from None
     try:
         authority = ssl.Certificate.loadPEM(pem)
-    except SSL.Error:
+    except (SSL.Error, crypto.Error):
         raise ValueError(f"{cacert} holds no PEM certificate") from None
     return BrowserLikePolicyForHTTPS(trustRoot=authority)
 
