@@ -23,8 +23,9 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 LISTEN = "tcp:0:interface=127.0.0.1"
-# Twisted's listening port logs "<factory> starting on <port>"; the factory is a Site.
-_PORT = re.compile(r"[Ss]ite starting on (\d+)")
+# Twisted's listening port logs "<factory> starting on <port>" ("<factory> (TLS)
+# starting on <port>" on an ssl: endpoint); the factory is a Site.
+_PORT = re.compile(r"[Ss]ite (?:\(TLS\) )?starting on (\d+)")
 
 
 def twistd() -> str:

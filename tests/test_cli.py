@@ -113,10 +113,14 @@ def test_submit_usage_errors(argv: list[str], tmp_path: Path) -> None:
         SubmitOptions().parseOptions([str(file) if a == "FILE" else a for a in argv])
 
 
-def test_download_needs_an_output() -> None:
-    """download without -o is a usage error."""
-    with pytest.raises(usage.UsageError):
-        DownloadOptions().parseOptions(["abc"])
+def test_download_takes_an_output_or_none() -> None:
+    """download takes -o OUT, or none (the server's suggested name is used then)."""
+    options = DownloadOptions()
+    options.parseOptions(["abc"])
+    assert options["output"] is None
+    options = DownloadOptions()
+    options.parseOptions(["abc", "-o", "x.mp4"])
+    assert options["output"] == "x.mp4"
 
 
 # The real command.
@@ -160,7 +164,7 @@ def test_mux_avi_in_one_line(
     assert status.returncode == EXIT_OK
     assert json.loads(status.stdout)["state"] == "succeeded"
     listed = _run(server, "jobs", "--state", "succeeded")
-    assert any(line.split("\t")[:2] == [job_id, "succeeded"] for line in listed.stdout.splitlines())
+    assert any(line.split()[:2] == [job_id, "succeeded"] for line in listed.stdout.splitlines())
 
     again = tmp_path / "again.avi"
     downloaded = _run(server, "download", job_id, "-o", str(again), "-q")
@@ -207,7 +211,10 @@ def test_exit_codes_for_refusals_and_unreachable_servers(server: ServerProcess, 
 
 
 def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path: Path) -> None:
-    """With stderr on a terminal, upload and transcode progress are drawn as bars."""
+    """
+    With stderr on a terminal, upload and transcode progress are drawn as
+    bars in binary units, and the transcode bar ends saying "succeeded" at 100%.
+    """
     master, slave = pty.openpty()
     # A new pty is 0x0; tqdm sizes its bar to the terminal.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -240,22 +247,31 @@ def test_progress_bars_on_a_terminal(server: ServerProcess, clips: Any, tmp_path
     text = screen.decode("utf-8", "replace")
     assert "upload" in text and "running" in text and "download" in text
     assert "\r" in text and "|" in text
-    assert "100%" in text
+    assert "succeeded: 100%|" in text
+    assert "KiB" in text and "KB" not in text and "kB" not in text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_waiting_exits_130(server: ServerProcess, clips: Any, sig: int) -> None:
-    """SIGINT or SIGTERM during --wait exits 130 saying so; the job goes on running on the server."""
+    """
+    SIGINT or SIGTERM during --wait exits 130 saying so, and that the job goes
+    on running on the server, with its id and the command that stops it
+    (which works as printed); the job does go on.
+    """
     proc = _start(
         *("submit", str(clips.av_long), "-p", "mp4-h264"),
         *("--param", "preset=veryslow", "--wait", "-q", "--server", server.url),
     )
     assert proc.stdout is not None
     job_id = proc.stdout.readline().strip()
-    _interrupt(proc, sig)
+    _, stderr = _interrupt(proc, sig)
+    assert f"job {job_id} goes on running on the server" in stderr
+    hint = f"transcoder -s {server.url} cancel {job_id}"
+    assert stderr.rstrip().endswith(hint)
     status = _run(server, "status", job_id)
     assert json.loads(status.stdout)["state"] in ("queued", "running", "succeeded")
-    _run(server, "cancel", job_id)
+    assert _run(None, *hint.split()[1:]).returncode == EXIT_OK
+    assert _run(server, "status", job_id).returncode == EXIT_SERVER_ERROR
 
 
 class _ThreadServer:

@@ -34,7 +34,15 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from transcoder._twisted import disconnected
-from transcoder.client import Client, RemoteJob, TranscoderError
+from transcoder.client import (
+    CannotConnect,
+    Client,
+    ConnectionLost,
+    NetworkError,
+    NoAnswer,
+    RemoteJob,
+    TranscoderError,
+)
 from transcoder.client.bodies import StreamingBody
 
 MiB = 1 << 20
@@ -212,11 +220,23 @@ async def test_cancel_removes_the_job(client: Client, clips: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_is_a_connect_error() -> None:
-    """With nothing listening, requests fail with Twisted's ConnectError, not TranscoderError."""
+    """
+    With nothing listening, requests fail with CannotConnect: a NetworkError
+    (so a TranscoderError, status 0) that names the URL and the reason, and
+    also Twisted's ConnectError, with Twisted's own failure as its cause.
+    """
     c = Client("http://127.0.0.1:9")
     try:
-        with pytest.raises(ConnectError):
+        with pytest.raises(ConnectError) as e:
             await c.jobs()
+        assert isinstance(e.value, CannotConnect)
+        assert isinstance(e.value, NetworkError) and isinstance(e.value, TranscoderError)
+        assert e.value.status == 0 and e.value.code == "cannot_connect"
+        assert e.value.url.startswith("http://127.0.0.1:9/jobs") and e.value.method == "GET"
+        assert "refused" in e.value.reason
+        assert str(e.value).startswith("cannot connect to http://127.0.0.1:9/jobs")
+        assert isinstance(e.value.__cause__, ConnectError)
+        assert not isinstance(e.value.__cause__, TranscoderError)
     finally:
         await c.close()
 
@@ -481,6 +501,8 @@ async def test_connection_lost_while_uploading_is_a_response_failed(tmp_path: Pa
     try:
         with pytest.raises(ResponseFailed) as e:
             await c.submit(file, "mp4-h264")
+        assert isinstance(e.value, ConnectionLost) and isinstance(e.value, TranscoderError)
+        assert e.value.url.startswith(url + "/jobs?profile=mp4-h264") and e.value.method == "PUT"
         assert isinstance(e.value.__cause__, RequestTransmissionFailed)
         assert made and made[0].received >= MiB
     finally:
@@ -604,8 +626,10 @@ async def test_no_answer_after_the_upload_times_out(tmp_path: Path) -> None:
     port, url, made = await _mute_server()
     c = Client(url, idle_timeout=30, request_timeout=0.5)
     try:
-        with pytest.raises(TimeoutError, match=r"no answer 0\.5 s after the upload"):
+        with pytest.raises(TimeoutError, match=r"no answer 0\.5 s after the upload") as e:
             await c.submit(file, "mp4-h264")
+        assert isinstance(e.value, NoAnswer) and isinstance(e.value, TranscoderError)
+        assert e.value.url.startswith(url + "/jobs")
     finally:
         await c.close()
         await _closed(port, made)

@@ -13,17 +13,42 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transcoder.client.api import Client
+    from transcoder.client.blocking import Blocking
     from transcoder.client.bodies import ProgressCallback
-    from transcoder.client.errors import TranscoderError
+    from transcoder.client.errors import (
+        CannotConnect,
+        ConnectionLost,
+        NetworkError,
+        NoAnswer,
+        TLSFailure,
+        TranscoderError,
+    )
     from transcoder.client.jobs import RemoteJob
 
 _WHERE = {
+    "Blocking": "transcoder.client.blocking",
+    "CannotConnect": "transcoder.client.errors",
     "Client": "transcoder.client.api",
+    "ConnectionLost": "transcoder.client.errors",
+    "NetworkError": "transcoder.client.errors",
+    "NoAnswer": "transcoder.client.errors",
     "ProgressCallback": "transcoder.client.bodies",
     "RemoteJob": "transcoder.client.jobs",
+    "TLSFailure": "transcoder.client.errors",
     "TranscoderError": "transcoder.client.errors",
 }
-__all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
+__all__ = [
+    "Blocking",
+    "CannotConnect",
+    "Client",
+    "ConnectionLost",
+    "NetworkError",
+    "NoAnswer",
+    "ProgressCallback",
+    "RemoteJob",
+    "TLSFailure",
+    "TranscoderError",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -1,33 +1,31 @@
 """
 A treq client of the transcoding service.
 
-    client = Client("http://127.0.0.1:8080", token=None)
-    job = await client.submit({"video": Path("video.flv"), "audio": Path("audio.mp3")}, "mux-avi")
-    job = await client.wait(job.id)
-    await client.download(job.id, Path("out.avi"))
+    async with Client("http://127.0.0.1:8080", token=None) as client:
+        job = await client.submit(Path("clip.mp4"), "mp4-h264", {"crf": 28})
+        job = await client.wait(job.id)
+        await client.download(job.id, Path("out.mp4"))
 
-Every method returns a L{Deferred} (C{await} it under C{ensureDeferred}).
-Uploads stream from disk and downloads stream to disk, so memory stays flat
-whatever the file sizes.  Any error answer of the server raises
-L{TranscoderError}; network failures raise Twisted's own exceptions:
-L{twisted.internet.error.ConnectError} (cannot connect),
-L{twisted.web.client.ResponseFailed} (the connection broke, whether while the
-request was being sent or while the answer came) and
-L{twisted.internet.defer.TimeoutError} (no answer, or no progress, in time).
+Every method returns a L{Deferred} (C{await} it under C{ensureDeferred}); for
+a program that is not a Twisted one, L{transcoder.client.blocking.Blocking}
+runs the same calls on a reactor in a thread.  Uploads stream from disk and
+downloads stream to disk, so memory stays flat whatever the file sizes.  Any
+error answer of the server raises L{TranscoderError}; network failures raise
+its subclasses in L{transcoder.client.errors} (L{CannotConnect},
+L{ConnectionLost}, L{NoAnswer}, L{TLSFailure}), each naming the URL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.task import Cooperator, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -37,16 +35,24 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseFailed,
 )
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from transcoder._twisted import RequestNotSent
-from transcoder.client.bodies import FilePart, ProgressCallback, StreamingBody
-from transcoder.client.errors import TranscoderError, error_from, network_failure
+from transcoder.client.bodies import ProgressCallback
+from transcoder.client.errors import (
+    NoAnswer,
+    TranscoderError,
+    as_network_error,
+    error_from,
+    error_from_text,
+    network_failure,
+)
+from transcoder.client.fetch import fetch, header
 from transcoder.client.jobs import JobCallback, RemoteJob
 from transcoder.client.outputs import save_outputs
-from transcoder.client.retry import Streak, Watchdog, retryable
-from transcoder.client.sink import Sink
+from transcoder.client.paging import JobList
+from transcoder.client.retry import Streak, retryable
+from transcoder.client.upload import upload
 
 __all__ = ["Client", "ProgressCallback", "RemoteJob", "TranscoderError"]
 
@@ -75,7 +81,12 @@ class Client:
 
     C{request_timeout} and C{idle_timeout} bound silences (see the module's
     constants); C{retry_for} is how long L{wait} and L{download} go on
-    retrying a server that is being restarted.
+    retrying a server that is being restarted.  For C{https://}: C{cacert},
+    a PEM file of the certificate authority (or the self-signed certificate)
+    to trust instead of the system's; C{verify=False} checks no certificate
+    at all.
+
+    C{async with Client(...) as client:} closes it at the end of the block.
     """
 
     def __init__(
@@ -88,6 +99,8 @@ class Client:
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         retry_for: float = RETRY_FOR,
+        cacert: Path | str | None = None,
+        verify: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -104,7 +117,15 @@ class Client:
             from treq.client import HTTPClient
 
             self._pool = HTTPConnectionPool(reactor, persistent=True)
-            http = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=30))
+            from transcoder.client.tls import tls_policy
+
+            agent = Agent(
+                reactor,
+                contextFactory=tls_policy(cacert, verify),
+                pool=self._pool,
+                connectTimeout=30,
+            )
+            http = HTTPClient(agent)
         self._http = http
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
 
@@ -115,6 +136,17 @@ class Client:
             d: Deferred[None] = self._pool.closeCachedConnections()
             return d
         return Deferred.fromCoroutine(_nothing())
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     # Requests.
 
@@ -141,11 +173,13 @@ class Client:
         headers: Mapping[bytes, bytes] | None = None,
         body: Any = None,
         unbuffered: bool = False,
+        accept: tuple[int, ...] = (),
     ) -> IResponse:
+        url = self._url(path, query)
         try:
             response: IResponse = await self._http.request(
                 method,
-                self._url(path, query),
+                url,
                 headers=self._headers(headers),
                 data=body,
                 allow_redirects=False,
@@ -158,21 +192,27 @@ class Client:
             RequestNotSent,
             ResponseFailed,
             ConnectingCancelledError,
+            ConnectError,
+            DNSLookupError,
         ) as e:
-            translated = network_failure(e)
+            translated = as_network_error(network_failure(e), method, url)
             if translated is e:
                 raise
             raise translated from e
-        if response.code >= 400:
+        if response.code >= 400 and response.code not in accept:
             raise await error_from(response)
         return response
 
     def _limit(self, d: Deferred[_T], seconds: float, what: str) -> Deferred[_T]:
-        """C{d}, cancelled and failed with L{TimeoutError} if it takes over C{seconds}."""
+        """
+        C{d}, cancelled and failed with L{NoAnswer} (a L{TimeoutError}) if it
+        takes over C{seconds}; C{what} is the request, C{"GET /jobs"}.
+        """
 
         def timed_out(result: Any, timeout: float) -> Any:
             if isinstance(result, Failure) and result.check(CancelledError):
-                raise TimeoutError(f"no answer to {what} within {timeout:g} s")
+                method, _, path = what.partition(" ")
+                raise NoAnswer(method, self._base + path, f"nothing within {timeout:g} s")
             return result
 
         return d.addTimeout(seconds, self._reactor, onTimeoutCancel=timed_out)
@@ -216,6 +256,10 @@ class Client:
         profile: str,
         params: Mapping[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
+        *,
+        filename: str | None = None,
+        callback_url: str | None = None,
+        sha256: str | Mapping[str, str] | None = None,
     ) -> Deferred[RemoteJob]:
         """
         Upload C{inputs} and create a job of C{profile}.
@@ -230,104 +274,26 @@ class Client:
         SHA-256 of each file, computed while sending, is compared with the
         digest the server stored; on a mismatch the job is cancelled and
         L{TranscoderError} (C{digest_mismatch}) raised.
+
+        C{filename} names a raw body's input (default: the file's name; the
+        download is named after it).  C{callback_url}: the server POSTs the
+        job there when it ends.  C{sha256}: the digest the server checks
+        the bytes against as they arrive (C{400 digest_mismatch} otherwise),
+        a hex string for a one-input profile or a mapping of input names to
+        digests.
         """
-        return ensureDeferred(self._submit(inputs, profile, params or {}, on_progress))
-
-    async def _submit(
-        self,
-        inputs: Mapping[str, Path] | Path,
-        profile: str,
-        params: Mapping[str, Any],
-        on_progress: ProgressCallback | None,
-    ) -> RemoteJob:
-        query: dict[str, Any] = {"profile": profile}
-        query.update(params)
-        watchdog: list[Watchdog] = []
-        draining: list[Any] = []
-
-        def progress(sent: int, total: int) -> None:
-            # While the body goes: idle_timeout between chunks.
-            watchdog[0].feed(self._idle_timeout, "sent")
-            if sent == total:
-                drain(None)
-            if on_progress is not None:
-                on_progress(sent, total)
-
-        def drain(before: int | None) -> None:
-            # All of the body is written, but on a slow link megabytes of it
-            # may still wait in the socket's buffers: the upload still moves
-            # (idle_timeout) while they go, and request_timeout for the
-            # answer starts once they have gone.
-            draining.clear()
-            unsent = body.unsent()
-            if unsent is None or unsent <= 0:
-                watchdog[0].feed(self._request_timeout, "answer")
-                return
-            if before is None or unsent < before:
-                watchdog[0].feed(self._idle_timeout, "sent")
-                before = unsent
-            period = min(1.0, self._idle_timeout / 4)
-            draining.append(self._reactor.callLater(period, drain, before))
-
-        parts: dict[str, FilePart]
-        if isinstance(inputs, (str, os.PathLike)):
-            path = Path(inputs)
-            body, part = StreamingBody.raw(path, self._cooperator, progress)
-            query["filename"] = path.name
-            parts = {"": part}
-            method, ctype = "PUT", b"application/octet-stream"
-        else:
-            if not inputs:
-                raise ValueError("no inputs")
-            body, ctype, parts = StreamingBody.multipart(
-                {k: Path(v) for k, v in inputs.items()}, self._cooperator, progress
+        return ensureDeferred(
+            upload(
+                self,
+                inputs,
+                profile,
+                params or {},
+                on_progress,
+                filename=filename,
+                callback_url=callback_url,
+                sha256=sha256,
             )
-            method = "POST"
-        # No overall limit, which would cut a long upload short: the watchdog
-        # ends one that stops moving, or whose answer does not come.
-        upload = Deferred.fromCoroutine(
-            self._json_now(method, "/jobs", query, headers={b"Content-Type": ctype}, body=body)
         )
-        watchdog.append(Watchdog(self._reactor, upload, self._idle_timeout, "sent"))
-        try:
-            data = await upload
-        except CancelledError:
-            body.stopProducing()
-            expired = watchdog[0].expired
-            if expired is None:
-                raise
-            seconds, what = expired
-            if what == "sent":
-                raise TimeoutError(f"the upload made no progress for {seconds:g} s") from None
-            raise TimeoutError(f"no answer {seconds:g} s after the upload") from None
-        except BaseException:
-            # An answer that came before the whole body (a refusal) ends the upload.
-            body.stopProducing()
-            raise
-        finally:
-            watchdog[0].stop()
-            for call in draining:
-                if call.active():
-                    call.cancel()
-        job = RemoteJob.from_json(data)
-        await self._check_digests(job, parts)
-        return job
-
-    async def _check_digests(self, job: RemoteJob, parts: Mapping[str, FilePart]) -> None:
-        stored = {i.get("name"): i.get("sha256") for i in job.inputs}
-        for name, part in parts.items():
-            theirs = stored.get(name) if name else next(iter(stored.values()), None)
-            if theirs is not None and part.sha256 is not None and theirs != part.sha256:
-                try:
-                    await self.cancel(job.id)
-                except Exception:
-                    pass  # The mismatch is what to report.
-                raise TranscoderError(
-                    0,
-                    "digest_mismatch",
-                    f"the server stored {part.path.name} with SHA-256 {theirs}, "
-                    f"but {part.sha256} was sent; job {job.id} cancelled",
-                )
 
     def get(self, job_id: str) -> Deferred[RemoteJob]:
         """The job's current state."""
@@ -382,7 +348,11 @@ class Client:
         return job
 
     def cancel(self, job_id: str) -> Deferred[None]:
-        """Cancel the job (stopping its encoder) and remove it from the server."""
+        """
+        Delete the job (C{DELETE /jobs/<id>}): one queued or running is stopped
+        first (its encoder ended), then the job and all its files are removed,
+        a finished one's result included.  The id is unknown afterwards (404).
+        """
         return ensureDeferred(self._cancel(job_id))
 
     async def _cancel(self, job_id: str) -> None:
@@ -395,16 +365,105 @@ class Client:
         response = await self._request("DELETE", path)
         await _content(response)
 
-    def jobs(self, state: str | None = None) -> Deferred[list[RemoteJob]]:
-        """The server's jobs, optionally only those in C{state}."""
-        return ensureDeferred(self._jobs(state))
+    def jobs(self, state: str | None = None, *, page_size: int = 100) -> JobList:
+        """
+        Every job of the server, newest first (optionally only those in
+        C{state}), fetched C{page_size} at a time following the cursor:
+        C{async for job in client.jobs():} goes through them page by page,
+        C{await client.jobs()} gives them all as a list.
+        """
+        return JobList(self, state, page_size)
 
-    async def _jobs(self, state: str | None) -> list[RemoteJob]:
-        data = await self._json("GET", "/jobs", {"state": state} if state else None)
+    def page(
+        self, state: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Deferred[tuple[list[RemoteJob], str | None]]:
+        """One page of C{GET /jobs}: its jobs and the cursor of the next (None on the last)."""
+        return ensureDeferred(self._page(state, limit, cursor))
+
+    async def _page(
+        self, state: str | None, limit: int | None, cursor: str | None
+    ) -> tuple[list[RemoteJob], str | None]:
+        data = await self._json("GET", "/jobs", {"state": state, "limit": limit, "cursor": cursor})
         try:
-            return [RemoteJob.from_json(j) for j in data["jobs"]]
-        except (KeyError, TypeError):
+            jobs = [RemoteJob.from_json(j) for j in data["jobs"]]
+            following = data.get("next")
+        except (KeyError, TypeError, AttributeError):
             raise TranscoderError(0, "bad_response", "no job list in the answer") from None
+        return jobs, str(following) if following else None
+
+    def profiles(self) -> Deferred[list[dict[str, Any]]]:
+        """C{GET /profiles}: each profile's name, inputs, parameters and outputs."""
+        return ensureDeferred(self._profiles())
+
+    async def _profiles(self) -> list[dict[str, Any]]:
+        data = await self._json("GET", "/profiles")
+        profiles = data.get("profiles") if isinstance(data, dict) else None
+        if not isinstance(profiles, list):
+            raise TranscoderError(0, "bad_response", "no profile list in the answer")
+        return profiles
+
+    def log(self, job_id: str, tail: int | None = None) -> Deferred[str]:
+        """The encoder's log of the job (C{GET /jobs/<id>/log}); its last C{tail} lines."""
+        return ensureDeferred(self._log(job_id, tail))
+
+    async def _log(self, job_id: str, tail: int | None) -> str:
+        path = f"/jobs/{quote(job_id, safe='')}/log"
+        query = {"tail": tail} if tail is not None else None
+        body = await self._limit(
+            Deferred.fromCoroutine(self._text(path, query)), self._request_timeout, f"GET {path}"
+        )
+        return body.decode("utf-8", "replace")
+
+    async def _text(self, path: str, query: Mapping[str, Any] | None) -> bytes:
+        response = await self._request("GET", path, query, headers={b"Accept": b"text/plain"})
+        return await _content(response)
+
+    def health(self) -> Deferred[dict[str, Any]]:
+        """
+        C{GET /health}: C{status} (C{ok}, C{low_disk}, or C{store_failing},
+        which the server answers with a 503 but is returned here too),
+        version, queued and running jobs, free disk.
+        """
+        return ensureDeferred(self._health())
+
+    async def _health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._limit(
+            Deferred.fromCoroutine(self._health_now()), self._request_timeout, "GET /health"
+        )
+        return result
+
+    async def _health_now(self) -> dict[str, Any]:
+        response = await self._request("GET", "/health", accept=(503,))
+        text = await _content(response)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and "status" in data:
+            return data
+        if response.code >= 400:
+            raise error_from_text(response, text)
+        raise TranscoderError(0, "bad_response", "no status in the answer")
+
+    def suggested_name(self, job_id: str) -> Deferred[str | None]:
+        """
+        The name the server offers the job's result under (its
+        C{Content-Disposition}, from a C{HEAD}), as the server sent it: check
+        it before using it as a path (L{transcoder.client.names.safe_filename}).
+        """
+        return ensureDeferred(self._suggested_name(job_id))
+
+    async def _suggested_name(self, job_id: str) -> str | None:
+        from transcoder.client.names import disposition_filename
+
+        path = f"/jobs/{quote(job_id, safe='')}/result"
+        response = await self._limit(
+            Deferred.fromCoroutine(self._request("HEAD", path)),
+            self._request_timeout,
+            f"HEAD {path}",
+        )
+        value = header(response, b"content-disposition")
+        return disposition_filename(value.decode("latin-1")) if value else None
 
     def download(
         self,
@@ -460,108 +519,11 @@ class Client:
         retries: int,
     ) -> Path:
         """Save C{result} (a path on the server) to C{path}, as L{download} describes."""
-        partial = path.with_name(path.name + ".part")
-        digest = hashlib.sha256()
-        have = 0
-        if partial.exists():
-            with partial.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-                    have += len(chunk)
-        # A .part this call did not write may be of another file altogether.
-        old_part = have > 0
-        etag: bytes | None = None
-        streak = Streak(self._reactor, retries, self._retry_for)
-        while True:
-            headers: dict[bytes, bytes] = {}
-            if have:
-                headers[b"Range"] = b"bytes=%d-" % have
-                if etag is not None:
-                    headers[b"If-Range"] = etag
-            try:
-                response = await self._limit(
-                    Deferred.fromCoroutine(
-                        self._request("GET", result, headers=headers, unbuffered=True)
-                    ),
-                    self._request_timeout,
-                    f"GET {result}",
-                )
-            except Exception as e:
-                if isinstance(e, TranscoderError) and e.status == 416 and have:
-                    # Everything is here already (or the .part is not of this file:
-                    # the digest check below tells).
-                    break
-                pause = streak.failed() if retryable(e) else None
-                if pause is None:
-                    raise
-                await deferLater(self._reactor, pause, lambda: None)
-                continue
-            etag = _header(response, b"etag") or etag
-            if response.code == 200:
-                # A full answer: the server ignored the range, or the file changed.
-                digest, have = hashlib.sha256(), 0
-                mode = "wb"
-                total = response.length if isinstance(response.length, int) else None
-            else:
-                mode = "ab"
-                total = _range_total(_header(response, b"content-range"))
-            received = have
-
-            def count(n: int, total: int | None = total) -> None:
-                nonlocal received
-                received += n
-                if on_progress is not None:
-                    on_progress(received, total if total is not None else -1)
-
-            with partial.open(mode) as out:
-                sink = Sink(self._reactor, out, digest, count, self._idle_timeout)
-                response.deliverBody(sink)
-                try:
-                    await sink.done
-                    ended = True
-                except (ResponseFailed, PotentialDataLoss):
-                    ended = False
-            made_progress = received > have
-            have = received
-            if ended:
-                break
-            if made_progress:
-                # Resume at once: the connection broke, the server is there.
-                streak.reset()
-                continue
-            pause = streak.failed()
-            if pause is None:
-                raise TranscoderError(
-                    0, "download_failed", f"the download of {result} kept failing"
-                )
-            await deferLater(self._reactor, pause, lambda: None)
-        if expected is not None and digest.hexdigest() != expected:
-            partial.unlink(missing_ok=True)
-            if old_part:
-                # Once more from the start, with nothing of the old .part.
-                return await self.fetch(result, expected, path, on_progress, retries)
-            raise TranscoderError(
-                0, "digest_mismatch", f"the result's SHA-256 is not {expected}; removed the copy"
-            )
-        os.replace(partial, path)
-        return path
+        return await fetch(self, result, expected, path, on_progress, retries)
 
 
 async def _nothing() -> None:
     return None
-
-
-def _header(response: IResponse, name: bytes) -> bytes | None:
-    values = response.headers.getRawHeaders(name)
-    return values[0] if values else None
-
-
-def _range_total(content_range: bytes | None) -> int | None:
-    """C{bytes 100-199/200} -> 200."""
-    if content_range is None or b"/" not in content_range:
-        return None
-    total = content_range.rsplit(b"/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
 
 
 async def _content(response: Any) -> bytes:

@@ -44,9 +44,12 @@ class Streak:
 
 def retryable(e: BaseException) -> bool:
     """A failure that a server being restarted gives: worth trying again."""
+    # Before TranscoderError: CannotConnect and ConnectionLost are both.
+    if isinstance(e, (ConnectError, ResponseFailed)):
+        return True
     if isinstance(e, TranscoderError):
         return e.status == 503
-    return isinstance(e, (ConnectError, ResponseFailed))
+    return False
 
 
 class Watchdog:

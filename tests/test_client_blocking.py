@@ -1,0 +1,170 @@
+"""
+transcoder.client.Blocking, the client for programs that are not Twisted
+ones, run as such a program: a plain script in a subprocess (so that its
+reactor thread is its own, not pytest-twisted's), against a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serverproc import ServerProcess, serve
+
+_SCRIPT = """
+import hashlib, json, sys, threading
+from pathlib import Path
+from twisted.internet.error import ConnectError
+from transcoder.client import Blocking, CannotConnect, TranscoderError
+
+url, clip, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+report = {}
+with Blocking(url) as client:
+    report["health"] = client.health()["status"]
+    report["profiles"] = sorted(p["name"] for p in client.profiles())
+    sent = []
+    job = client.submit(
+        clip, "mp4-h264", {"preset": "ultrafast"}, on_progress=lambda s, t: sent.append([s, t]),
+        filename="renamed.mp4",
+    )
+    report["sent"] = sent[-1]
+    report["filename"] = job.inputs[0]["filename"]
+    job = client.wait(job.id)
+    report["state"] = job.state
+    path = client.download(job.id, out)
+    report["digest_ok"] = hashlib.sha256(path.read_bytes()).hexdigest() == job.output["sha256"]
+    report["log"] = bool(client.log(job.id).strip())
+    report["listed"] = job.id in [j.id for j in client.jobs(page_size=1)]
+    client.cancel(job.id)
+    try:
+        client.get(job.id)
+    except TranscoderError as e:
+        report["after_cancel"] = [e.status, e.code]
+with Blocking("http://127.0.0.1:9") as nowhere:
+    try:
+        nowhere.health()
+    except TranscoderError as e:
+        report["unreachable"] = [type(e).__name__, isinstance(e, ConnectError), e.url, str(e)]
+report["threads"] = sorted(t.name for t in threading.enumerate())
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    d = tmp_path_factory.mktemp("blocking-server")
+    proc = serve(d / "data", d / "serve.log")
+    yield proc
+    proc.stop()
+
+
+def _python(script: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        **kw,
+    )
+
+
+def test_blocking_client_in_a_plain_script(
+    server: ServerProcess, clips: Any, tmp_path: Path
+) -> None:
+    """
+    A script with no Twisted in sight: `with Blocking(url) as client:` then
+    health, profiles, submit (with progress and filename=), wait, download
+    (the digest checked), log, jobs, cancel: each a plain call returning the
+    result; errors are TranscoderError, an unreachable server's a
+    CannotConnect (also a ConnectError) naming the URL; the script exits 0 on
+    its own (the reactor's thread stopped at exit).
+    """
+    out = tmp_path / "out.mp4"
+    proc = _python(_SCRIPT, server.url, str(clips.av), str(out))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    report = json.loads(stdout)
+    size = clips.av.stat().st_size
+    assert report["health"] == "ok"
+    assert {"mp4-h264", "mux-avi"} <= set(report["profiles"])
+    assert report["sent"] == [size, size]
+    assert report["filename"] == "renamed.mp4"
+    assert report["state"] == "succeeded"
+    assert report["digest_ok"] and out.stat().st_size > 0
+    assert report["log"] and report["listed"]
+    assert report["after_cancel"] == [404, "not_found"]
+    kind, is_connect_error, url, text = report["unreachable"]
+    assert (kind, is_connect_error, url) == ("CannotConnect", True, "http://127.0.0.1:9/health")
+    assert text.startswith("cannot connect to http://127.0.0.1:9/health (GET): ")
+    assert "transcoder-reactor" in report["threads"]
+    assert stderr == ""
+
+
+_INTERRUPTED = """
+import sys
+from pathlib import Path
+from transcoder.client import Blocking
+
+with Blocking(sys.argv[1]) as client:
+    job = client.submit(Path(sys.argv[2]), "mp4-h264", {"preset": "veryslow"})
+    print(job.id, flush=True)
+    try:
+        client.wait(job.id)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    # The reactor's thread still serves: the job goes on, and can be cancelled.
+    print(client.get(job.id).state, flush=True)
+    client.cancel(job.id)
+    print("cancelled", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_blocking_call(server: ServerProcess, clips: Any) -> None:
+    """
+    Ctrl-C (SIGINT) while Blocking.wait() blocks raises KeyboardInterrupt in
+    the script at once; the client still works afterwards (get, cancel).
+    """
+    proc = _python(_INTERRUPTED, server.url, str(clips.av_long))
+    assert proc.stdout is not None
+    job_id = proc.stdout.readline().strip()
+    assert len(job_id) == 32
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    lines = stdout.split()
+    assert lines[0] == "interrupted"
+    assert lines[1] in ("queued", "running")
+    assert lines[2] == "cancelled"
+
+
+_TWISTED_PROGRAM = """
+from twisted.internet.task import deferLater, react
+from transcoder.client import Blocking
+
+def attempt():
+    try:
+        Blocking("http://127.0.0.1:9")
+    except RuntimeError as e:
+        print(e)
+
+def main(reactor):
+    # Once the reactor runs, as a Twisted program's code does.
+    return deferLater(reactor, 0, attempt)
+
+react(main)
+"""
+
+
+def test_blocking_refuses_a_running_reactor() -> None:
+    """In a Twisted program (its reactor already running), Blocking says to use Client."""
+    proc = _python(_TWISTED_PROGRAM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "use transcoder.client.Client" in stdout
