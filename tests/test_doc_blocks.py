@@ -21,6 +21,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
 from docblocks import DOCS, OTHER_SHELL_LABELS, Block, blocks
 from serverproc import BIN, REPO, ServerProcess, serve
 
@@ -209,7 +210,7 @@ def test_files_the_docs_and_twistd_leave_are_ignored_and_not_linted(tmp_path: Pa
         "twistd.log",
         "mux.py",
     }
-    (example,) = [b for b in _all_blocks("docs/client.md") if b.label == "python"]
+    example = _python_blocks()[0]
     assert "mux.py" in (REPO / "docs" / "client.md").read_text()
     checkout = tmp_path / "checkout"
     checkout.mkdir()
@@ -233,9 +234,18 @@ def test_files_the_docs_and_twistd_leave_are_ignored_and_not_linted(tmp_path: Pa
     assert direct.returncode == 1, direct.stdout
 
 
-def test_client_python_example_runs(tmp_path: Path) -> None:
-    """docs/client.md's Python example, saved as mux.py next to the README's video.flv and audio.mp3 as the doc says, runs with .venv/bin/python mux.py against a real server and leaves out.avi, a video with both streams."""
-    (example,) = [b for b in _all_blocks("docs/client.md") if b.label == "python"]
+def _python_blocks() -> list[Block]:
+    blocks = [b for b in _all_blocks("docs/client.md") if b.label == "python"]
+    assert blocks, "docs/client.md has no Python example"
+    return blocks
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["blocking", "twisted"])
+def test_client_python_example_runs(tmp_path: Path, which: int) -> None:
+    """Each of docs/client.md's Python examples (the blocking one and the Twisted one), saved as mux.py next to the README's video.flv and audio.mp3 as the doc says, runs with .venv/bin/python mux.py against a real server and leaves out.avi, a video with both streams."""
+    blocks = _python_blocks()
+    assert len(blocks) == 2
+    example = blocks[which]
     work = tmp_path / "work"
     work.mkdir()
     (work / ".venv").symlink_to(BIN.parent)
