@@ -200,6 +200,7 @@ class InProcessUploadLocks:
                 d.errback(UploadLocked())
 
         call = self._clock.callLater(self._timeout, too_late)
+
         def settled(result: object) -> object:
             if call.active():
                 call.cancel()
