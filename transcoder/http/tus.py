@@ -118,6 +118,18 @@ class _Created:
         pass
 
 
+@implementer(IRequestBody)
+class _NoBody:
+    def dataReceived(self, data: bytes) -> None:
+        raise tus_error(400, "unexpected_body", "this request takes no body")
+
+    def finish(self) -> Deferred[None]:
+        return succeed(None)
+
+    def abort(self) -> None:
+        pass
+
+
 @implementer(IBodyReceiver)
 class UploadsResource(_TusResource):
     """C{/uploads}: C{POST} creates, C{OPTIONS} says what this server offers."""
@@ -220,6 +232,9 @@ class UploadResource(_TusResource):
         if request.postpath:
             raise tus_error(404, "not_found", "no such upload")
         if method_of(request) != b"PATCH":
+            if length == 0:
+                # POST with X-HTTP-Method-Override: DELETE or HEAD: answered by render_POST.
+                return _NoBody()
             raise tus_error(400, "unexpected_body", "only PATCH takes a body here")
         check_content_type(request)
         offset = number(request, "Upload-Offset")
