@@ -124,7 +124,7 @@ def test_metadata_with_empty_values(server: ServerProcess) -> None:
     meta = metadata(profile="mp4-h264", filename="x.flv") + ",filetype,callback_url"
     loc = create(server, 10, meta=meta)
     _, h = head(server, loc)
-    pairs = dict((p.split(" ") + [""])[:2] for p in h["upload-metadata"].split(","))
+    pairs = dict([*p.split(" "), ""][:2] for p in h["upload-metadata"].split(","))
     assert pairs["filetype"] == "" and pairs["callback_url"] == ""
     assert base64.b64decode(pairs["filename"]) == b"x.flv"
 
@@ -147,7 +147,7 @@ def test_patch_chunks_conflicts_and_limits(server: ServerProcess) -> None:
     status, h, _ = patch(server, loc, 2, b"xx")
     assert status == 409 and h["upload-offset"] == "4"
     assert head(server, loc)[1]["upload-offset"] == "4"
-    status, _, body = patch(server, loc, 4, b"x" * 7)
+    status, _, _ = patch(server, loc, 4, b"x" * 7)
     assert status == 413
     status, _, _ = patch(server, loc, 4, b"ef", Content_Type="application/octet-stream")
     assert status == 415
