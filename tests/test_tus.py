@@ -368,3 +368,55 @@ def test_uploads_belong_to_their_token(tmp_path: Path) -> None:
         assert call(srv.port, "DELETE", loc, bob).status == 404
     finally:
         srv.stop()
+
+
+def upload_input(server: ServerProcess, path: Path, role: str) -> str:
+    """One input of a multi-input job: uploaded with input=<role> and no profile."""
+    data = path.read_bytes()
+    meta = metadata(input=role, filename=path.name)
+    loc = create(server, len(data), meta=meta)
+    status, h, _ = patch(server, loc, 0, data)
+    assert status == 204 and "job-location" not in h
+    return loc.rsplit("/", 1)[1]
+
+
+def test_multi_input_job_from_uploads(server: ServerProcess, clips: Clips) -> None:
+    """FLV video and MP3 audio uploaded with input=video/audio, then POST /jobs?profile=mux-avi&upload.video=..&upload.audio=.. makes one AVI job; the uploads cannot be used twice."""
+    video = upload_input(server, clips.flv_video, "video")
+    audio = upload_input(server, clips.mp3_audio, "audio")
+    query = f"/jobs?profile=mux-avi&upload.video={video}&upload.audio={audio}"
+    a = call(server.port, "POST", query, tus=False)
+    assert a.status == 201, a.body
+    job = a.json()
+    inputs = {i["name"]: i for i in job["inputs"]}
+    assert inputs["video"]["sha256"] == hashlib.sha256(clips.flv_video.read_bytes()).hexdigest()
+    assert inputs["audio"]["sha256"] == hashlib.sha256(clips.mp3_audio.read_bytes()).hexdigest()
+    assert not (server.data_dir / "tus" / video).exists()
+    assert call(server.port, "POST", query, tus=False).status == 409
+    assert wait_for(
+        lambda: job_of(server, a["Location"])["state"] in ("succeeded", "failed"), timeout=60
+    )
+    done = job_of(server, a["Location"])
+    assert done["state"] == "succeeded", done
+    result = call(server.port, "GET", a["Location"] + "/result", tus=False)
+    assert result.status == 200 and result.body[:4] == b"RIFF" and result.body[8:11] == b"AVI"
+
+
+def test_multi_input_job_refusals(server: ServerProcess, clips: Clips) -> None:
+    """A missing role 422, an upload not yet complete 409, an unknown upload 404, and a multi-input profile at POST /uploads 422."""
+    video = upload_input(server, clips.flv_video, "video")
+    a = call(server.port, "POST", f"/jobs?profile=mux-avi&upload.video={video}", tus=False)
+    assert a.status == 422
+    loc = create(server, 100, meta=metadata(input="audio"))
+    partial = loc.rsplit("/", 1)[1]
+    q = f"/jobs?profile=mux-avi&upload.video={video}&upload.audio={partial}"
+    assert call(server.port, "POST", q, tus=False).status == 409
+    q = f"/jobs?profile=mux-avi&upload.video={video}&upload.audio={'0' * 40}"
+    assert call(server.port, "POST", q, tus=False).status == 404
+    a = call(
+        server.port,
+        "POST",
+        "/uploads",
+        {"Upload-Length": "10", "Upload-Metadata": metadata(profile="mux-avi")},
+    )
+    assert a.status == 422 and a.json()["error"]["code"] == "needs_inputs"
