@@ -420,3 +420,24 @@ def test_multi_input_job_refusals(server: ServerProcess, clips: Clips) -> None:
         {"Upload-Length": "10", "Upload-Metadata": metadata(profile="mux-avi")},
     )
     assert a.status == 422 and a.json()["error"]["code"] == "needs_inputs"
+
+
+def test_expired_uploads_are_swept_and_counted(tmp_path: Path) -> None:
+    """With --upload-expiry 2s an abandoned upload's files go and its id answers 410; the metrics count it."""
+    srv = ServerProcess(tmp_path, "--workers", "0", "--upload-expiry", "2s")
+    try:
+        srv.wait_healthy()
+        loc = create(srv, 100)
+        status, h, _ = patch(srv, loc, 0, b"abc")
+        assert status == 204 and "upload-expires" in h
+        upload_dir = tmp_path / "tus" / loc.rsplit("/", 1)[1]
+        assert upload_dir.is_dir()
+        assert wait_for(lambda: head(srv, loc)[0] == 410, timeout=15)
+        assert not upload_dir.exists()
+        metrics = call(srv.port, "GET", "/metrics", tus=False).body.decode()
+        assert 'transcoder_tus_uploads_total{event="created"} 1.0' in metrics
+        assert 'transcoder_tus_uploads_total{event="expired"} 1.0' in metrics
+        assert "transcoder_tus_bytes_total 3.0" in metrics
+        assert "transcoder_tus_patches_in_flight 0.0" in metrics
+    finally:
+        srv.stop()
