@@ -84,11 +84,17 @@ sysdeps:
 
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
 # nginx block of docs/deployment.md with `nginx -t`.
-TEST_CMDS := nginx:nginx
+# node and npm: tests/test_tus_js.py runs tus-js-client (pinned in tests/js/package-lock.json).
+TEST_CMDS := nginx:nginx node:nodejs npm:npm
+TEST_JS := tests/js
 
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
 	@$(call ensure_cmds,$(TEST_CMDS))
+	@# Only when missing; --prefer-offline uses npm's cache when the registry is out of reach.
+	@if [ ! -d $(TEST_JS)/node_modules ]; then \
+	  npm ci --prefix $(TEST_JS) --prefer-offline --no-audit --no-fund; \
+	fi
 
 # The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)
