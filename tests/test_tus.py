@@ -324,7 +324,7 @@ def test_new_request_takes_over_a_patch_in_flight(server: ServerProcess) -> None
 
 
 def test_resume_after_a_restart_hashes_the_file_again(tmp_path: Path) -> None:
-    """After a restart the upload is still there; the next PATCH hashes its bytes on disk, and the job's SHA-256 is right."""
+    """A server with an upload under way stops on SIGTERM; after a restart the upload is still there; the next PATCH hashes its bytes on disk, and the job's SHA-256 is right."""
     data = os.urandom(3 << 20)
     srv = ServerProcess(tmp_path, "--workers", "0")
     try:
@@ -332,7 +332,8 @@ def test_resume_after_a_restart_hashes_the_file_again(tmp_path: Path) -> None:
         loc = create(srv, len(data))
         assert patch(srv, loc, 0, data[: 1 << 20])[0] == 204
     finally:
-        srv.stop()
+        # SIGTERM ends it (the upload store's writer thread is stopped too).
+        assert srv.stop(timeout=10) == 0
     srv = ServerProcess(tmp_path, "--workers", "0")
     try:
         srv.wait_healthy()
