@@ -84,12 +84,18 @@ sysdeps:
 
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
 # nginx blocks of docs/deployment.md with `nginx -t` (with a certificate made by openssl);
-# the doc check runs docs/api.md's examples, which use jq.
-TEST_CMDS := nginx:nginx openssl:openssl jq:jq
+# the doc check runs docs/api.md's examples, which use jq; node and npm: tests/test_tus_js.py
+# runs tus-js-client (pinned in tests/js/package-lock.json).
+TEST_CMDS := nginx:nginx openssl:openssl jq:jq node:nodejs npm:npm
+TEST_JS := tests/js
 
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
 	@$(call ensure_cmds,$(TEST_CMDS))
+	@# Only when missing; --prefer-offline uses npm's cache when the registry is out of reach.
+	@if [ ! -d $(TEST_JS)/node_modules ]; then \
+	  npm ci --prefix $(TEST_JS) --prefer-offline --no-audit --no-fund; \
+	fi
 
 # The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)

@@ -137,3 +137,27 @@ def test_a_bad_public_url_is_a_usage_error(tmp_path: Path, url: str, problem: st
     )  # fmt: skip
     assert result.returncode != 0
     assert f"--public-url {problem}" in result.stderr + result.stdout
+
+
+def test_webhook_urls_of_a_tus_upload_are_absolute(
+    tmp_path: Path, clips: Clips, receiver: Any
+) -> None:
+    """A job made by a resumable (tus) upload with callback_url in its metadata, sent by tuspy, gets a webhook whose URLs start with the Host the upload was created through, as a plain upload's do."""
+    from tusclient.client import TusClient
+
+    hook = f"http://127.0.0.1:{receiver.server_port}/hook"
+    server = serve(tmp_path / "data", tmp_path / "server.log")
+    try:
+        uploader = TusClient(server.url + "/uploads").uploader(
+            str(clips.mp3_audio),
+            chunk_size=1 << 20,
+            metadata={"profile": "audio-mp3", "filename": "a.mp3", "callback_url": hook},
+        )
+        uploader.upload()
+        (body,) = _delivered(receiver, 1)
+    finally:
+        server.stop()
+    assert body["state"] == "succeeded"
+    job_id = body["id"]
+    assert body["url"] == f"{server.url}/jobs/{job_id}"
+    assert body["output"]["result_url"] == f"{server.url}/jobs/{job_id}/result"

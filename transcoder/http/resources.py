@@ -13,7 +13,7 @@ traversed, so an upload with a bad token is refused before its body is read
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,17 @@ from transcoder.http.responses import (
     write_json,
 )
 from transcoder.http.spool import Opener, _open
+from transcoder.http.tus import UploadsResource
+from transcoder.http.tusjobs import from_uploads
+from transcoder.http.tusproto import cors
+from transcoder.http.tusupload import TusUploads
 
 log = Logger()
 
 # Reachable without a token: load balancers and Prometheus carry none.
 PUBLIC = frozenset({b"health", b"metrics"})
+# Where browsers on --cors-origin origins may go.
+CORS_PATHS = frozenset({b"jobs", b"uploads"})
 
 
 class ProfilesResource(EndResource):
@@ -117,17 +123,33 @@ class GuardedResource(JSONResource):
     render_HEAD = render_GET
 
 
+class PreflightResource(Resource):
+    """A CORS preflight from an allowed origin: 200, its headers set already."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Length", b"0")
+        return b""
+
+
 class RootResource(JSONResource):
     """
     C{/}: a pointer to the rest.  With tokens, every child but L{PUBLIC} ones
     is reached only with a valid token, whose name goes on C{request.owner}.
+    With C{cors_origins}, browsers on those origins may use C{/jobs} and
+    C{/uploads} (a preflight carries no token, and needs none).
     """
 
-    def __init__(self, auth: TokenAuth | None = None) -> None:
+    def __init__(self, auth: TokenAuth | None = None, cors_origins: Sequence[str] = ()) -> None:
         super().__init__()
         self._auth = auth
+        self._cors = tuple(cors_origins)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:  # type: ignore[override]
+        if self._cors and path in CORS_PATHS and cors(request, self._cors):
+            return PreflightResource()
         if self._auth is not None and path not in PUBLIC:
             try:
                 request.owner = self._auth.authenticate(request)  # type: ignore[attr-defined]
@@ -184,6 +206,8 @@ def build_root(
     nodes: NodeLister | None = None,
     node_name: str | None = None,
     tombstones: Tombstones | None = None,
+    tus: TusUploads | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Resource:
     """
     The whole resource tree.
@@ -198,6 +222,8 @@ def build_root(
     @param nodes: lists the nodes sharing the job store, for C{/nodes};
         by default this one alone, named C{node_name} (the host name).
     @param tombstones: the jobs retention removed, answered 410 C{expired}.
+    @param tus: resumable uploads at C{/uploads}; none without it.
+    @param cors_origins: origins whose browsers may use C{/jobs} and C{/uploads}.
     """
     upload_finished: UploadReport | None = None
     if metrics is None:
@@ -210,7 +236,7 @@ def build_root(
         log.warn("no --tokens: the API is open to anyone who can reach it")
     else:
         log.info("API tokens: {count} names", count=len(auth.names))
-    root = RootResource(auth)
+    root = RootResource(auth, cors_origins)
     root.putChild(
         b"jobs",
         JobsResource(
@@ -225,8 +251,11 @@ def build_root(
             free_disk=free_disk,
             upload_finished=upload_finished,
             tombstones=tombstones,
+            from_uploads=from_uploads(tus) if tus is not None else None,
         ),
     )
+    if tus is not None:
+        root.putChild(b"uploads", UploadsResource(tus))
     root.putChild(b"profiles", ProfilesResource(profiles))
     root.putChild(
         b"nodes",
