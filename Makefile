@@ -64,7 +64,7 @@ pkgs=$$(printf '%s\n' $$pkgs | sort -u | tr '\n' ' '); \
 if [ -n "$${pkgs// }" ]; then $(apt_install); fi
 endef
 
-.PHONY: help setup sysdeps test-sysdeps venv test-venv run test lint bench bench-deps
+.PHONY: help setup sysdeps test-sysdeps venv test-venv run test lint bench bench-deps vendor
 
 help:
 	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data (LISTEN=..., DATA_DIR=...)"
@@ -76,6 +76,7 @@ help:
 	@echo "make bench-cluster  several nodes on one PostgreSQL: drain rate, statements per job,"
 	@echo "             claim latency (not part of make bench; CLUSTER_ARGS='...')"
 	@echo "make setup   only the set-up that run and test do"
+	@echo "make vendor  refresh the web page's tus-js-client from npm (ui/package-lock.json; needs npm)"
 
 setup: sysdeps venv
 
@@ -83,8 +84,9 @@ sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
 
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
-# nginx block of docs/deployment.md with `nginx -t`.
-TEST_CMDS := nginx:nginx
+# nginx block of docs/deployment.md with `nginx -t`.  Chromium: the web page's tests drive
+# Debian's build through Playwright (never `playwright install`, which downloads a browser).
+TEST_CMDS := nginx:nginx chromium:chromium
 
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
@@ -125,6 +127,17 @@ run: setup
 # Lint first: it takes seconds, and type or format slips fail here as in review.
 test: test-sysdeps test-venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The web page's browser library, committed under the package so that `make run` needs no
+# Node: refreshed from npm exactly as ui/package-lock.json pins it (`npm ci`), with its licence.
+UI_VENDOR := transcoder/http/ui/static/vendor
+TUS_DIST := ui/node_modules/tus-js-client/dist
+
+vendor:
+	cd ui && npm ci --ignore-scripts --no-audit --no-fund
+	install -m 644 $(TUS_DIST)/tus.min.js $(TUS_DIST)/tus.min.js.map $(UI_VENDOR)/
+	install -m 644 ui/node_modules/tus-js-client/LICENSE $(UI_VENDOR)/tus-js-client.LICENSE.txt
+	rm -rf ui/node_modules
 
 # The upload bench's copied scripts are kept byte for byte as they were handed over.
 LINT_EXCLUDE := $(foreach f,upload_bench.py peers/aiohttp_upload.py peers/twisted_naive.py,--extend-exclude bench/$(f))

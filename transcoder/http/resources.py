@@ -3,7 +3,8 @@ The HTTP API's resource tree, from its root:
 
   - C{/jobs}: uploads and the listing (L{transcoder.http.jobs}), each job
     below it (L{transcoder.http.job});
-  - C{/profiles}, C{/nodes}, C{/health}, C{/metrics}.
+  - C{/profiles}, C{/nodes}, C{/health}, C{/metrics};
+  - C{/ui/}, the web page (L{transcoder.http.ui}), where C{/} sends browsers.
 
 With tokens configured, the root authenticates every request while the tree is
 traversed, so an upload with a bad token is refused before its body is read
@@ -38,11 +39,13 @@ from transcoder.http.responses import (
     write_json,
 )
 from transcoder.http.spool import Opener, _open
+from transcoder.http.ui import RedirectToUI, UIResource, wants_html
 
 log = Logger()
 
-# Reachable without a token: load balancers and Prometheus carry none.
-PUBLIC = frozenset({b"health", b"metrics"})
+# Reachable without a token: load balancers and Prometheus carry none, and the
+# page (C{/ui/}) must load before it can ask for one.
+PUBLIC = frozenset({b"health", b"metrics", b"ui"})
 
 
 class ProfilesResource(EndResource):
@@ -127,6 +130,9 @@ class RootResource(JSONResource):
         self._auth = auth
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:  # type: ignore[override]
+        if path == b"" and not request.postpath and wants_html(request):
+            # A browser, token or none: the page asks for the token itself.
+            return RedirectToUI()
         if self._auth is not None and path not in PUBLIC:
             try:
                 request.owner = self._auth.authenticate(request)  # type: ignore[attr-defined]
@@ -138,6 +144,8 @@ class RootResource(JSONResource):
         return child
 
     def render_GET(self, request: server.Request) -> bytes:
+        # Browsers get a redirect to the page from the same URL.
+        request.setHeader(b"Vary", b"Accept")
         return write_json(
             request,
             200,
@@ -231,6 +239,7 @@ def build_root(
         ),
     )
     root.putChild(b"health", HealthResource(registry, data_dir, min_free_disk, free_disk))
+    root.putChild(b"ui", UIResource())
     if metrics is not None:
         root.putChild(b"metrics", GuardedResource(metrics))
     return root
