@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from serverproc import REPO, ServerProcess, serve
+from test_api import Reply, conform
 
 from transcoder.http.ui import STATIC, TYPES, load
 
@@ -160,3 +161,15 @@ def test_the_vendored_library_is_the_pinned_one() -> None:
         (STATIC / "vendor" / "tus-js-client.LICENSE.txt").read_text().startswith("The MIT License")
     )
     assert f"tus-js-client {pin}" in (REPO / "README.md").read_text()
+
+
+def test_the_answers_are_the_specs(server: ServerProcess) -> None:
+    """The page, a missing file and the root's redirect are what docs/openapi.yaml says."""
+    browser = {"Accept": "text/html"}
+    for path, headers in [
+        ("/ui/", browser),
+        ("/ui/nothing.js", {}),
+        ("/", browser),
+    ]:
+        status, got, body = get(server.url + path, headers)
+        conform("GET", path, Reply(status, got, body))

@@ -15,7 +15,7 @@
   const $ = (id) => document.getElementById(id);
   const profiles = new Map();
   const jobs = new Map(); // id -> job JSON, as last seen
-  const polling = new Set(); // ids with a long-poll under way
+  const polling = new Map(); // id -> AbortController of its long-poll under way
   const uploads = new Set(); // upload entries on the page
   let ready = false;
 
@@ -554,13 +554,15 @@
   // One long-poll per unfinished job: the server answers when its state or progress moves.
   async function follow(id) {
     if (polling.has(id)) return;
-    polling.add(id);
+    const stop = new AbortController();
+    polling.set(id, stop);
     try {
       for (;;) {
         let job;
         try {
-          job = await apiJSON('/jobs/' + id + '?wait=' + WAIT_SECONDS);
+          job = await apiJSON('/jobs/' + id + '?wait=' + WAIT_SECONDS, { signal: stop.signal });
         } catch (error) {
+          if (stop.signal.aborted) return;
           if (error.status === 404) {
             forget(id);
             return;
@@ -574,7 +576,7 @@
         if (!ACTIVE.has(job.state)) return;
       }
     } finally {
-      polling.delete(id);
+      if (polling.get(id) === stop) polling.delete(id);
     }
   }
 
@@ -586,6 +588,9 @@
   }
 
   async function removeJob(job) {
+    // Its long-poll would answer 404 once the job is gone: stopped first.
+    const poll = polling.get(job.id);
+    if (poll) poll.abort();
     try {
       await apiJSON(job.url, { method: 'DELETE' });
       forget(job.id);
@@ -593,6 +598,7 @@
       $('refresh').focus();
     } catch (error) {
       status('Could not remove the job: ' + error.message);
+      if (ACTIVE.has(job.state)) follow(job.id);
     }
   }
 
