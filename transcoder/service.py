@@ -39,6 +39,7 @@ from transcoder.http.metrics import Metrics
 from transcoder.http.nodes import NodeLister
 from transcoder.http.resources import build_root
 from transcoder.http.site import TranscoderSite
+from transcoder.http.tuswiring import build_tus
 from transcoder.http.webhooks import WebhookNotifier
 
 log = Logger()
@@ -169,7 +170,21 @@ class Options(usage.Options):
             "(at least 1M, kept for the job database).",
         ],
         ["shutdown-grace", None, "30s", "On SIGTERM, give in-flight uploads this long to finish."],
+        [
+            "upload-expiry",
+            None,
+            "24h",
+            "Remove a resumable (tus) upload this long after its last byte.",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["cors-origin"] = []
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """Let browsers on ORIGIN use /jobs and /uploads (CORS); repeatable; none by default."""
+        self["cors-origin"].append(origin)
 
     def postOptions(self) -> None:
         self["max-upload-size"] = parse_size(self["max-upload-size"])
@@ -182,6 +197,7 @@ class Options(usage.Options):
             "keep-results",
             "shutdown-grace",
             "lease",
+            "upload-expiry",
         ):
             self[key] = parse_duration(self[key])
         if self["lease"] < 1:
@@ -379,6 +395,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             journal=data_dir / "webhooks",
         )
     sweeper = RetentionSweeper(reactor, registry, keep=options["keep-results"])
+    tus, tus_sweeper = build_tus(
+        reactor,
+        registry,
+        profiles,
+        data_dir,
+        store_url,
+        options["max-upload-size"],
+        options["upload-expiry"],
+        max(options["min-free-disk"], STORE_HEADROOM),
+        metrics,
+    )
     root = build_root(
         reactor,
         registry,
@@ -391,6 +418,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics=metrics,
         nodes=nodes,
         node_name=options["node-name"],
+        tus=tus,
+        cors_origins=options["cors-origin"],
     )
     site = TranscoderSite(root, reactor=reactor, idle_timeout=options["idle-timeout"])
 
@@ -408,6 +437,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _Hooked(start_hooks, stop_hooks).setServiceParent(top)
     RegistryService(registry).setServiceParent(top)
     _Hooked(sweeper.start, sweeper.stop).setServiceParent(top)
+    _Hooked(tus_sweeper.start, tus_sweeper.stop).setServiceParent(top)
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     raise_listen_errors(listener)
     listener.setServiceParent(top)

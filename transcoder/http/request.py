@@ -46,6 +46,7 @@ from transcoder.http.errors import APIError, http_error, method_not_allowed
 from transcoder.http.formdata import MultipartBody
 from transcoder.http.pump import FileStart, Hashes, PumpEnd, SocketPump
 from transcoder.http.responses import ErrorResource, allowed_methods, raw_response
+from transcoder.http.tusbody import TusPatchBody
 
 log = Logger()
 
@@ -80,6 +81,11 @@ MAX_PUMPS = 1
 
 def _stalled(timeout: float | None) -> APIError:
     return APIError(408, "too_slow", f"no byte of the body came in {timeout or 0:g} s")
+
+
+def _ready_tus(body: IRequestBody) -> bool:
+    """A tus PATCH's body that writes as it comes (not one waiting for its upload)."""
+    return isinstance(body, TusPatchBody) and body.ready
 
 
 # Requests whose body a SocketPump reads (or is about to); reactor thread only.
@@ -161,7 +167,7 @@ class TranscoderRequest(server.Request):
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = UPLOAD_READ_SIZE
         if (
-            isinstance(body, RawBody | MultipartBody)
+            (isinstance(body, RawBody | MultipartBody) or _ready_tus(body))
             and length is not None
             and length - PUMP_TAIL >= PUMP_MIN
             and isinstance(transport, tcp.Connection)
@@ -185,7 +191,7 @@ class TranscoderRequest(server.Request):
             self._chunkedPumpAt = CHUNKED_PUMP_AT
         self._watch_rate(channel)
 
-    def _start_pump(self, body: RawBody | MultipartBody, length: int) -> None:
+    def _start_pump(self, body: RawBody | MultipartBody | TusPatchBody, length: int) -> None:
         left = length - self._received - PUMP_TAIL
         if self.body is not body or self.channel is None or disconnected(self) or left < PUMP_MIN:
             # Refused already, gone, or the first reads brought most of the
@@ -195,13 +201,13 @@ class TranscoderRequest(server.Request):
         self._run_pump(
             body,
             left,
-            file_start=body.file_start if isinstance(body, MultipartBody) else None,
-            hashes=body.hashes if isinstance(body, RawBody) else None,
+            file_start=body.file_start if isinstance(body, MultipartBody | TusPatchBody) else None,
+            hashes=body.hashes if isinstance(body, RawBody | TusPatchBody) else None,
         )
 
     def _run_pump(
         self,
-        body: RawBody | MultipartBody,
+        body: RawBody | MultipartBody | TusPatchBody,
         length: int,
         file_start: FileStart | None = None,
         hashes: Hashes | None = None,
@@ -292,7 +298,7 @@ class TranscoderRequest(server.Request):
         self._pumping = False
         _pumping.discard(self)
         self._received += end.lent
-        if isinstance(self.body, RawBody | MultipartBody):
+        if isinstance(self.body, RawBody | MultipartBody | TusPatchBody):
             self.body.lent(end.lent)
         channel: Any = self.channel
         if channel is None or disconnected(self):

@@ -14,7 +14,7 @@ traversed, so an upload with a bad token is refused before its body is read
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ from transcoder.http.responses import (
     write_json,
 )
 from transcoder.http.spool import Opener, _open
+from transcoder.http.tus import UploadsResource
+from transcoder.http.tusproto import cors
+from transcoder.http.tusupload import TusUploads
 from transcoder.http.ui import RedirectToUI, UIResource, wants_html
 
 log = Logger()
@@ -46,6 +49,8 @@ log = Logger()
 # Reachable without a token: load balancers and Prometheus carry none, and the
 # page (C{/ui/}) must load before it can ask for one.
 PUBLIC = frozenset({b"health", b"metrics", b"ui"})
+# Where browsers on --cors-origin origins may go.
+CORS_PATHS = frozenset({b"jobs", b"uploads"})
 
 
 class ProfilesResource(EndResource):
@@ -119,20 +124,36 @@ class GuardedResource(JSONResource):
     render_HEAD = render_GET
 
 
+class PreflightResource(Resource):
+    """A CORS preflight from an allowed origin: 200, its headers set already."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Length", b"0")
+        return b""
+
+
 class RootResource(JSONResource):
     """
     C{/}: a pointer to the rest.  With tokens, every child but L{PUBLIC} ones
     is reached only with a valid token, whose name goes on C{request.owner}.
+    With C{cors_origins}, browsers on those origins may use C{/jobs} and
+    C{/uploads} (a preflight carries no token, and needs none).
     """
 
-    def __init__(self, auth: TokenAuth | None = None) -> None:
+    def __init__(self, auth: TokenAuth | None = None, cors_origins: Sequence[str] = ()) -> None:
         super().__init__()
         self._auth = auth
+        self._cors = tuple(cors_origins)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:  # type: ignore[override]
         if path == b"" and not request.postpath and wants_html(request):
             # A browser, token or none: the page asks for the token itself.
             return RedirectToUI()
+        if self._cors and path in CORS_PATHS and cors(request, self._cors):
+            return PreflightResource()
         if self._auth is not None and path not in PUBLIC:
             try:
                 request.owner = self._auth.authenticate(request)  # type: ignore[attr-defined]
@@ -190,6 +211,8 @@ def build_root(
     metrics: Any = None,
     nodes: NodeLister | None = None,
     node_name: str | None = None,
+    tus: TusUploads | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Resource:
     """
     The whole resource tree.
@@ -203,6 +226,8 @@ def build_root(
         started here, which then also counts uploads.
     @param nodes: lists the nodes sharing the job store, for C{/nodes};
         by default this one alone, named C{node_name} (the host name).
+    @param tus: resumable uploads at C{/uploads}; none without it.
+    @param cors_origins: origins whose browsers may use C{/jobs} and C{/uploads}.
     """
     upload_finished: UploadReport | None = None
     if metrics is None:
@@ -215,7 +240,7 @@ def build_root(
         log.warn("no --tokens: the API is open to anyone who can reach it")
     else:
         log.info("API tokens: {count} names", count=len(auth.names))
-    root = RootResource(auth)
+    root = RootResource(auth, cors_origins)
     root.putChild(
         b"jobs",
         JobsResource(
@@ -231,6 +256,8 @@ def build_root(
             upload_finished=upload_finished,
         ),
     )
+    if tus is not None:
+        root.putChild(b"uploads", UploadsResource(tus))
     root.putChild(b"profiles", ProfilesResource(profiles))
     root.putChild(
         b"nodes",

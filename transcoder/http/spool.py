@@ -44,12 +44,25 @@ class SpooledFile:
 
 
 class _Open:
-    __slots__ = ("md5", "path", "size")
+    __slots__ = ("extra", "keep", "md5", "path", "sha", "size", "start")
 
-    def __init__(self, path: Path, md5: bool, size: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        md5: bool,
+        size: int | None,
+        start: int = 0,
+        sha: Any = None,
+        extra: tuple[Any, ...] = (),
+        keep: bool = False,
+    ) -> None:
         self.path = path
         self.md5 = md5
         self.size = size
+        self.start = start
+        self.sha = sha
+        self.extra = extra
+        self.keep = keep
 
 
 _CLOSE = object()
@@ -111,15 +124,31 @@ class Spool:
 
     # Reactor-thread side.
 
-    def open(self, path: Path, md5: bool = False, size: int | None = None) -> None:
+    def open(
+        self,
+        path: Path,
+        md5: bool = False,
+        size: int | None = None,
+        *,
+        start: int = 0,
+        sha: Any = None,
+        extra: tuple[Any, ...] = (),
+        keep: bool = False,
+    ) -> None:
         """
         Start a new file.  Given its C{size}, the space is allocated ahead of
         the bytes, L{transcoder.http.writer.ALLOCATION_STEP} at a time (never all of it at once: the
         size is only what the client declares): a full disk fails before the
         bytes of that step are sent to it, and the direct writes are not
         extending ones, which cost half the CPU (0.03 against 0.06 s/GiB).
+
+        A resumable upload's PATCH appends to a file that exists: from
+        C{start} (then C{size} is where the file will end), continuing the
+        SHA-256 object C{sha}, also feeding the C{extra} hash objects (the
+        chunk's own checksum); with C{keep}, the file is not removed on
+        L{abort}, since what came before this request is not the spool's.
         """
-        self._queue.put(_Open(path, md5, size))
+        self._queue.put(_Open(path, md5, size, start, sha, extra, keep))
 
     def write(self, data: bytes, wait: bool = False) -> None:
         """
@@ -230,7 +259,8 @@ class Spool:
             elif isinstance(item, _Open):
                 try:
                     f = self._opener(item.path)
-                    self._created.append(item.path)
+                    if not item.keep:
+                        self._created.append(item.path)
                     current = FileWriter(
                         item.path,
                         f,
@@ -239,6 +269,9 @@ class Spool:
                         self._pwrite,
                         self._staging_buffers,
                         declared=item.size or None,
+                        start=item.start,
+                        sha=item.sha,
+                        extra=item.extra,
                     )
                 except OSError as e:
                     failed = True
@@ -246,6 +279,7 @@ class Spool:
             elif isinstance(item, _Hashes):
                 if current is not None and not failed:
                     item.objects = [current.sha] + ([current.md5] if current.md5 else [])
+                    item.objects += current.extra
                 item.event.set()
             elif item is _CLOSE:
                 if current is not None:

@@ -236,16 +236,26 @@ class FileWriter:
         pwrite: PWrite,
         staging_buffers: int = STAGING_BUFFERS,
         declared: int | None = None,
+        start: int = 0,
+        sha: Any = None,
+        extra: tuple[Any, ...] = (),
     ) -> None:
+        """
+        @param start: where the bytes go in the file (a resumable upload's
+            offset); C{size} counts from there, and ends as the file's end.
+        @param sha: a SHA-256 object to continue (the bytes before C{start}).
+        @param extra: more hash objects fed every byte (a chunk's checksum).
+        """
         self.path = path
         self._f = f
         # Allocated so far, of a file whose size is known (see ALLOCATION_STEP).
         self._declared = declared if isinstance(f, io.FileIO) else None
-        self._allocated = 0
+        self._allocated = start
         self._staging_buffers = staging_buffers
-        self.size = 0
-        self.sha = hashlib.sha256()
+        self.size = start
+        self.sha = sha if sha is not None else hashlib.sha256()
         self.md5 = hashlib.md5() if md5 else None
+        self.extra = list(extra)
         # A file object that is not a real file (a test's stand-in) is
         # written in order, through its own write().
         self._writer = (
@@ -284,6 +294,8 @@ class FileWriter:
         self.sha.update(data)
         if self.md5 is not None:
             self.md5.update(data)
+        for h in self.extra:
+            h.update(data)
 
     def _claim(self, end: int) -> None:
         # Before the bytes are handed to a writer thread, so that no write

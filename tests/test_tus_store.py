@@ -1,0 +1,156 @@
+"""The upload stores (memory, SQLite) and the one-node upload lock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from transcoder.core.sqliteuploads import SQLiteUploadStore
+from transcoder.core.uploads import (
+    InProcessUploadLocks,
+    IUploadLock,
+    IUploadLocks,
+    IUploadStore,
+    MemoryUploadStore,
+    Upload,
+    UploadLocked,
+    is_upload_id,
+    new_upload_id,
+)
+
+
+def upload(uid: str | None = None, length: int | None = 100, expires: float = 50.0) -> Upload:
+    return Upload(
+        id=uid or new_upload_id(),
+        owner="alice",
+        length=length,
+        offset=0,
+        metadata={"profile": "mp4-h264", "filename": "a.flv", "empty": ""},
+        created_at=1.0,
+        expires_at=expires,
+        filename="input-file.flv",
+    )
+
+
+T = TypeVar("T")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IUploadStore]:
+    s: IUploadStore
+    if request.param == "memory":
+        s = MemoryUploadStore()
+    else:
+        s = SQLiteUploadStore(tmp_path / "jobs.sqlite3", reactor)
+    yield s
+    if request.param == "sqlite":
+        pytest_twisted.blockon(s.close())
+
+
+def test_upload_ids_are_long_random_capabilities() -> None:
+    """Upload ids carry 160 random bits (40 hex digits) and never repeat."""
+    ids = {new_upload_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(is_upload_id(i) and len(i) == 40 for i in ids)
+    assert not is_upload_id("../" + "a" * 37)
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_provides_its_interface_and_keeps_records(store: IUploadStore) -> None:
+    """Each store provides IUploadStore; create/get/set_length/update_offset/finish/terminate/expired behave alike."""
+    verifyObject(IUploadStore, store)
+    u = upload(length=None)
+    await store.create(u)
+    got = await store.get(u.id)
+    assert got is not None and got.metadata == u.metadata and got.length is None
+    await store.set_length(u.id, 10)
+    await store.set_length(u.id, 20)  # fixed once
+    await store.update_offset(u.id, 7, 99.0)
+    got = await store.get(u.id)
+    assert got is not None and (got.length, got.offset, got.expires_at) == (10, 7, 99.0)
+    assert await store.finish(u.id, "job1") == "job1"
+    assert await store.finish(u.id, "job2") == "job1"
+    assert [x.id for x in await store.expired(100.0)] == [u.id]
+    assert await store.expired(98.0) == []
+    await store.terminate(u.id)
+    assert await store.get(u.id) is None
+    assert await store.get(new_upload_id()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_store_keeps_uploads_across_restarts(tmp_path: Path) -> None:
+    """A reopened SQLite store has the records, offsets and job ids written before it closed."""
+    path = tmp_path / "jobs.sqlite3"
+    s = SQLiteUploadStore(path, reactor)
+    u = upload()
+    await s.create(u)
+    await s.update_offset(u.id, 42, 77.0)
+    await s.close()
+    s2 = SQLiteUploadStore(path, reactor)
+    got = await s2.get(u.id)
+    await s2.close()
+    assert got is not None
+    assert (got.offset, got.expires_at, got.length, got.owner) == (42, 77.0, 100, "alice")
+    assert got.metadata["empty"] == "" and got.filename == "input-file.flv"
+
+
+def fired(d: Deferred[T]) -> T:
+    """The result of a Deferred that has fired already."""
+    out: list[T] = []
+    d.addCallback(out.append)
+    assert out, "not fired"
+    return out[0]
+
+
+def test_lock_is_free_then_held_then_handed_over() -> None:
+    """A second request asks the holder to stop and gets the upload once the holder lets go."""
+    clock = Clock()
+    locks = InProcessUploadLocks(clock, timeout=5)
+    verifyObject(IUploadLocks, locks)
+    stops: list[str] = []
+    first = fired(locks.acquire("u", lambda: stops.append("first")))
+    verifyObject(IUploadLock, first)
+    assert locks.held("u")
+    second = locks.acquire("u", lambda: stops.append("second"))
+    assert stops == ["first"] and not second.called
+    first.release()
+    assert second.called
+    got = fired(second)
+    assert got.upload_id == "u"
+    got.release()
+    assert not locks.held("u")
+
+
+def test_lock_times_out_when_the_holder_never_lets_go() -> None:
+    """A holder that does not let go within the timeout makes the waiter fail with UploadLocked."""
+    clock = Clock()
+    locks = InProcessUploadLocks(clock, timeout=5)
+    fired(locks.acquire("u", lambda: None))
+    waiting = locks.acquire("u", lambda: None)
+    failures: list[object] = []
+    waiting.addErrback(lambda f: failures.append(f.trap(UploadLocked)))
+    clock.advance(4.9)
+    assert failures == []
+    clock.advance(0.2)
+    assert failures == [UploadLocked]
+
+
+def test_lock_newest_waiter_wins() -> None:
+    """Of two waiters, the older fails at once: only the newest request is the live client."""
+    locks = InProcessUploadLocks(Clock(), timeout=5)
+    held = fired(locks.acquire("u", lambda: None))
+    older = locks.acquire("u", lambda: None)
+    failed: list[object] = []
+    older.addErrback(lambda f: failed.append(f.trap(UploadLocked)))
+    newer = locks.acquire("u", lambda: None)
+    assert failed == [UploadLocked]
+    held.release()
+    assert newer.called

@@ -1,0 +1,86 @@
+"""
+Putting the tus uploads together for L{transcoder.service.makeService}: the
+upload store beside the job store, the lock, the sweeper, the metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+from transcoder.core.profiles import Profile
+from transcoder.core.registry import JobRegistry
+from transcoder.core.sqliteuploads import SQLiteUploadStore
+from transcoder.core.stores import StoreURL
+from transcoder.core.uploads import InProcessUploadLocks
+from transcoder.core.uploadsweep import UploadSweeper
+from transcoder.http.tusproto import tus_error
+from transcoder.http.tusupload import TusUploads
+
+log = Logger()
+
+
+def disk_check(directory: Path, min_free: int) -> Any:
+    """The 507 a plain upload gets, for an upload of C{length} bytes (None: unknown)."""
+
+    def check(length: int | None) -> None:
+        if not min_free:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(directory).free - (length or 0) < min_free:
+            raise tus_error(
+                507, "insufficient_storage", "the server is short of disk space; try again later"
+            )
+
+    return check
+
+
+def build_tus(
+    reactor: Any,
+    registry: JobRegistry,
+    profiles: Mapping[str, Profile],
+    data_dir: Path,
+    store_url: StoreURL,
+    max_size: int,
+    expiry: float,
+    min_free: int,
+    metrics: Any = None,
+) -> tuple[TusUploads, UploadSweeper]:
+    """The L{TusUploads} of this node and the sweeper of its expired uploads."""
+    if store_url.kind == "sqlite":
+        path = Path(store_url.target)
+    else:
+        # Resumable uploads across nodes (PostgreSQL) are not built yet: each
+        # node keeps its own, and a client must resume on the node it began on.
+        path = data_dir / "uploads.sqlite3"
+        log.warn("tus uploads are kept per node (in {path}) with a PostgreSQL store", path=path)
+    store = SQLiteUploadStore(path, reactor)
+    locks = InProcessUploadLocks(reactor)
+    event = getattr(metrics, "tus_event", None)
+    if metrics is not None and event is None:
+        from transcoder.http.tusmetrics import TusMetrics
+
+        event = TusMetrics(metrics.registry).event
+    uploads = TusUploads(
+        reactor,
+        registry,
+        profiles,
+        store,
+        locks,
+        data_dir,
+        max_size,
+        expiry,
+        check_disk=disk_check(data_dir / "tus", min_free),
+        event=event or (lambda what, n: None),
+    )
+
+    def expired(upload_id: str) -> None:
+        uploads.forget(upload_id)
+        uploads.event("expired", 0)
+
+    sweeper = UploadSweeper(reactor, store, locks, uploads.dir, expired, interval=60.0)
+    return uploads, sweeper
