@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -75,10 +76,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def big_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 4 MB of H.264 (noisy frames at a high rate): an upload that takes a while when slowed."""
+    """About 2.5 MB of H.264 (noisy frames at a high rate): an upload that takes seconds when slowed."""
     path = tmp_path_factory.mktemp("ui-clips") / "big clip.mp4"
     run_ffmpeg(
-        "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25:duration=4,noise=alls=60:allf=t",
+        "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25:duration=2,noise=alls=60:allf=t",
         "-c:v", "libx264", "-preset", "ultrafast", "-b:v", "8M", "-pix_fmt", "yuv420p",
         str(path),
     )  # fmt: skip
@@ -147,7 +148,7 @@ def job_card(page: Page, name: str, state: str = "") -> Any:
 def test_a_clip_goes_up_and_its_result_comes_down(
     server: ServerProcess, open_page: Any, clips: Clips, tmp_path: Path
 ) -> None:
-    """At phone width: choose a profile, set a parameter, give a clip to the file field; the upload finishes, the job reaches succeeded, and its result link downloads exactly the job's result."""
+    """At phone width (nothing wider than 360 px): choose a profile, set a parameter, give a clip to the file field; the upload finishes, the job reaches succeeded, and its result link downloads exactly the job's result."""
     w = open_page(server, width=360)
     page = w.page
     page.select_option("select[name=profile]", "mp4-h264")
@@ -165,7 +166,12 @@ def test_a_clip_goes_up_and_its_result_comes_down(
     assert hashlib.sha256(got).hexdigest() == job["output"]["sha256"]
     assert download.value.suggested_filename == clips.av.stem + ".mp4"
     assert page.locator("#uploads li.upload[data-state=done]").count() == 1
-    page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+    # Readable at 360 px: nothing wider than the screen.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    # TRANSCODER_UI_SCREENSHOT=docs/ui.png makes the README's picture.
+    shot = Path(os.environ.get("TRANSCODER_UI_SCREENSHOT") or tmp_path / "ui.png")
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes().startswith(b"\x89PNG")
     w.check()
 
 
@@ -218,7 +224,7 @@ def test_cancel_a_running_job_and_the_list_survives_a_reload(
 def test_an_upload_resumes_after_the_link_drops(
     server: ServerProcess, open_page: Any, big_clip: Path
 ) -> None:
-    """With the upload slowed by network emulation, the page goes offline mid-upload and back: the upload goes on from the server's offset (a HEAD, then a PATCH at a non-zero offset the server accepts), and the job's input has the file's sha256."""
+    """With the upload slowed by network emulation, the page goes offline mid-upload (the page stops the PATCH under way, as a dead link would) and back: the upload goes on by itself from the server's offset (a HEAD, then a PATCH at a non-zero offset the server accepts), and the job's input has the file's sha256."""
     w = open_page(server)
     page = w.page
     page.select_option("select[name=profile]", "mp4-h264")
@@ -244,6 +250,8 @@ def test_an_upload_resumes_after_the_link_drops(
         and r.status == 204
     ]
     assert heads and resumed
+    upload_path = heads[0].url.removeprefix(server.url)
+    assert f'"HEAD {upload_path} HTTP/1.1" 200' in server.output
     job = api(server, f"/jobs/{card.get_attribute('data-id')}")
     assert job["inputs"][0]["sha256"] == hashlib.sha256(big_clip.read_bytes()).hexdigest()
     w.check("net::ERR_INTERNET_DISCONNECTED")

@@ -369,6 +369,7 @@
       },
     });
     entry.upload = upload;
+    entry.setState = setState;
     setState('uploading', 'starting…');
     upload.findPreviousUploads().then((previous) => {
       if (previous.length) {
@@ -379,12 +380,22 @@
     });
   }
 
+  // Offline: a request under way would hang on a dead connection until TCP gives up, so
+  // each upload is stopped now (the server keeps what arrived) and waits for 'online'.
+  window.addEventListener('offline', () => {
+    for (const entry of uploads) {
+      if (entry.state === 'uploading') {
+        entry.upload.abort();
+        entry.setState('offline', 'offline: it resumes when the network is back');
+      }
+    }
+  });
+
   // Back online: every upload the drop stopped goes on from the server's offset (a HEAD first).
   window.addEventListener('online', () => {
     for (const entry of uploads) {
       if (entry.state === 'offline') {
-        entry.state = 'uploading';
-        entry.item.dataset.state = 'uploading';
+        entry.setState('uploading', 'resuming…');
         entry.upload.start();
       }
     }
