@@ -25,6 +25,7 @@ from transcoder.core.uploads import (
     is_upload_id,
     new_upload_id,
 )
+from transcoder.core.uploadsweep import UploadSweeper
 
 
 def upload(uid: str | None = None, length: int | None = 100, expires: float = 50.0) -> Upload:
@@ -154,3 +155,32 @@ def test_lock_newest_waiter_wins() -> None:
     assert failed == [UploadLocked]
     held.release()
     assert newer.called
+
+
+def test_sweeper_removes_expired_uploads_and_orphan_files(tmp_path: Path) -> None:
+    """The sweeper removes expired uploads' files and records (not those held), and directories no record owns."""
+    clock = Clock()
+    store = MemoryUploadStore()
+    locks = InProcessUploadLocks(clock)
+    tus = tmp_path / "tus"
+    old, held, fresh, orphan = (new_upload_id() for _ in range(4))
+    for uid, expires in ((old, 10.0), (held, 10.0), (fresh, 1000.0)):
+        fired(store.create(upload(uid, expires=expires)))
+        (tus / uid).mkdir(parents=True)
+        (tus / uid / "input-file.flv").write_bytes(b"x")
+    (tus / orphan).mkdir()
+    lock = fired(locks.acquire(held, lambda: None))
+    expired: list[str] = []
+    sweeper = UploadSweeper(clock, store, locks, tus, expired.append, interval=60)
+    clock.advance(5)
+    sweeper.start()
+    assert expired == [] and (tus / old).exists()
+    assert not (tus / orphan).exists()
+    clock.advance(60)
+    assert expired == [old]
+    assert not (tus / old).exists() and old not in store.uploads
+    assert (tus / held).exists() and (tus / fresh).exists()
+    lock.release()
+    clock.advance(60)
+    assert expired == [old, held]
+    sweeper.stop()

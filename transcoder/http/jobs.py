@@ -137,9 +137,12 @@ class JobsResource(JSONResource):
         min_free_disk: int = 0,
         free_disk: FreeDisk = free_space,
         upload_finished: UploadReport | None = None,
+        from_uploads: Callable[[server.Request], IRequestBody | None] | None = None,
     ) -> None:
         """
         @param upload_finished: called with each upload's outcome and size in bytes.
+        @param from_uploads: gives the body of a request that names finished
+            tus uploads instead of bringing its inputs (see L{transcoder.http.tusjobs}).
         @param clock: times long-polls; the reactor when not given.
         @param private: each token sees only its own jobs (tokens are configured).
         @param min_free_disk: uploads are refused (507) while the data
@@ -156,6 +159,7 @@ class JobsResource(JSONResource):
         self._min_free = min_free_disk
         self.free_space = free_disk
         self._upload_finished = upload_finished
+        self._from_uploads = from_uploads
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         if path == b"":
@@ -189,6 +193,10 @@ class JobsResource(JSONResource):
     def _receive_body(self, request: server.Request, length: int | None) -> IRequestBody:
         if request.method not in (b"POST", b"PUT"):
             raise APIError(400, "unexpected_body", f"{request.method.decode()} takes no body")
+        if self._from_uploads is not None and request.method == b"POST":
+            named = self._from_uploads(request)
+            if named is not None:
+                return named
         # The client's own errors first: a body over the maximum will never fit.
         if length is not None and length > self._max:
             raise APIError(

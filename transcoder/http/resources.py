@@ -40,6 +40,7 @@ from transcoder.http.responses import (
 )
 from transcoder.http.spool import Opener, _open
 from transcoder.http.tus import UploadsResource
+from transcoder.http.tusjobs import from_uploads
 from transcoder.http.tusproto import cors
 from transcoder.http.tusupload import TusUploads
 from transcoder.http.ui import RedirectToUI, UIResource, wants_html
@@ -254,6 +255,7 @@ def build_root(
             min_free_disk=min_free_disk,
             free_disk=free_disk,
             upload_finished=upload_finished,
+            from_uploads=from_uploads(tus) if tus is not None else None,
         ),
     )
     if tus is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -113,6 +113,18 @@ class _Created:
 
     def finish(self) -> Deferred[Upload]:
         return self._created.addCallback(lambda _: self.upload)
+
+    def abort(self) -> None:
+        pass
+
+
+@implementer(IRequestBody)
+class _NoBody:
+    def dataReceived(self, data: bytes) -> None:
+        raise tus_error(400, "unexpected_body", "this request takes no body")
+
+    def finish(self) -> Deferred[None]:
+        return succeed(None)
 
     def abort(self) -> None:
         pass
@@ -220,6 +232,9 @@ class UploadResource(_TusResource):
         if request.postpath:
             raise tus_error(404, "not_found", "no such upload")
         if method_of(request) != b"PATCH":
+            if length == 0:
+                # POST with X-HTTP-Method-Override: DELETE or HEAD: answered by render_POST.
+                return _NoBody()
             raise tus_error(400, "unexpected_body", "only PATCH takes a body here")
         check_content_type(request)
         offset = number(request, "Upload-Offset")

@@ -283,6 +283,8 @@ class TusUploads:
                     "offset_mismatch",
                     f"Upload-Offset is {offset}, the upload is at {upload.offset}",
                     Upload_Offset=str(upload.offset),
+                    # A client retrying the last PATCH learns of the job it made.
+                    **({"Job_Location": f"/jobs/{upload.job_id}"} if upload.job_id else {}),
                 )
             end = upload.length if upload.length is not None else self.max_size
             if nbytes > end - upload.offset:

@@ -82,5 +82,7 @@ def build_tus(
         uploads.forget(upload_id)
         uploads.event("expired", 0)
 
-    sweeper = UploadSweeper(reactor, store, locks, uploads.dir, expired, interval=60.0)
+    # Every minute, or sooner for a short expiry (an upload lives at most a quarter longer).
+    interval = max(1.0, min(60.0, expiry / 4))
+    sweeper = UploadSweeper(reactor, store, locks, uploads.dir, expired, interval=interval)
     return uploads, sweeper

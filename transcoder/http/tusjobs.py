@@ -1,0 +1,128 @@
+"""
+A job of several inputs from finished tus uploads: each input is uploaded
+with C{input=<role>} and no profile (it waits, complete, for a job), then
+C{POST /jobs?profile=mux-avi&upload.video=<id>&upload.audio=<id>} (no body)
+makes the job from them, checked as a multipart upload's fields are.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web import server
+from zope.interface import implementer
+
+from transcoder.core.jobs import InputFile, new_job_id
+from transcoder.core.profiles import profile_for
+from transcoder.core.submit import Submission
+from transcoder.core.uploads import IUploadLock, Upload
+from transcoder.http.bodies import IRequestBody
+from transcoder.http.errors import APIError
+from transcoder.http.fields import check_callback, input_digests, query_fields, split_fields
+from transcoder.http.names import extension
+from transcoder.http.tusupload import TusUploads
+
+PREFIX = "upload."
+
+
+def names_uploads(request: server.Request) -> bool:
+    """Whether a C{POST /jobs} names finished uploads rather than bringing a body."""
+    return any(k.startswith(PREFIX.encode()) for k in (request.args or {}))
+
+
+@implementer(IRequestBody)
+class FromUploads:
+    """The (empty) body of a C{POST /jobs} that names uploads: its finish makes the submission."""
+
+    def __init__(self, uploads: TusUploads, request: server.Request) -> None:
+        fields = query_fields(request.args or {})
+        self._named = {k[len(PREFIX) :]: v for k, v in fields.items() if k.startswith(PREFIX)}
+        rest = {k: v for k, v in fields.items() if not k.startswith(PREFIX)}
+        control, raw_params = split_fields(rest)
+        self._profile = profile_for(uploads.profiles, control.get("profile"))
+        self._params = self._profile.validate_params(raw_params)
+        self._callback = check_callback(control.get("callback_url"))
+        if sorted(self._named) != sorted(self._profile.inputs):
+            raise APIError(
+                422,
+                "missing_input",
+                f"profile {self._profile.name} takes upload.<role> for "
+                f"{', '.join(self._profile.inputs)}",
+            )
+        self._digests = input_digests(control, self._profile)
+        self._uploads = uploads
+        self._owner: str | None = getattr(request, "owner", None)
+        uploads.admit(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        raise APIError(400, "unexpected_body", "a job made from uploads takes no body")
+
+    def abort(self) -> None:
+        pass
+
+    def finish(self) -> Deferred[Submission]:
+        return ensureDeferred(self._submission())
+
+    async def _submission(self) -> Submission:
+        uploads = self._uploads
+        held: list[IUploadLock] = []
+        try:
+            found: dict[str, Upload] = {}
+            for role, upload_id in self._named.items():
+                lock = await uploads.locks.acquire(upload_id, lambda: None).addErrback(
+                    uploads._locked
+                )
+                held.append(lock)
+                try:
+                    upload = await uploads.lookup(upload_id, self._owner)
+                except APIError as e:
+                    raise APIError(e.status, e.code, f"upload.{role}: {e.message}") from None
+                if upload.metadata.get("input") != role or upload.metadata.get("profile"):
+                    raise APIError(
+                        422, "bad_input", f"upload.{role} was not uploaded with input={role}"
+                    )
+                if not upload.complete or upload.job_id is None:
+                    raise APIError(409, "upload_incomplete", f"upload.{role} is not complete")
+                if upload.job_id:
+                    raise APIError(
+                        409, "upload_used", f"upload.{role} made job {upload.job_id} already"
+                    )
+                want = self._digests.get(role)
+                if want is not None and want != upload.extra.get("sha256"):
+                    raise APIError(400, "digest_mismatch", f"the SHA-256 of {role} does not match")
+                found[role] = upload
+            job_id = new_job_id()
+            staging = uploads.registry.uploads_dir / job_id
+            staging.mkdir(parents=True)
+            inputs = []
+            for role, upload in found.items():
+                name = f"input-{role}{extension(upload.extra['display'])}"
+                os.rename(uploads.upload_dir(upload.id) / upload.filename, staging / name)
+                os.rmdir(uploads.upload_dir(upload.id))
+                await uploads.store.finish(upload.id, job_id)
+                inputs.append(
+                    InputFile(role, upload.extra["display"], upload.offset,
+                              str(upload.extra["sha256"]), name)
+                )  # fmt: skip
+            return Submission(
+                job_id=job_id,
+                staging=staging,
+                profile=self._profile,
+                params=self._params,
+                inputs=inputs,
+                callback_url=self._callback,
+            )
+        finally:
+            for lock in held:
+                lock.release()
+
+
+def from_uploads(uploads: TusUploads) -> Any:
+    """The hook L{transcoder.http.jobs.JobsResource} calls for a body it is about to read."""
+
+    def hook(request: server.Request) -> IRequestBody | None:
+        return FromUploads(uploads, request) if names_uploads(request) else None
+
+    return hook
