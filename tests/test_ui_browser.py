@@ -165,6 +165,8 @@ def test_a_clip_goes_up_and_its_result_comes_down(
     got = Path(download.value.path()).read_bytes()
     assert hashlib.sha256(got).hexdigest() == job["output"]["sha256"]
     assert download.value.suggested_filename == clips.av.stem + ".mp4"
+    card.get_by_text("Encoder log").click()
+    card.locator("pre.log", has_text="ffmpeg").wait_for()
     assert page.locator("#uploads li.upload[data-state=done]").count() == 1
     # Readable at 360 px: nothing wider than the screen.
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
@@ -178,11 +180,17 @@ def test_a_clip_goes_up_and_its_result_comes_down(
 def test_mux_avi_takes_one_file_per_input(
     server: ServerProcess, open_page: Any, clips: Clips
 ) -> None:
-    """mux-avi shows a file field for each of its inputs; a video and an audio file uploaded through them make one job that succeeds with an AVI of both."""
+    """Every control of every profile's form has a label; mux-avi shows a file field for each of its inputs, and a video and an audio file uploaded through them make one job that succeeds with an AVI of both."""
     w = open_page(server)
     page = w.page
     page.select_option("select[name=profile]", "mux-avi")
     assert page.locator("#input-fields input[type=file]").count() == 2
+    for profile in ("mp4-h264", "hls", "mux-avi"):
+        page.select_option("select[name=profile]", profile)
+        unlabelled = page.evaluate(
+            "[...document.querySelectorAll('input, select')].filter(e => !e.labels.length).map(e => e.id)"
+        )
+        assert unlabelled == [], profile
     page.get_by_label("Video file").set_input_files(clips.flv_video)
     page.get_by_label("Audio file").set_input_files(clips.mp3_audio)
     card = job_card(page, clips.flv_video.name, "succeeded")
@@ -200,7 +208,8 @@ def test_mux_avi_takes_one_file_per_input(
 def test_cancel_a_running_job_and_the_list_survives_a_reload(
     server: ServerProcess, open_page: Any, clips: Clips
 ) -> None:
-    """The token's jobs are listed newest first with name, profile, state, progress and created time, and still after a reload; Cancel on a running job stops and removes it on the server."""
+    """The token's jobs are listed newest first with name, profile, state, progress and created time, and still after a reload; a failed job shows its error; Cancel on a running job stops and removes it on the server."""
+    broken = put_job(server, clips.noise, "mp4-h264")
     older = put_job(server, clips.av, "mp4-h264")
     running = put_job(server, clips.av_long, "paced")
     w = open_page(server)
@@ -213,6 +222,10 @@ def test_cancel_a_running_job_and_the_list_survives_a_reload(
     assert ids.index(running["id"]) < ids.index(older["id"])
     assert card.locator(".profile").text_content() == "paced"
     assert card.locator("time").get_attribute("datetime") == running["created_at"]
+    failed = job_card(page, clips.noise.name, "failed")
+    failed.wait_for()
+    error = api(server, f"/jobs/{broken['id']}")["error"]["message"]
+    assert failed.get_by_role("alert").text_content() == "Failed: " + error
     card.get_by_role("button", name=re.compile("^Cancel the job")).click()
     card.wait_for(state="detached")
     with pytest.raises(urllib.error.HTTPError) as gone:
@@ -257,10 +270,92 @@ def test_an_upload_resumes_after_the_link_drops(
     w.check("net::ERR_INTERNET_DISCONNECTED")
 
 
+def _slow(page: Page, bytes_per_second: int = 400_000) -> None:
+    cdp = page.context.new_cdp_session(page)
+    conditions = {"offline": False, "latency": 20, "downloadThroughput": -1}
+    cdp.send(
+        "Network.emulateNetworkConditions", {**conditions, "uploadThroughput": bytes_per_second}
+    )
+
+
+def _past(page: Page, percent: int) -> None:
+    page.wait_for_function(
+        f"() => document.querySelector('#uploads progress').value > {percent}", polling=100
+    )
+
+
+def test_an_upload_is_paused_resumed_and_cancelled(
+    server: ServerProcess, open_page: Any, big_clip: Path
+) -> None:
+    """Pause stops an upload and Resume goes on from the server's offset; Cancel terminates it on the server (DELETE), whose HEAD then finds nothing."""
+    w = open_page(server)
+    page = w.page
+    page.select_option("select[name=profile]", "mp4-h264")
+    _slow(page)
+    page.set_input_files("#file-file", big_clip)
+    upload = page.locator("#uploads li.upload")
+    _past(page, 10)
+    upload.get_by_role("button", name=re.compile("^Pause")).click()
+    upload.and_(page.locator("[data-state=paused]")).wait_for()
+    upload.get_by_role("button", name=re.compile("^Resume")).click()
+    _past(page, 30)
+    with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
+        upload.get_by_role("button", name=re.compile("^Cancel")).click()
+    upload.and_(page.locator("[data-state=cancelled]")).wait_for()
+    assert deleted.value.status == 204
+    resumed = [
+        r for r in w.requests if r.method == "PATCH" and r.headers.get("upload-offset") != "0"
+    ]
+    assert resumed
+    head = urllib.request.Request(
+        deleted.value.url, method="HEAD", headers={"Tus-Resumable": "1.0.0"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        urllib.request.urlopen(head, timeout=10)
+    assert gone.value.code in (404, 410)
+    w.check("net::ERR_ABORTED")
+
+
+def test_a_reload_offers_to_resume_an_upload(
+    server: ServerProcess, open_page: Any, big_clip: Path, tmp_path: Path
+) -> None:
+    """An upload cut short by a reload is listed after it as unfinished (its URL kept in localStorage); choosing the same file again resumes it from the server's offset, and the job's input has the file's sha256."""
+    w = open_page(server)
+    page = w.page
+    page.select_option("select[name=profile]", "mp4-h264")
+    _slow(page)
+    # A name of its own, so that no other test's upload of the same file is offered.
+    clip = tmp_path / "reloaded.mp4"
+    clip.write_bytes(big_clip.read_bytes())
+    page.set_input_files("#file-file", clip)
+    _past(page, 20)
+    page.reload()
+    offered = page.locator("#resumable-list li", has_text=clip.name)
+    offered.wait_for()
+    page.select_option("select[name=profile]", "mp4-h264")
+    page.set_input_files("#file-file", clip)
+    job_card(page, clip.name, "succeeded").wait_for()
+    resumed = [
+        r
+        for r in w.responses
+        if r.request.method == "PATCH"
+        and int(r.request.headers.get("upload-offset", "0")) > 0
+        and r.status == 204
+    ]
+    assert (
+        resumed
+        and len([r for r in w.requests if r.method == "POST" and r.url.endswith("/uploads")]) == 1
+    )
+    job = api(server, f"/jobs/{job_card(page, clip.name).get_attribute('data-id')}")
+    assert job["inputs"][0]["sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
+    assert page.locator("#resumable").is_hidden()
+    w.check("net::ERR_ABORTED")
+
+
 def test_a_token_is_asked_for_and_a_wrong_one_refused(
     browser: Browser, open_page: Any, tmp_path: Path, clips: Clips
 ) -> None:
-    """With --tokens the page asks for a token, says so when it is wrong, and with the right one lists that token's jobs; the token travels as a Bearer header only, never in a URL."""
+    """With --tokens the page asks for a token, says so when it is wrong, and with the right one (typed and sent from the keyboard) lists that token's jobs, uploads and downloads; the token travels as a Bearer header only, never in a URL."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"web:{TOKEN}\n")
     server = _serve(tmp_path, "--tokens", str(tokens))
@@ -281,13 +376,32 @@ def test_a_token_is_asked_for_and_a_wrong_one_refused(
         page.get_by_label("API token").fill("not-the-token")
         page.get_by_role("button", name="Use this token").click()
         message.filter(has_text="not valid").wait_for()
-        page.get_by_label("API token").fill(TOKEN)
-        page.get_by_role("button", name="Use this token").click()
+        # By keyboard: the field has the focus again, Enter sends it.
+        assert page.evaluate("document.activeElement.id") == "token"
+        page.keyboard.type(TOKEN)
+        page.keyboard.press("Enter")
         job_card(page, clips.av.name).wait_for()
         assert page.locator("#token-section").is_hidden()
         assert page.locator("#jobs li.job").get_attribute("data-id") == job["id"]
-        sent = [r.headers.get("authorization") for r in w.requests if "/jobs" in r.url]
-        assert f"Bearer {TOKEN}" in sent
+        # An upload and a download with the token: tus sends the header, the result comes
+        # through the page (a link cannot carry it).
+        page.select_option("select[name=profile]", "mp4-h264")
+        page.set_input_files("#file-file", clips.flv_video)
+        card = job_card(page, clips.flv_video.name, "succeeded")
+        card.wait_for()
+        with page.expect_download() as download:
+            card.get_by_role("link", name=re.compile("Download the result")).click()
+        got = Path(download.value.path()).read_bytes()
+        assert download.value.suggested_filename == clips.flv_video.stem + ".mp4"
+        request = urllib.request.Request(
+            server.url + f"/jobs/{card.get_attribute('data-id')}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert hashlib.sha256(got).hexdigest() == json.loads(r.read())["output"]["sha256"]
+        for part in ("/jobs", "/uploads", "/profiles"):
+            sent = {r.headers.get("authorization") for r in w.requests if part in r.url}
+            assert f"Bearer {TOKEN}" in sent, part
         assert not any(TOKEN in r.url or "not-the-token" in r.url for r in w.requests)
         w.check("401 (Unauthorized)")
     finally:

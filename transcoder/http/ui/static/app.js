@@ -409,11 +409,12 @@
       detail.textContent = 'uploaded; now choose the ' + missing.join(' and ') + ' file';
       return;
     }
-    const body = new URLSearchParams(Object.assign({ profile: profile.name }, entry.params));
-    for (const role of profile.inputs) body.set('upload.' + role, pending.get(role));
+    // The job from the finished uploads: named in the query, no body (docs/api.md).
+    const query = new URLSearchParams(Object.assign({ profile: profile.name }, entry.params));
+    for (const role of profile.inputs) query.set('upload.' + role, pending.get(role));
     pending.clear();
     try {
-      const job = await apiJSON('/jobs', { method: 'POST', body });
+      const job = await apiJSON('/jobs?' + query, { method: 'POST' });
       followNewJob(job.id, detail);
       upsertJob(job);
     } catch (error) {
