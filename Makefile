@@ -84,13 +84,20 @@ sysdeps:
 	@$(call ensure_cmds,$(RUNTIME_CMDS))
 
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
-# nginx block of docs/deployment.md with `nginx -t`.  Chromium: the web page's tests drive
-# Debian's build through Playwright (never `playwright install`, which downloads a browser).
-TEST_CMDS := nginx:nginx chromium:chromium
+# nginx block of docs/deployment.md with `nginx -t`.
+# node and npm: tests/test_tus_js.py runs tus-js-client (pinned in tests/js/package-lock.json).
+# Chromium: the web page's tests drive Debian's build through Playwright (never
+# `playwright install`, which downloads a browser).
+TEST_CMDS := nginx:nginx node:nodejs npm:npm chromium:chromium
+TEST_JS := tests/js
 
 test-sysdeps: sysdeps
 	@if ! compgen -G '$(TEST_POSTGRES)' >/dev/null; then pkgs=postgresql; $(apt_install); fi
 	@$(call ensure_cmds,$(TEST_CMDS))
+	@# Only when missing; --prefer-offline uses npm's cache when the registry is out of reach.
+	@if [ ! -d $(TEST_JS)/node_modules ]; then \
+	  npm ci --prefix $(TEST_JS) --prefer-offline --no-audit --no-fund; \
+	fi
 
 # The stamp alone cannot tell that the project was uninstalled since: then install again.
 venv: $(STAMP)

@@ -441,3 +441,44 @@ def test_expired_uploads_are_swept_and_counted(tmp_path: Path) -> None:
         assert "transcoder_tus_patches_in_flight 0.0" in metrics
     finally:
         srv.stop()
+
+
+def test_answers_conform_to_the_openapi_spec(server: ServerProcess) -> None:
+    """Real tus answers (discovery, creation, HEAD, PATCH, 409, 412, 460, DELETE) are what docs/openapi.yaml declares, headers included."""
+    import yaml
+    from openapi_core import OpenAPI
+    from openapi_core.testing import MockRequest, MockResponse
+    from openapi_core.validation.response.exceptions import MissingData
+
+    spec = OpenAPI.from_dict(
+        yaml.safe_load((Path(__file__).parent.parent / "docs" / "openapi.yaml").read_text())
+    )
+
+    def conform(method: str, path: str, a: object) -> None:
+        from tusraw import Answer
+
+        assert isinstance(a, Answer)
+        request = MockRequest("http://127.0.0.1:8080", method.lower(), path)
+        response = MockResponse(
+            a.body, a.status, headers=a.headers, content_type=a.headers.get("content-type", "")
+        )
+        try:
+            spec.validate_response(request, response)
+        except MissingData:
+            # An error's JSON body is not sent with HEAD: its headers still counted.
+            assert method == "head" and a.body == b""
+
+    conform("options", "/uploads", call(server.port, "OPTIONS", "/uploads", tus=False))
+    h = {"Upload-Length": "6", "Upload-Metadata": metadata(profile="mp4-h264"), **OCTETS}
+    a = call(server.port, "POST", "/uploads", h, b"abc")
+    conform("post", "/uploads", a)
+    loc = a["Location"]
+    conform("head", loc, call(server.port, "HEAD", loc))
+    h = {**OCTETS, "Upload-Offset": "0"}
+    conform("patch", loc, call(server.port, "PATCH", loc, h, b"d"))
+    conform("patch", loc, call(server.port, "PATCH", loc, h, b"d", tus=False))
+    bad = {**OCTETS, "Upload-Offset": "3", "Upload-Checksum": "md5 " + "A" * 22 + "=="}
+    conform("patch", loc, call(server.port, "PATCH", loc, bad, b"d"))
+    conform("patch", loc, call(server.port, "PATCH", loc, {**OCTETS, "Upload-Offset": "3"}, b"d"))
+    conform("delete", loc, call(server.port, "DELETE", loc))
+    conform("head", loc, call(server.port, "HEAD", loc))
