@@ -140,6 +140,13 @@ def put_job(server: ServerProcess, clip: Path, profile: str) -> dict[str, Any]:
     return job
 
 
+def named(clip: Path, where: Path, name: str) -> Path:
+    """A copy of C{clip} as C{name}: the module's server is shared, and cards are found by name."""
+    copy = where / name
+    copy.write_bytes(clip.read_bytes())
+    return copy
+
+
 def job_card(page: Page, name: str, state: str = "") -> Any:
     where = f'#jobs li.job[data-state="{state}"]' if state else "#jobs li.job"
     return page.locator(where, has=page.locator("h3", has_text=name))
@@ -149,22 +156,23 @@ def test_a_clip_goes_up_and_its_result_comes_down(
     server: ServerProcess, open_page: Any, clips: Clips, tmp_path: Path
 ) -> None:
     """At phone width (nothing wider than 360 px): choose a profile, set a parameter, give a clip to the file field; the upload finishes, the job reaches succeeded, and its result link downloads exactly the job's result."""
+    clip = named(clips.av, tmp_path, "first clip.mp4")
     w = open_page(server, width=360)
     page = w.page
     page.select_option("select[name=profile]", "mp4-h264")
     page.get_by_label("crf", exact=True).fill("30")
-    page.set_input_files("#file-file", clips.av)
-    card = job_card(page, clips.av.name, "succeeded")
+    page.set_input_files("#file-file", clip)
+    card = job_card(page, clip.name, "succeeded")
     card.wait_for()
     job_id = card.get_attribute("data-id")
     job = api(server, f"/jobs/{job_id}")
-    assert job["params"]["crf"] == 30 and job["inputs"][0]["filename"] == clips.av.name
-    assert job["inputs"][0]["sha256"] == hashlib.sha256(clips.av.read_bytes()).hexdigest()
+    assert job["params"]["crf"] == 30 and job["inputs"][0]["filename"] == clip.name
+    assert job["inputs"][0]["sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
     with page.expect_download() as download:
         card.get_by_role("link", name=re.compile("Download the result")).click()
     got = Path(download.value.path()).read_bytes()
     assert hashlib.sha256(got).hexdigest() == job["output"]["sha256"]
-    assert download.value.suggested_filename == clips.av.stem + ".mp4"
+    assert download.value.suggested_filename == clip.stem + ".mp4"
     card.get_by_text("Encoder log").click()
     card.locator("pre.log", has_text="ffmpeg").wait_for()
     assert page.locator("#uploads li.upload[data-state=done]").count() == 1
@@ -206,15 +214,17 @@ def test_mux_avi_takes_one_file_per_input(
 
 
 def test_cancel_a_running_job_and_the_list_survives_a_reload(
-    server: ServerProcess, open_page: Any, clips: Clips
+    server: ServerProcess, open_page: Any, clips: Clips, tmp_path: Path
 ) -> None:
     """The token's jobs are listed newest first with name, profile, state, progress and created time, and still after a reload; a failed job shows its error; Cancel on a running job stops and removes it on the server."""
-    broken = put_job(server, clips.noise, "mp4-h264")
-    older = put_job(server, clips.av, "mp4-h264")
-    running = put_job(server, clips.av_long, "paced")
+    noise = named(clips.noise, tmp_path, "noise.mp4")
+    long = named(clips.av_long, tmp_path, "long.mp4")
+    broken = put_job(server, noise, "mp4-h264")
+    older = put_job(server, named(clips.av, tmp_path, "older.mp4"), "mp4-h264")
+    running = put_job(server, long, "paced")
     w = open_page(server)
     page = w.page
-    card = job_card(page, clips.av_long.name, "running")
+    card = job_card(page, long.name, "running")
     card.wait_for()
     page.reload()
     card.wait_for()
@@ -222,7 +232,7 @@ def test_cancel_a_running_job_and_the_list_survives_a_reload(
     assert ids.index(running["id"]) < ids.index(older["id"])
     assert card.locator(".profile").text_content() == "paced"
     assert card.locator("time").get_attribute("datetime") == running["created_at"]
-    failed = job_card(page, clips.noise.name, "failed")
+    failed = job_card(page, noise.name, "failed")
     failed.wait_for()
     error = api(server, f"/jobs/{broken['id']}")["error"]["message"]
     assert failed.get_by_role("alert").text_content() == "Failed: " + error
@@ -316,6 +326,31 @@ def test_an_upload_is_paused_resumed_and_cancelled(
     w.check("net::ERR_ABORTED")
 
 
+def test_a_failed_upload_says_why_and_retry_starts_it_again(
+    server: ServerProcess, open_page: Any, clips: Clips, tmp_path: Path
+) -> None:
+    """An upload the server refuses shows the server's message and a Retry button; Retry starts it again, and it goes through."""
+    clip = named(clips.av, tmp_path, "retried.mp4")
+    w = open_page(server)
+    page = w.page
+    page.select_option("select[name=profile]", "mp4-h264")
+    refusal = {"error": {"code": "queue_full", "message": "the queue is full; retry later"}}
+    # The first creation is refused (a 4xx: tus-js-client does not retry it by itself).
+    page.route(
+        "**/uploads",
+        lambda route: route.fulfill(status=403, json=refusal),
+        times=1,
+    )
+    page.set_input_files("#file-file", clip)
+    upload = page.locator("#uploads li.upload")
+    upload.and_(page.locator("[data-state=failed]")).wait_for()
+    assert upload.locator(".detail").text_content() == "failed: the queue is full; retry later"
+    upload.get_by_role("button", name=re.compile("^Retry")).click()
+    job_card(page, clip.name, "succeeded").wait_for()
+    assert upload.get_attribute("data-state") == "done"
+    w.check("403 (Forbidden)")
+
+
 def test_a_reload_offers_to_resume_an_upload(
     server: ServerProcess, open_page: Any, big_clip: Path, tmp_path: Path
 ) -> None:
@@ -325,8 +360,7 @@ def test_a_reload_offers_to_resume_an_upload(
     page.select_option("select[name=profile]", "mp4-h264")
     _slow(page)
     # A name of its own, so that no other test's upload of the same file is offered.
-    clip = tmp_path / "reloaded.mp4"
-    clip.write_bytes(big_clip.read_bytes())
+    clip = named(big_clip, tmp_path, "reloaded.mp4")
     page.set_input_files("#file-file", clip)
     _past(page, 20)
     page.reload()
