@@ -184,3 +184,4 @@ def test_sweeper_removes_expired_uploads_and_orphan_files(tmp_path: Path) -> Non
     clock.advance(60)
     assert expired == [old, held]
     sweeper.stop()
+    assert store.closed

@@ -24,6 +24,7 @@ class UploadSweeper:
     """
     Every C{interval} seconds, remove the expired uploads that no request
     holds: their files, their records; C{on_expired(id)} is told of each.
+    It runs as long as the uploads are served, so it also closes their store.
     """
 
     def __init__(
@@ -50,10 +51,12 @@ class UploadSweeper:
             lambda f: log.failure("the upload sweeper stopped", f)
         )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """Stop sweeping, then close the store (its writes asked for are waited for)."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        return self._store.close()
 
     def sweep(self) -> Deferred[None]:
         return ensureDeferred(self._sweep())

@@ -80,9 +80,16 @@ def raw_response(refusal: DomainError) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def _renders(resource: object, name: str) -> bool:
+    # Resource's own render_HEAD only calls render_GET: it counts only with one.
+    if name == "render_HEAD" and getattr(type(resource), name, None) is Resource.render_HEAD:
+        return False
+    return name.startswith("render_")
+
+
 def allowed_methods(resource: IResource) -> list[str]:
     """The methods a resource renders, from its C{render_*} methods."""
-    methods = {name[len("render_") :] for name in dir(resource) if name.startswith("render_")}
+    methods = {name[len("render_") :] for name in dir(resource) if _renders(resource, name)}
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
@@ -107,6 +114,8 @@ class JSONResource(Resource):
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
         method = request.method.decode("ascii", "replace")
         handler = getattr(self, "render_" + method, None)
+        if handler is not None and not _renders(self, "render_" + method):
+            handler = None
         if handler is None and method == "HEAD":
             handler = getattr(self, "render_GET", None)
         if handler is None:
