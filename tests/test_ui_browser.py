@@ -354,18 +354,23 @@ def test_a_failed_upload_says_why_and_retry_starts_it_again(
 def test_a_reload_offers_to_resume_an_upload(
     server: ServerProcess, open_page: Any, big_clip: Path, tmp_path: Path
 ) -> None:
-    """An upload cut short by a reload is listed after it as unfinished (its URL kept in localStorage); choosing the same file again resumes it from the server's offset, and the job's input has the file's sha256."""
+    """Uploads cut short by a reload are listed after it as unfinished (their URLs kept in localStorage); Forget terminates one on the server; choosing the other's file again resumes it from the server's offset, and the job's input has the file's sha256."""
     w = open_page(server)
     page = w.page
     page.select_option("select[name=profile]", "mp4-h264")
     _slow(page)
-    # A name of its own, so that no other test's upload of the same file is offered.
+    # Names of their own, so that no other test's upload of the same file is offered.
     clip = named(big_clip, tmp_path, "reloaded.mp4")
-    page.set_input_files("#file-file", clip)
+    other = named(big_clip, tmp_path, "forgotten.mp4")
+    page.set_input_files("#file-file", [clip, other])
     _past(page, 20)
     page.reload()
     offered = page.locator("#resumable-list li", has_text=clip.name)
     offered.wait_for()
+    with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
+        page.get_by_role("button", name=f"Forget the unfinished upload of {other.name}").click()
+    assert deleted.value.status == 204
+    page.locator("#resumable-list li", has_text=other.name).wait_for(state="detached")
     page.select_option("select[name=profile]", "mp4-h264")
     page.set_input_files("#file-file", clip)
     job_card(page, clip.name, "succeeded").wait_for()
@@ -378,7 +383,7 @@ def test_a_reload_offers_to_resume_an_upload(
     ]
     assert (
         resumed
-        and len([r for r in w.requests if r.method == "POST" and r.url.endswith("/uploads")]) == 1
+        and len([r for r in w.requests if r.method == "POST" and r.url.endswith("/uploads")]) == 2
     )
     job = api(server, f"/jobs/{job_card(page, clip.name).get_attribute('data-id')}")
     assert job["inputs"][0]["sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
