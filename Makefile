@@ -64,7 +64,7 @@ pkgs=$$(printf '%s\n' $$pkgs | sort -u | tr '\n' ' '); \
 if [ -n "$${pkgs// }" ]; then $(apt_install); fi
 endef
 
-.PHONY: help setup sysdeps test-sysdeps venv test-venv run test lint bench bench-deps
+.PHONY: help setup sysdeps test-sysdeps venv test-venv run test lint bench bench-deps vendor
 
 help:
 	@echo "make run     set up, then serve on 127.0.0.1:8080 with data in ./data (LISTEN=..., DATA_DIR=...)"
@@ -76,6 +76,7 @@ help:
 	@echo "make bench-cluster  several nodes on one PostgreSQL: drain rate, statements per job,"
 	@echo "             claim latency (not part of make bench; CLUSTER_ARGS='...')"
 	@echo "make setup   only the set-up that run and test do"
+	@echo "make vendor  refresh the web page's tus-js-client from npm (ui/package-lock.json; needs npm)"
 
 setup: sysdeps venv
 
@@ -85,8 +86,9 @@ sysdeps:
 # `make run` needs no PostgreSQL: only the tests install it.  nginx too: a test checks the
 # nginx blocks of docs/deployment.md with `nginx -t` (with a certificate made by openssl);
 # the doc check runs docs/api.md's examples, which use jq; node and npm: tests/test_tus_js.py
-# runs tus-js-client (pinned in tests/js/package-lock.json).
-TEST_CMDS := nginx:nginx openssl:openssl jq:jq node:nodejs npm:npm
+# runs tus-js-client (pinned in tests/js/package-lock.json).  Chromium: the web page's tests
+# drive Debian's build through Playwright (never `playwright install`, which downloads one).
+TEST_CMDS := nginx:nginx openssl:openssl jq:jq node:nodejs npm:npm chromium:chromium
 TEST_JS := tests/js
 
 test-sysdeps: sysdeps
@@ -132,6 +134,17 @@ run: setup
 # Lint first: it takes seconds, and type or format slips fail here as in review.
 test: test-sysdeps test-venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The web page's browser library, committed under the package so that `make run` needs no
+# Node: refreshed from npm exactly as ui/package-lock.json pins it (`npm ci`), with its licence.
+UI_VENDOR := transcoder/http/ui/static/vendor
+TUS_DIST := ui/node_modules/tus-js-client/dist
+
+vendor:
+	cd ui && npm ci --ignore-scripts --no-audit --no-fund
+	install -m 644 $(TUS_DIST)/tus.min.js $(TUS_DIST)/tus.min.js.map $(UI_VENDOR)/
+	install -m 644 ui/node_modules/tus-js-client/LICENSE $(UI_VENDOR)/tus-js-client.LICENSE.txt
+	rm -rf ui/node_modules
 
 # The upload bench's copied scripts are kept byte for byte as they were handed over.
 LINT_EXCLUDE := $(foreach f,upload_bench.py peers/aiohttp_upload.py peers/twisted_naive.py,--extend-exclude bench/$(f))

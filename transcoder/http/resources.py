@@ -3,7 +3,8 @@ The HTTP API's resource tree, from its root:
 
   - C{/jobs}: uploads and the listing (L{transcoder.http.jobs}), each job
     below it (L{transcoder.http.job});
-  - C{/profiles}, C{/nodes}, C{/health}, C{/metrics}.
+  - C{/profiles}, C{/nodes}, C{/health}, C{/metrics};
+  - C{/ui/}, the web page (L{transcoder.http.ui}), where C{/} sends browsers.
 
 With tokens configured, the root authenticates every request while the tree is
 traversed, so an upload with a bad token is refused before its body is read
@@ -43,11 +44,13 @@ from transcoder.http.tus import UploadsResource
 from transcoder.http.tusjobs import from_uploads
 from transcoder.http.tusproto import cors
 from transcoder.http.tusupload import TusUploads
+from transcoder.http.ui import RedirectToUI, UIResource, wants_html
 
 log = Logger()
 
-# Reachable without a token: load balancers and Prometheus carry none.
-PUBLIC = frozenset({b"health", b"metrics"})
+# Reachable without a token: load balancers and Prometheus carry none, and the
+# page (C{/ui/}) must load before it can ask for one.
+PUBLIC = frozenset({b"health", b"metrics", b"ui"})
 # Where browsers on --cors-origin origins may go.
 CORS_PATHS = frozenset({b"jobs", b"uploads"})
 
@@ -148,6 +151,9 @@ class RootResource(JSONResource):
         self._cors = tuple(cors_origins)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:  # type: ignore[override]
+        if path == b"" and not request.postpath and wants_html(request):
+            # A browser, token or none: the page asks for the token itself.
+            return RedirectToUI()
         if self._cors and path in CORS_PATHS and cors(request, self._cors):
             return PreflightResource()
         if self._auth is not None and path not in PUBLIC:
@@ -161,6 +167,8 @@ class RootResource(JSONResource):
         return child
 
     def render_GET(self, request: server.Request) -> bytes:
+        # Browsers get a redirect to the page from the same URL.
+        request.setHeader(b"Vary", b"Accept")
         return write_json(
             request,
             200,
@@ -264,6 +272,7 @@ def build_root(
         ),
     )
     root.putChild(b"health", HealthResource(registry, data_dir, min_free_disk, free_disk))
+    root.putChild(b"ui", UIResource())
     if metrics is not None:
         root.putChild(b"metrics", GuardedResource(metrics))
     return root
