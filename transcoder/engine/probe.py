@@ -11,9 +11,10 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -30,6 +31,8 @@ _MEDIA_TYPES = frozenset({"audio", "video"})
 # Seconds an ffprobe counting an output's packets may take: it reads the whole
 # file (about a second per GB from the page cache).
 COUNT_TIMEOUT = 600.0
+
+_T = TypeVar("_T")
 
 
 class NotMediaError(Exception):
@@ -184,9 +187,16 @@ def _rate(value: Any) -> float | None:
     return rate if math.isfinite(rate) and rate > 0 else None
 
 
-class _ProbeProtocol(ProcessProtocol):
-    def __init__(self, done: Deferred[MediaInfo]) -> None:
+class _ReaderProtocol(ProcessProtocol, Generic[_T]):
+    """A tool's standard output, bounded, turned into a result by C{parse} at its exit."""
+
+    def __init__(
+        self, tool: str, done: Deferred[_T], parse: Callable[[bytes], _T], limit: int
+    ) -> None:
+        self._tool = tool
         self._done = done
+        self._parse = parse
+        self._limit = limit
         self._out = bytearray()
         self._overflow = False
         self.timed_out: float | None = None
@@ -197,7 +207,7 @@ class _ProbeProtocol(ProcessProtocol):
         # content is not worth showing to a client.
         if childFD == 1 and not self._overflow:
             self._out += data
-            if len(self._out) > _MAX_OUTPUT:
+            if len(self._out) > self._limit:
                 self._overflow = True
                 self._out.clear()
 
@@ -214,18 +224,66 @@ class _ProbeProtocol(ProcessProtocol):
         if self._done.called:
             return
         if self.timed_out is not None:
-            self._done.errback(ProbeTimeout(f"ffprobe timed out after {self.timed_out:g} s"))
+            self._done.errback(ProbeTimeout(f"{self._tool} timed out after {self.timed_out:g} s"))
         elif not isinstance(reason.value, ProcessDone):
-            self._done.errback(NotMediaError("ffprobe could not read it"))
+            self._done.errback(NotMediaError(f"{self._tool} could not read it"))
         elif self._overflow:
-            self._done.errback(NotMediaError("ffprobe said too much"))
+            self._done.errback(NotMediaError(f"{self._tool} said too much"))
         else:
             try:
-                info = parse_ffprobe(bytes(self._out))
+                result = self._parse(bytes(self._out))
             except NotMediaError as e:
                 self._done.errback(e)
             else:
-                self._done.callback(info)
+                self._done.callback(result)
+
+
+def run_reader(
+    reactor: IReactorProcess,
+    argv: list[str],
+    parse: Callable[[bytes], _T],
+    timeout: float,
+    limit: int = _MAX_OUTPUT,
+) -> Deferred[_T]:
+    """
+    Run the tool C{argv[0]} (ffprobe, ffmpeg) as a child that dies with this
+    process (L{transcoder.engine.deathsig}), and C{parse} what it wrote on its
+    standard output (at most C{limit} bytes).
+
+    @param reactor: must also provide L{IReactorTime}.
+    @return: fires with C{parse}'s result, or fails with L{NotMediaError}
+        (L{ProbeTimeout} after killing a tool that ran past C{timeout}).
+        Cancelling it kills the tool.
+    """
+    clock = IReactorTime(reactor)
+    env = tool_env()
+    tool = argv[0]
+    executable = shutil.which(tool, path=env["PATH"])
+    if executable is None:
+        return fail(FileNotFoundError(f"{tool} is not installed (not on PATH)"))
+
+    def cancel(d: Deferred[_T]) -> None:
+        proto.kill()
+
+    done: Deferred[_T] = Deferred(cancel)
+    proto = _ReaderProtocol(tool, done, parse, limit)
+
+    def expire() -> None:
+        proto.timed_out = timeout
+        proto.kill()
+
+    proto.timer = clock.callLater(timeout, expire)
+    # Bound to die with this process: a probe of a huge or stalled input
+    # would otherwise outlive a killed node.
+    executable, args = tied_to_node(executable, argv, env["PATH"])
+    try:
+        reactor.spawnProcess(proto, executable, args, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+    except OSError as e:
+        proto.timer.cancel()
+        return fail(e)
+    if proto.transport is not None:
+        proto.transport.closeStdin()
+    return done
 
 
 def probe(
@@ -235,53 +293,18 @@ def probe(
     count_packets: bool = False,
 ) -> Deferred[MediaInfo]:
     """
-    Run C{ffprobe} on C{path}, as a child that dies with this process
-    (L{transcoder.engine.deathsig}).
+    Run C{ffprobe} on C{path} (L{run_reader}).
 
-    @param reactor: must also provide L{IReactorTime}.
     @return: fires with a L{MediaInfo}, or fails with L{NotMediaError}
         (L{ProbeTimeout} after killing an ffprobe that ran past C{timeout}).
         Cancelling it kills ffprobe.
     """
-    clock = IReactorTime(reactor)
-    env = tool_env()
-    ffprobe = shutil.which("ffprobe", path=env["PATH"])
-    if ffprobe is None:
-        return fail(FileNotFoundError("ffprobe is not installed (not on PATH)"))
-
-    def cancel(d: Deferred[MediaInfo]) -> None:
-        proto.kill()
-
-    done: Deferred[MediaInfo] = Deferred(cancel)
-    proto = _ProbeProtocol(done)
-
-    def expire() -> None:
-        proto.timed_out = timeout
-        proto.kill()
-
-    proto.timer = clock.callLater(timeout, expire)
-    # The file: protocol keeps a name with a colon from being taken for a URL.
     argv = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     if count_packets:
         argv.insert(3, "-count_packets")
+    # The file: protocol keeps a name with a colon from being taken for a URL.
     argv.append("file:" + str(Path(path).absolute()))
-    # Bound to die with this process: a probe of a huge or stalled input
-    # would otherwise outlive a killed node.
-    executable, args = tied_to_node(ffprobe, argv, env["PATH"])
-    try:
-        reactor.spawnProcess(
-            proto,
-            executable,
-            args,
-            env=env,
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-    except OSError as e:
-        proto.timer.cancel()
-        return fail(e)
-    if proto.transport is not None:
-        proto.transport.closeStdin()
-    return done
+    return run_reader(reactor, argv, parse_ffprobe, timeout)
 
 
 def probe_counting(reactor: IReactorProcess, path: Path) -> Deferred[MediaInfo]:
