@@ -3,7 +3,8 @@ The C{transcoder} command's newer parts, run as the real command against a
 real server: global options before the command, C{profiles}, C{log},
 C{download} under the server's name, the C{jobs} table, and a reader that
 goes away (C{| head}).  The cursor-following of C{jobs --all} is checked in
-memory, against a server that gives two jobs a page.
+memory, against a server that gives two jobs a page, and against a real
+server one job a page.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from transcoder.client import Client
+from transcoder.client import Client, cli_commands
 from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
 from transcoder.client.cli_commands import run_command
 
@@ -247,6 +248,50 @@ async def test_jobs_all_and_limit_follow_the_cursor() -> None:
     pages = _Pages(3)
     code, out, err = await _jobs(pages)
     assert pages.asked[0]["limit"] == ["50"] and len(out.splitlines()) == 4 and err == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_all_pages_through_a_real_server(
+    tmp_path: Path, clips: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    `jobs --all` against a real server, one job a page (the smallest page the
+    API takes): four pages for four jobs, every job once, newest first, the same
+    table as the server's one page of them all; a job uploaded between two
+    pages (newer than the cursor) neither shifts the pages nor shows.
+    """
+    monkeypatch.setattr(cli_commands, "PAGE_SIZE", 1)
+    real = serve(tmp_path / "data", tmp_path / "serve.log", "--workers", "0")
+    try:
+        ids = [_submit(real, clips.av) for _ in range(4)]
+        whole = _run("-s", real.url, "jobs", "--limit", "500")
+        client = Client(real.url, reactor=reactor)
+        asked: list[tuple[int | None, str | None]] = []
+        late: list[str] = []
+        page = client.page
+
+        def spy(state: str | None, limit: int | None = None, cursor: str | None = None) -> Any:
+            asked.append((limit, cursor))
+            if len(asked) == 2:
+                late.append(_submit(real, clips.av))
+            return page(state, limit, cursor)
+
+        client.page = spy  # type: ignore[method-assign]
+        options = Options()
+        options.parseOptions(["-s", real.url, "jobs", "--all"])
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = await run_command(reactor, "jobs", options.subOptions, out, err, client=client)
+        finally:
+            await client.close()
+    finally:
+        real.stop()
+    assert (code, err.getvalue()) == (EXIT_OK, "")
+    assert [limit for limit, _ in asked] == [1] * 4
+    assert asked[0][1] is None and all(cursor for _, cursor in asked[1:])
+    rows = [line.split()[0] for line in out.getvalue().splitlines()[1:]]
+    assert rows == ids[::-1] and late[0] not in rows
+    assert out.getvalue() == whole.stdout
 
 
 def test_jobs_into_a_closed_pipe_exits_0_quietly(server: ServerProcess) -> None:
