@@ -19,17 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+from urllib.error import HTTPError
 from urllib.request import urlopen
 
 import pytest
 import pytest_twisted
-from serverproc import ServerProcess, serve, transcoder
+from serverproc import ServerProcess, serve, transcoder, wait_for
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from transcoder.client import Client, cli_commands
+from transcoder.client import Client, TranscoderError, cli_commands
 from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
 from transcoder.client.cli_commands import run_command
 
@@ -292,6 +293,47 @@ async def test_jobs_all_pages_through_a_real_server(
     rows = [line.split()[0] for line in out.getvalue().splitlines()[1:]]
     assert rows == ids[::-1] and late[0] not in rows
     assert out.getvalue() == whole.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_job_says_so(tmp_path: Path, clips: Any) -> None:
+    """
+    Once retention removed a job (--keep-results 1s), `status`, `wait` and
+    `download` exit 3 saying it expired under --keep-results (download leaves
+    no file), and the Python client's get() raises TranscoderError 410 expired,
+    as docs/client.md says.
+    """
+    real = serve(tmp_path / "data", tmp_path / "serve.log", "--keep-results", "1s")
+    try:
+        job_id = _submit(real, clips.mp3_audio, "-p", "audio-mp3", "--wait")
+
+        def gone() -> bool:
+            try:
+                urlopen(f"{real.url}/jobs/{job_id}").close()
+            except HTTPError as e:
+                return e.code == 410
+            return False
+
+        assert wait_for(gone, timeout=60)
+        where = tmp_path / "here"
+        where.mkdir()
+        done = {
+            command: _run("-s", real.url, command, job_id, *extra, cwd=where)
+            for command, extra in [("status", ()), ("wait", ()), ("download", ("-o", "x.mp3"))]
+        }
+        async with Client(real.url) as client:
+            with pytest.raises(TranscoderError) as raised:
+                await client.get(job_id)
+    finally:
+        real.stop()
+    for command, result in done.items():
+        assert result.returncode == EXIT_SERVER_ERROR, command
+        assert result.stderr.startswith(
+            f"transcoder: server error 410: expired: job {job_id} expired: "
+        )
+        assert result.stderr.rstrip().endswith("(--keep-results); run it again"), result.stderr
+    assert os.listdir(where) == []
+    assert (raised.value.status, raised.value.code) == (410, "expired")
 
 
 def test_jobs_into_a_closed_pipe_exits_0_quietly(server: ServerProcess) -> None:
