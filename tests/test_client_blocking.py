@@ -6,6 +6,7 @@ reactor thread is its own, not pytest-twisted's), against a real server.
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
@@ -231,3 +232,20 @@ def test_blocking_refuses_a_running_reactor() -> None:
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "use transcoder.client.Client" in stdout
+
+
+def test_blocking_takes_the_clients_arguments() -> None:
+    """Each of Blocking's calls takes the arguments of the Client method it runs, by the same names and defaults, as docs/client.md says (download's retries= among them)."""
+    from transcoder.client import Blocking, Client
+
+    names = ["submit", "get", "wait", "download", "download_outputs", "cancel", "jobs",
+             "profiles", "log", "health", "close"]  # fmt: skip
+    for name in names:
+        ours = inspect.signature(getattr(Blocking, name)).parameters
+        theirs = inspect.signature(getattr(Client, name)).parameters
+        if name == "submit":
+            # Client's keyword-only filename=, callback_url=, sha256= pass through **options.
+            theirs = {k: p for k, p in theirs.items() if p.kind is not p.KEYWORD_ONLY}
+            ours = {k: p for k, p in ours.items() if p.kind is not p.VAR_KEYWORD}
+        shape = [(p.name, p.kind, p.default) for p in ours.values()]
+        assert shape == [(p.name, p.kind, p.default) for p in theirs.values()], name
