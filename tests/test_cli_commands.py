@@ -3,7 +3,8 @@ The C{transcoder} command's newer parts, run as the real command against a
 real server: global options before the command, C{profiles}, C{log},
 C{download} under the server's name, the C{jobs} table, and a reader that
 goes away (C{| head}).  The cursor-following of C{jobs --all} is checked in
-memory, against a server that gives two jobs a page.
+memory, against a server that gives two jobs a page, and against a real
+server one job a page.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError
 from urllib.parse import parse_qs, urlsplit
 from urllib.request import urlopen
 
 import pytest
 import pytest_twisted
-from serverproc import ServerProcess, serve, transcoder
+from serverproc import ServerProcess, serve, transcoder, wait_for
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from transcoder.client import Client
+from transcoder.client import Client, TranscoderError, cli_commands
 from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
 from transcoder.client.cli_commands import run_command
 
@@ -247,6 +249,91 @@ async def test_jobs_all_and_limit_follow_the_cursor() -> None:
     pages = _Pages(3)
     code, out, err = await _jobs(pages)
     assert pages.asked[0]["limit"] == ["50"] and len(out.splitlines()) == 4 and err == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_all_pages_through_a_real_server(
+    tmp_path: Path, clips: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    `jobs --all` against a real server, one job a page (the smallest page the
+    API takes): four pages for four jobs, every job once, newest first, the same
+    table as the server's one page of them all; a job uploaded between two
+    pages (newer than the cursor) neither shifts the pages nor shows.
+    """
+    monkeypatch.setattr(cli_commands, "PAGE_SIZE", 1)
+    real = serve(tmp_path / "data", tmp_path / "serve.log", "--workers", "0")
+    try:
+        ids = [_submit(real, clips.av) for _ in range(4)]
+        whole = _run("-s", real.url, "jobs", "--limit", "500")
+        client = Client(real.url, reactor=reactor)
+        asked: list[tuple[int | None, str | None]] = []
+        late: list[str] = []
+        page = client.page
+
+        def spy(state: str | None, limit: int | None = None, cursor: str | None = None) -> Any:
+            asked.append((limit, cursor))
+            if len(asked) == 2:
+                late.append(_submit(real, clips.av))
+            return page(state, limit, cursor)
+
+        client.page = spy  # type: ignore[method-assign]
+        options = Options()
+        options.parseOptions(["-s", real.url, "jobs", "--all"])
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = await run_command(reactor, "jobs", options.subOptions, out, err, client=client)
+        finally:
+            await client.close()
+    finally:
+        real.stop()
+    assert (code, err.getvalue()) == (EXIT_OK, "")
+    assert [limit for limit, _ in asked] == [1] * 4
+    assert asked[0][1] is None and all(cursor for _, cursor in asked[1:])
+    rows = [line.split()[0] for line in out.getvalue().splitlines()[1:]]
+    assert rows == ids[::-1] and late[0] not in rows
+    assert out.getvalue() == whole.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_job_says_so(tmp_path: Path, clips: Any) -> None:
+    """
+    Once retention removed a job (--keep-results 1s), `status`, `wait` and
+    `download` exit 3 saying it expired under --keep-results (download leaves
+    no file), and the Python client's get() raises TranscoderError 410 expired,
+    as docs/client.md says.
+    """
+    real = serve(tmp_path / "data", tmp_path / "serve.log", "--keep-results", "1s")
+    try:
+        job_id = _submit(real, clips.mp3_audio, "-p", "audio-mp3", "--wait")
+
+        def gone() -> bool:
+            try:
+                urlopen(f"{real.url}/jobs/{job_id}").close()
+            except HTTPError as e:
+                return e.code == 410
+            return False
+
+        assert wait_for(gone, timeout=60)
+        where = tmp_path / "here"
+        where.mkdir()
+        done = {
+            command: _run("-s", real.url, command, job_id, *extra, cwd=where)
+            for command, extra in [("status", ()), ("wait", ()), ("download", ("-o", "x.mp3"))]
+        }
+        async with Client(real.url) as client:
+            with pytest.raises(TranscoderError) as raised:
+                await client.get(job_id)
+    finally:
+        real.stop()
+    for command, result in done.items():
+        assert result.returncode == EXIT_SERVER_ERROR, command
+        assert result.stderr.startswith(
+            f"transcoder: server error 410: expired: job {job_id} expired: "
+        )
+        assert result.stderr.rstrip().endswith("(--keep-results); run it again"), result.stderr
+    assert os.listdir(where) == []
+    assert (raised.value.status, raised.value.code) == (410, "expired")
 
 
 def test_jobs_into_a_closed_pipe_exits_0_quietly(server: ServerProcess) -> None:

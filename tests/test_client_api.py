@@ -1,6 +1,7 @@
 """
 The Python client's newer calls: profiles(), log(), health(), jobs()
-following the cursor, submit's filename=, callback_url= and sha256=, and
+following the cursor, submit's filename=, callback_url= (delivered to a receiver
+on loopback) and sha256=, and
 C{async with}: against a real server where the behaviour is end to end,
 against treq's StubTreq (in memory) for the client's own logic.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +24,7 @@ from serverproc import ServerProcess, serve
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -152,6 +157,52 @@ class _Recorder(Resource):
         if request.method == b"HEAD":
             return b""
         return json.dumps(self.answer[1]).encode()
+
+
+class _Hooks(BaseHTTPRequestHandler):
+    """Keeps each POST's path, headers and JSON body (C{server.posts}), answers 204."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.posts.append((self.path, dict(self.headers), body))  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_callback_url_is_delivered(
+    client: Client, server: ServerProcess, clips: Any
+) -> None:
+    """
+    submit(callback_url=) end to end: when the job ends, the real server POSTs
+    it to that URL (a receiver on loopback, its query's `&` kept) once, as a
+    job.finished event whose body is the finished job with absolute URLs, here
+    the server's own address as the client's Host header gave it.
+    """
+    hooks = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    hooks.posts = []  # type: ignore[attr-defined]
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    try:
+        hook = f"http://127.0.0.1:{hooks.server_address[1]}/done?x=1&y=2"
+        job = await client.submit(clips.av, "audio-mp3", {"abitrate": 64}, callback_url=hook)
+        job = await client.wait(job.id)
+        assert job.state == "succeeded"
+        deadline = time.monotonic() + 30
+        while not hooks.posts:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "no delivery"
+            await deferLater(reactor, 0.05, lambda: None)
+    finally:
+        hooks.shutdown()
+        hooks.server_close()
+    [(path, headers, body)] = hooks.posts  # type: ignore[attr-defined]
+    assert path == "/done?x=1&y=2"
+    assert headers["X-Transcoder-Event"] == "job.finished"
+    assert (body["id"], body["state"]) == (job.id, "succeeded")
+    assert body["url"] == f"{server.url}/jobs/{job.id}"
+    assert body["output"]["result_url"] == f"{server.url}/jobs/{job.id}/result"
 
 
 _JOB = {"id": "a" * 32, "profile": "mp4-h264", "state": "queued", "progress": 0, "inputs": []}

@@ -6,16 +6,18 @@ reactor thread is its own, not pytest-twisted's), against a real server.
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serverproc import ServerProcess, serve
+from serverproc import ServerProcess, no_uploads_left, random_file, serve, wait_for
 
 _SCRIPT = """
 import hashlib, json, sys, threading
@@ -51,6 +53,15 @@ with Blocking("http://127.0.0.1:9") as nowhere:
         nowhere.health()
     except TranscoderError as e:
         report["unreachable"] = [type(e).__name__, isinstance(e, ConnectError), e.url, str(e)]
+class Counting(Blocking):
+    def close(self):
+        report["closed"] = report.get("closed", 0) + 1
+        super().close()
+try:
+    with Counting(url):
+        raise ValueError("the block fails")
+except ValueError:
+    pass
 report["threads"] = sorted(t.name for t in threading.enumerate())
 print(json.dumps(report))
 """
@@ -84,7 +95,8 @@ def test_blocking_client_in_a_plain_script(
     (the digest checked), log, jobs, cancel: each a plain call returning the
     result; errors are TranscoderError, an unreachable server's a
     CannotConnect (also a ConnectError) naming the URL; the script exits 0 on
-    its own (the reactor's thread stopped at exit).
+    its own (the reactor's thread stopped at exit).  A `with` block that
+    raises closes the client too.
     """
     out = tmp_path / "out.mp4"
     proc = _python(_SCRIPT, server.url, str(clips.av), str(out))
@@ -103,6 +115,7 @@ def test_blocking_client_in_a_plain_script(
     kind, is_connect_error, url, text = report["unreachable"]
     assert (kind, is_connect_error, url) == ("CannotConnect", True, "http://127.0.0.1:9/health")
     assert text.startswith("cannot connect to http://127.0.0.1:9/health (GET): ")
+    assert report["closed"] == 1
     assert "transcoder-reactor" in report["threads"]
     assert stderr == ""
 
@@ -144,6 +157,57 @@ def test_ctrl_c_during_a_blocking_call(server: ServerProcess, clips: Any) -> Non
     assert lines[2] == "cancelled"
 
 
+_INTERRUPTED_UPLOAD = """
+import os, signal, sys
+from pathlib import Path
+from transcoder.client import Blocking
+
+def progress(sent, total):
+    # Ctrl-C a quarter of the way, as a user at the terminal would (this runs
+    # in the reactor's thread; the signal goes to the main one).
+    if sent >= total // 4 and not progress.sent:
+        progress.sent = True
+        os.kill(os.getpid(), signal.SIGINT)
+progress.sent = False
+
+with Blocking(sys.argv[1]) as client:
+    try:
+        client.submit(Path(sys.argv[2]), "mp4-h264", on_progress=progress)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    # The test looks at the server while this process (and its reactor) lives on.
+    sys.stdin.readline()
+    print(len(list(client.jobs())), flush=True)
+"""
+
+
+def test_ctrl_c_during_a_blocking_upload(tmp_path: Path) -> None:
+    """
+    Ctrl-C (SIGINT) while Blocking.submit() uploads raises KeyboardInterrupt
+    at once and drops the upload, as documented: the server makes no job of it
+    and keeps nothing of it on disk; the client still works (jobs()).
+    """
+    big = random_file(tmp_path / "big.mp4", 256 << 20)
+    server = serve(tmp_path / "data", tmp_path / "serve.log")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _INTERRUPTED_UPLOAD, server.url, str(big)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "interrupted\n"
+        # Dropped while the script lives: a finished upload would have become a job.
+        assert wait_for(lambda: no_uploads_left(tmp_path / "data"), timeout=10)
+        with urllib.request.urlopen(f"{server.url}/jobs") as answer:
+            assert json.load(answer)["jobs"] == []
+        stdout, stderr = proc.communicate("go on\n", timeout=60)
+        assert proc.returncode == 0, stderr
+        assert stdout.split() == ["0"]
+    finally:
+        server.stop()
+
+
 _TWISTED_PROGRAM = """
 from twisted.internet.task import deferLater, react
 from transcoder.client import Blocking
@@ -168,3 +232,20 @@ def test_blocking_refuses_a_running_reactor() -> None:
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "use transcoder.client.Client" in stdout
+
+
+def test_blocking_takes_the_clients_arguments() -> None:
+    """Each of Blocking's calls takes the arguments of the Client method it runs, by the same names and defaults, as docs/client.md says (download's retries= among them)."""
+    from transcoder.client import Blocking, Client
+
+    names = ["submit", "get", "wait", "download", "download_outputs", "cancel", "jobs",
+             "profiles", "log", "health", "close"]  # fmt: skip
+    for name in names:
+        ours = inspect.signature(getattr(Blocking, name)).parameters
+        theirs = inspect.signature(getattr(Client, name)).parameters
+        if name == "submit":
+            # Client's keyword-only filename=, callback_url=, sha256= pass through **options.
+            theirs = {k: p for k, p in theirs.items() if p.kind is not p.KEYWORD_ONLY}
+            ours = {k: p for k, p in ours.items() if p.kind is not p.VAR_KEYWORD}
+        shape = [(p.name, p.kind, p.default) for p in ours.values()]
+        assert shape == [(p.name, p.kind, p.default) for p in theirs.values()], name

@@ -204,3 +204,16 @@ def test_pip_install_ships_what_the_guide_says(tmp_path: Path) -> None:
     guide = DOC.read_text()
     assert "install -m 644 tap.py /opt/transcoder/tap.py" in guide
     assert "tap.py is not part of the package" in guide
+
+
+def test_every_option_and_its_variable_is_in_the_guide() -> None:
+    """Every option of the service is named in the guide, as `--option` and as the `TRANSCODER_*` variable that tap.py and `twistd web` read it from (the guide says each option has one)."""
+    from transcoder._env import variable_name
+    from transcoder.service import Options
+
+    text = DOC.read_text()
+    names = [s.rstrip("=") for s in Options().longOpt if s.rstrip("=") not in ("help", "version")]
+    assert "cors-origin" in names and "max-attempts" in names
+    missing = [n for n in names if f"`--{n}`" not in text and f"`--{n} " not in text]
+    assert missing == []
+    assert [n for n in names if f"`{variable_name(n)}`" not in text] == []

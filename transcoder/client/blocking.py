@@ -144,16 +144,26 @@ class Blocking:
         return self._call(self._client.wait, job_id, on_progress, poll)
 
     def download(
-        self, job_id: str, path: Path, on_progress: ProgressCallback | None = None
+        self,
+        job_id: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        retries: int = 5,
     ) -> Path:
         """L{Client.download}."""
-        return self._call(self._client.download, job_id, Path(path), on_progress)
+        return self._call(self._client.download, job_id, Path(path), on_progress, retries)
 
     def download_outputs(
-        self, job_id: str, directory: Path, on_progress: ProgressCallback | None = None
+        self,
+        job_id: str,
+        directory: Path,
+        on_progress: ProgressCallback | None = None,
+        retries: int = 5,
     ) -> list[Path]:
         """L{Client.download_outputs}."""
-        return self._call(self._client.download_outputs, job_id, Path(directory), on_progress)
+        return self._call(
+            self._client.download_outputs, job_id, Path(directory), on_progress, retries
+        )
 
     def cancel(self, job_id: str) -> None:
         """L{Client.cancel}: deletes the job, stopping it first if it runs."""

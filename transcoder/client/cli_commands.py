@@ -31,6 +31,8 @@ from transcoder.client.cli_table import print_jobs, print_profiles
 
 # What `jobs` shows without --limit or --all: the server's default page.
 DEFAULT_LIMIT = 50
+# The most jobs a page of `GET /jobs` may hold: what `jobs --all` asks for at a time.
+PAGE_SIZE = 500
 
 
 @dataclass
@@ -240,7 +242,7 @@ async def _jobs(client: Any, options: Any, out: TextIO, err: TextIO) -> int:
     more = False
     cursor: str | None = None
     while limit is None or len(jobs) < limit:
-        size = 500 if limit is None else min(500, limit - len(jobs))
+        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(jobs))
         page, cursor = await client.page(options["state"], size, cursor)
         jobs.extend(page)
         if cursor is None or not page:

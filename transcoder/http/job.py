@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,23 @@ def _result_missing(problem: str) -> APIError:
 class JobResource(JSONResource):
     """C{/jobs/<id>}: the job's status, with long-poll; C{DELETE} cancels and removes it."""
 
-    def __init__(self, clock: IReactorTime, registry: JobRegistry, job: Job) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: JobRegistry,
+        job: Job,
+        expired: Callable[[], APIError | None] = lambda: None,
+    ) -> None:
+        """
+        @param expired: the 410 for this job once retention has removed it (None
+            before, or when it was deleted): what a long-poll answers if the job
+            goes while it waits (another node's sweep).
+        """
         super().__init__()
         self._clock = clock
         self._registry = registry
         self._job = job
+        self._expired = expired
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:  # type: ignore[override]
         job = self._job
@@ -159,7 +172,7 @@ class JobResource(JSONResource):
         job = self._job
         if not wait or job.state.finished:
             return write_json(request, 200, job_json(self._registry, job))
-        _LongPoll(self._clock, self._registry, job, request, wait)
+        _LongPoll(self._clock, self._registry, job, request, wait, self._expired)
         return server.NOT_DONE_YET
 
     def render_DELETE(self, request: server.Request) -> int:
@@ -194,9 +207,11 @@ class _LongPoll:
         job: Job,
         request: server.Request,
         wait: float,
+        expired: Callable[[], APIError | None],
     ) -> None:
         self._registry = registry
         self._job = job
+        self._expired = expired
         self._request = request
         self._gone = False
         self._changed = registry.changed(job.id)
@@ -210,7 +225,7 @@ class _LongPoll:
         if self._gone:
             return
         if self._registry.get(self._job.id) is not self._job:
-            finish_error(self._request, not_found("job"))
+            finish_error(self._request, self._expired() or not_found("job"))
         else:
             finish_json(self._request, 200, job_json(self._registry, self._job))
 

@@ -172,11 +172,14 @@ class JobsResource(JSONResource):
             return self
         job_id = path.decode("ascii", "replace")
         job = self._visible_job(job_id, request)
+        owner = getattr(request, "owner", None)
+
+        def expired() -> APIError | None:
+            return find_expired(self._tombstones, job_id, owner, private=self._private)
+
         if job is None:
-            owner = getattr(request, "owner", None)
-            expired = find_expired(self._tombstones, job_id, owner, private=self._private)
-            return ErrorResource(expired or not_found("job"))
-        return JobResource(self._clock, self._registry, job)
+            return ErrorResource(expired() or not_found("job"))
+        return JobResource(self._clock, self._registry, job, expired)
 
     def _visible_job(self, job_id: str, request: server.Request) -> Job | None:
         job = self._registry.get(job_id) if is_job_id(job_id) else None
