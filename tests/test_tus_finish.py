@@ -220,3 +220,42 @@ async def test_inputs_named_by_post_jobs_stay_usable_when_the_job_is_refused(
         assert got is not None and got.job_id == job.id
         assert not world.uploads.upload_dir(uid).exists()
         assert not world.uploads.locks.held(uid)
+
+
+def _head(world: World, upload_id: str) -> Any:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from transcoder.http.tus import UploadResource
+
+    request = DummyRequest([])
+    request.method = b"HEAD"
+    request.requestHeaders.setRawHeaders(b"tus-resumable", [b"1.0.0"])
+    request.answered = request.notifyFinish()
+    UploadResource(world.uploads, upload_id).render(request)
+    return request
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_makes_the_job_of_a_complete_upload_once_the_server_can(
+    world: World,
+) -> None:
+    """HEAD on a complete upload whose job was refused: 503 with Retry-After and Upload-Offset while the store still fails; once it takes writes, 200 with Job-Location, the one job made."""
+    data = b"z" * 2000
+    u = await world.upload(data, profile="mp4-h264")
+    world.jobs.failing = RuntimeError("the database went away")
+    with pytest.raises(APIError):
+        await world.last_patch(u, data)
+    request = _head(world, u.id)
+    await request.answered
+    assert request.responseCode == 503
+    headers = request.responseHeaders
+    assert headers.getRawHeaders(b"retry-after") and headers.getRawHeaders(b"upload-offset") == [
+        str(len(data)).encode()
+    ]
+    world.jobs.failing = None
+    request = _head(world, u.id)
+    await request.answered
+    assert request.responseCode == 200
+    (job,) = world.registry.jobs()
+    assert request.responseHeaders.getRawHeaders(b"job-location") == [f"/jobs/{job.id}".encode()]
+    assert request.responseHeaders.getRawHeaders(b"upload-offset") == [str(len(data)).encode()]
