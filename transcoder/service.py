@@ -459,6 +459,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     RegistryService(registry).setServiceParent(top)
     _Hooked(sweeper.start, sweeper.stop).setServiceParent(top)
     _Hooked(tus_sweeper.start, tus_sweeper.stop).setServiceParent(top)
+    # After the registry: finishes the uploads a crash or a refusal left without their job.
+    _Hooked(tus.start, tus.stop).setServiceParent(top)
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     raise_listen_errors(listener)
     listener.setServiceParent(top)

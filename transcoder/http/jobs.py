@@ -28,7 +28,7 @@ from transcoder.core.errors import DomainError
 from transcoder.core.jobs import Job, JobState, is_job_id, new_job_id
 from transcoder.core.profiles import Profile, profile_for
 from transcoder.core.registry import JobRegistry
-from transcoder.core.submit import Submission, submit
+from transcoder.core.submit import UPLOADS_KEY, Submission, submit
 from transcoder.core.tombstones import Tombstones
 from transcoder.http.bodies import (
     IBodyReceiver,
@@ -319,7 +319,9 @@ class JobsResource(JSONResource):
         def created(job: Job) -> None:
             outcome = getattr(request, "upload_outcome", None)
             if outcome is not None:
-                outcome("created", sum(i.size for i in job.inputs))
+                # A job of resumable uploads: their PATCHes counted the bytes.
+                tus = bool(submission.extra.get(UPLOADS_KEY))
+                outcome("created", 0 if tus else sum(i.size for i in job.inputs))
             if disconnected(request):
                 return
             request.setHeader(b"Location", f"/jobs/{job.id}".encode())

@@ -500,7 +500,7 @@ class TranscoderRequest(server.Request):
         # HTTPChannel sends 100 Continue after gotLength returns, if this is still there.
         self.requestHeaders.removeHeader(b"expect")
         channel.persistent = False
-        channel.transport.write(raw_response(error))
+        channel.transport.write(raw_response(error, self._cors_headers()))
         log.info(
             "refused {method} {uri}: {status} {code}",
             method=self.method,
@@ -513,6 +513,19 @@ class TranscoderRequest(server.Request):
         else:
             self._lingerLeft = LINGER_BYTES
             self._linger = channel.callLater(LINGER_SECONDS, self._close)
+
+    def _cors_headers(self) -> list[tuple[str, str]]:
+        """
+        The CORS headers routing set (an allowed origin only: see
+        L{transcoder.http.tusproto.cors}), so that a page on that origin can
+        read a refusal sent before the body too.
+        """
+        found = []
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            text = name.decode("latin-1")
+            if text.lower().startswith("access-control-") or text.lower() == "vary":
+                found += [(text, v.decode("latin-1")) for v in values]
+        return found
 
     def _close(self) -> None:
         if self._linger is not None and self._linger.active():

@@ -264,6 +264,9 @@ def build_root(
     )
     if tus is not None:
         root.putChild(b"uploads", UploadsResource(tus))
+        if upload_finished is not None:
+            # A job made from a tus upload counts as a plain upload's does.
+            tus.report = upload_finished
     root.putChild(b"profiles", ProfilesResource(profiles))
     root.putChild(
         b"nodes",

@@ -6,6 +6,7 @@ errors, and the base resources that answer in JSON.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.web.resource import IResource, Resource
@@ -62,10 +63,11 @@ def finish_error(request: Request, error: DomainError) -> None:
     request.finish()
 
 
-def raw_response(refusal: DomainError) -> bytes:
+def raw_response(refusal: DomainError, extra: Iterable[tuple[str, str]] = ()) -> bytes:
     """
     A complete HTTP/1.1 response, for answering from inside C{gotLength} or
     mid-body, where twisted.web's own response machinery cannot yet be used.
+    C{extra}: more headers (the CORS ones routing set).
     """
     error = http_error(refusal)
     body = error.body()
@@ -77,6 +79,7 @@ def raw_response(refusal: DomainError) -> bytes:
         "Connection: close",
     ]
     lines += [f"{k}: {v}" for k, v in error.headers.items()]
+    lines += [f"{k}: {v}" for k, v in extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 

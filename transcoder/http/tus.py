@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -340,9 +340,16 @@ class UploadResource(_TusResource):
         except APIError as e:
             return self._refuse(request, e)
 
-        def answer(held: tuple[Upload, Any]) -> None:
+        def finish(held: tuple[Upload, Any]) -> Deferred[Upload]:
             upload, lock = held
-            lock.release()
+            d: Deferred[Any] = succeed(None)
+            if upload.complete and upload.job_id is None:
+                # Complete, but its job was refused (or a crash came between):
+                # this HEAD makes it, or answers why not (503, 507).
+                d = ensureDeferred(self.uploads.retry_complete(upload))
+            return d.addBoth(lambda r: (lock.release(), r)[1]).addCallback(lambda _: upload)
+
+        def answer(upload: Upload) -> None:
             request.setHeader(b"Cache-Control", b"no-store")
             metadata = encode_metadata(upload.metadata) or None
             _answer(
@@ -360,7 +367,7 @@ class UploadResource(_TusResource):
             request.setHeader(b"Cache-Control", b"no-store")
             _fail(request, f)
 
-        d.addCallback(answer).addErrback(failed)
+        d.addCallback(finish).addCallback(answer).addErrback(failed)
         return server.NOT_DONE_YET
 
     def render_DELETE(self, request: server.Request) -> bytes | int:

@@ -3,26 +3,37 @@ A job of several inputs from finished tus uploads: each input is uploaded
 with C{input=<role>} and no profile (it waits, complete, for a job), then
 C{POST /jobs?profile=mux-avi&upload.video=<id>&upload.audio=<id>} (no body)
 makes the job from them, checked as a multipart upload's fields are.
+
+The inputs are hard-linked into the job's staging directory and held (their
+locks) until the job is stored; only then are they marked used and their
+files removed.  A job the registry refuses leaves them as they were, ready
+for the same request again.  The job's id comes from the uploads' ids
+(L{job_id_for}): a request repeated after a crash between storing the job
+and marking its inputs finds the job, and marks them.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from transcoder.core.jobs import InputFile, new_job_id
+from transcoder.core.files import remove
+from transcoder.core.jobs import InputFile, Job
 from transcoder.core.profiles import profile_for
-from transcoder.core.submit import Submission
+from transcoder.core.submit import UPLOADS_KEY, Submission
 from transcoder.core.uploads import IUploadLock, Upload
 from transcoder.http.bodies import IRequestBody
 from transcoder.http.errors import APIError
 from transcoder.http.fields import check_callback, input_digests, query_fields, split_fields
 from transcoder.http.names import extension
 from transcoder.http.publicurl import request_base_url
+from transcoder.http.tusfinish import job_id_for
 from transcoder.http.tusupload import TusUploads
 
 PREFIX = "upload."
@@ -56,27 +67,33 @@ class FromUploads:
         self._digests = input_digests(control, self._profile)
         self._uploads = uploads
         self._owner: str | None = getattr(request, "owner", None)
+        self._held: list[IUploadLock] = []
+        self._found: dict[str, Upload] = {}
         uploads.admit(None)
 
     def dataReceived(self, data: bytes) -> None:
         raise APIError(400, "unexpected_body", "a job made from uploads takes no body")
 
     def abort(self) -> None:
-        pass
+        self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for lock in held:
+            lock.release()
 
     def finish(self) -> Deferred[Submission]:
         return ensureDeferred(self._submission())
 
     async def _submission(self) -> Submission:
         uploads = self._uploads
-        held: list[IUploadLock] = []
         try:
-            found: dict[str, Upload] = {}
+            found = self._found
             for role, upload_id in self._named.items():
                 lock = await uploads.locks.acquire(upload_id, lambda: None).addErrback(
                     uploads._locked
                 )
-                held.append(lock)
+                self._held.append(lock)
                 try:
                     upload = await uploads.lookup(upload_id, self._owner)
                 except APIError as e:
@@ -91,23 +108,30 @@ class FromUploads:
                     raise APIError(
                         409, "upload_used", f"upload.{role} made job {upload.job_id} already"
                     )
-                want = self._digests.get(role)
-                if want is not None and want != upload.extra.get("sha256"):
-                    raise APIError(400, "digest_mismatch", f"the SHA-256 of {role} does not match")
                 found[role] = upload
-            job_id = new_job_id()
+            ids = [u.id for u in found.values()]
+            job_id = job_id_for(*ids)
+            if uploads.registry.get(job_id) is not None:
+                # Stored, then a crash before its inputs were marked: mark them now.
+                for upload in found.values():
+                    await uploads.finisher.marked_used(upload, job_id)
+                raise APIError(409, "upload_used", f"these uploads made job {job_id} already")
+            digests: dict[str, str] = {}
+            for role, upload in found.items():
+                digests[role] = await uploads.file_digest(upload)
+                want = self._digests.get(role)
+                if want is not None and want != digests[role]:
+                    raise APIError(400, "digest_mismatch", f"the SHA-256 of {role} does not match")
             staging = uploads.registry.uploads_dir / job_id
+            remove(staging)
             staging.mkdir(parents=True)
             inputs = []
             for role, upload in found.items():
                 name = f"input-{role}{extension(upload.extra['display'])}"
-                os.rename(uploads.upload_dir(upload.id) / upload.filename, staging / name)
-                os.rmdir(uploads.upload_dir(upload.id))
-                await uploads.store.finish(upload.id, job_id)
+                os.link(uploads.upload_dir(upload.id) / upload.filename, staging / name)
                 inputs.append(
-                    InputFile(role, upload.extra["display"], upload.offset,
-                              str(upload.extra["sha256"]), name)
-                )  # fmt: skip
+                    InputFile(role, upload.extra["display"], upload.offset, digests[role], name)
+                )
             return Submission(
                 job_id=job_id,
                 staging=staging,
@@ -116,10 +140,30 @@ class FromUploads:
                 inputs=inputs,
                 callback_url=self._callback,
                 base_url=self._base_url,
+                extra={UPLOADS_KEY: ids},
+                added=self._added,
+                refused=lambda f: self._refused(f, staging),
             )
-        finally:
-            for lock in held:
-                lock.release()
+        except BaseException:
+            self._release()
+            raise
+
+    def _added(self, job: Job) -> Deferred[None]:
+        """The job is stored: now its inputs are used, their files gone."""
+
+        async def mark() -> None:
+            try:
+                for upload in self._found.values():
+                    await self._uploads.finisher.marked_used(upload, job.id)
+            finally:
+                self._release()
+
+        return ensureDeferred(mark())
+
+    def _refused(self, f: Failure, staging: Path) -> None:
+        """No job: the links go; the uploads are as they were, free for another try."""
+        remove(staging)
+        self._release()
 
 
 def from_uploads(uploads: TusUploads) -> Any:

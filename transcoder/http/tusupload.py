@@ -24,10 +24,8 @@ from twisted.python.failure import Failure
 
 from transcoder.core.errors import DomainError
 from transcoder.core.files import remove
-from transcoder.core.jobs import InputFile, Job, new_job_id
 from transcoder.core.profiles import Profile, ProfileError, profile_for
 from transcoder.core.registry import JobRegistry
-from transcoder.core.submit import Submission, submit
 from transcoder.core.uploads import (
     IUploadLock,
     IUploadLocks,
@@ -39,6 +37,7 @@ from transcoder.core.uploads import (
 from transcoder.http.errors import APIError, http_error
 from transcoder.http.fields import check_callback, input_digests, split_fields
 from transcoder.http.names import extension, sanitise_filename
+from transcoder.http.tusfinish import TusFinisher, job_id_for
 from transcoder.http.tusproto import new_hash, tus_error, with_tus
 
 log = Logger()
@@ -122,6 +121,17 @@ class TusUploads:
         self.event = event
         self._hashes: dict[str, tuple[int, Any]] = {}
         self.gone: OrderedDict[str, None] = OrderedDict()
+        # Counts the jobs made, as plain uploads' are (set by build_root).
+        self.report: Callable[[str, int], None] = lambda outcome, nbytes: None
+        # Every minute, or sooner for a short expiry, as the sweeper.
+        self.finisher = TusFinisher(self, interval=max(1.0, min(60.0, expiry / 4)))
+
+    def start(self) -> None:
+        """Finish what a crash or a refusal left unfinished, now and from time to time."""
+        self.finisher.start()
+
+    def stop(self) -> None:
+        self.finisher.stop()
 
     def now(self) -> float:
         return float(self.reactor.seconds()) if hasattr(self.reactor, "seconds") else time.time()
@@ -277,6 +287,9 @@ class TusUploads:
                     raise tus_error(413, "too_large", "Upload-Length is past the maximum size")
                 await self.store.set_length(upload_id, length)
                 upload.length = length
+            if offset != upload.offset and upload.complete and upload.job_id is None:
+                # The last PATCH again, after its job was refused: try again.
+                await self.retry_complete(upload)
             if offset != upload.offset:
                 raise tus_error(
                     409,
@@ -323,6 +336,26 @@ class TusUploads:
             self.reactor, self.reactor.getThreadPool(), _hash_file, path, upload.offset
         )
 
+    def file_digest(self, upload: Upload) -> Deferred[str]:
+        """
+        The SHA-256 of a complete upload's file: as its last PATCH found it,
+        or (the record keeps no digest: after a restart) hashed again.
+        """
+        known = upload.extra.get("sha256")
+        if known:
+            return succeed(str(known))
+        path = self.upload_dir(upload.id) / upload.filename
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), _hash_file, path, upload.offset
+        )
+
+        def hashed(sha: Any) -> str:
+            digest: str = sha.hexdigest()
+            upload.extra["sha256"] = digest
+            return digest
+
+        return d.addCallback(hashed)
+
     def release(self, prep: Prepared, sha: Any) -> None:
         if sha is not None:
             self._hashes[prep.upload.id] = (prep.offset, sha)
@@ -354,7 +387,7 @@ class TusUploads:
             )
             upload.offset = end
             await self.store.update_offset(upload.id, end, self.now() + self.expiry)
-            if upload.complete:
+            if upload.complete and upload.job_id is None:
                 await self._complete(upload, prep.sha)
             return upload
 
@@ -408,23 +441,19 @@ class TusUploads:
             upload.job_id = await self.store.finish(upload.id, "")
             self.event("finished", 0)
             return
-        profile = profile_for(self.profiles, profile_name)
-        role = upload.extra["role"]
-        staging = self.upload_dir(upload.id)
-        submission = Submission(
-            job_id=new_job_id(),
-            staging=staging,
-            profile=profile,
-            params=profile.validate_params(upload.extra.get("raw_params", {})),
-            inputs=[
-                InputFile(role, upload.extra["display"], upload.offset, digest, upload.filename)
-            ],
-            callback_url=upload.extra.get("callback_url"),
-            base_url=upload.extra.get("base_url"),
-        )
-        job: Job = await submit(self.registry, submission, upload.owner)
-        upload.job_id = await self.store.finish(upload.id, job.id)
-        self.event("finished", 0)
+        await self.finisher.make(upload, digest)
+
+    async def retry_complete(self, upload: Upload) -> None:
+        """
+        A complete upload without a job on record (refused before, or a crash
+        came between): make it now, its lock held.  Fails as the PATCH that
+        completed it would (503 or 507, the offset kept).
+        """
+        if upload.metadata.get("profile") and self.registry.get(job_id_for(upload.id)):
+            # Made already: only the record is missing; the file is not needed.
+            await self.finisher.make(upload, "")
+            return
+        await self._complete(upload, await self._sha(upload))
 
     def terminate_now(self, upload: Upload) -> Deferred[None]:
         remove(self.upload_dir(upload.id))
