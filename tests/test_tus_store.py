@@ -1,4 +1,4 @@
-"""The upload stores (memory, SQLite) and the one-node upload lock."""
+"""The upload stores (memory, SQLite, PostgreSQL) and the one-node upload lock."""
 
 from __future__ import annotations
 
@@ -44,15 +44,19 @@ def upload(uid: str | None = None, length: int | None = 100, expires: float = 50
 T = TypeVar("T")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IUploadStore]:
     s: IUploadStore
     if request.param == "memory":
         s = MemoryUploadStore()
-    else:
+    elif request.param == "sqlite":
         s = SQLiteUploadStore(tmp_path / "jobs.sqlite3", reactor)
+    else:
+        from transcoder.core.pguploads import PostgresUploadStore
+
+        s = PostgresUploadStore(request.getfixturevalue("pg_dsn"), reactor)
     yield s
-    if request.param == "sqlite":
+    if request.param != "memory":
         pytest_twisted.blockon(s.close())
 
 
@@ -79,6 +83,15 @@ async def test_store_provides_its_interface_and_keeps_records(store: IUploadStor
     assert got is not None and (got.length, got.offset, got.expires_at) == (10, 7, 99.0)
     assert await store.finish(u.id, "job1") == "job1"
     assert await store.finish(u.id, "job2") == "job1"
+    got = await store.get(u.id)
+    assert got is not None and got.job_id == "job1"
+    # An input kept for POST /jobs is finished with "" first, then with its job.
+    waiting = upload()
+    await store.create(waiting)
+    assert await store.finish(waiting.id, "") == ""
+    assert await store.finish(waiting.id, "job3") == "job3"
+    assert await store.finish(waiting.id, "") == "job3"
+    await store.terminate(waiting.id)
     assert [x.id for x in await store.expired(100.0)] == [u.id]
     assert await store.expired(98.0) == []
     await store.terminate(u.id)
