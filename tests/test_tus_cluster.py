@@ -75,7 +75,7 @@ def jobs_in_database(dsn: str) -> int:
 def test_begun_on_one_node_finished_on_the_other(
     two_nodes: tuple[ServerProcess, ServerProcess], clips: Clips, pg_dsn: str
 ) -> None:
-    """Half an upload PATCHed to node a; node b's HEAD reports that offset, b hashes the bytes on disk and takes the rest; one job is made, with the file's SHA-256; both nodes HEAD the finished upload and name the same Job-Location, and a retried last PATCH on a names it too."""
+    """Half an upload PATCHed to node a; node b's HEAD reports that offset, b hashes the bytes on disk and takes the rest; one job is made, with the file's SHA-256; both nodes HEAD the finished upload and name the same Job-Location, and a retried last PATCH on a names it too; a terminated upload is gone from both; both nodes exit 0 on SIGTERM."""
     a, b = two_nodes
     data = clips.flv_video.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
@@ -102,6 +102,10 @@ def test_begun_on_one_node_finished_on_the_other(
     assert call(a.port, "DELETE", other).status == 204
     assert head(b, other).status in (404, 410)
     assert not (a.data_dir / "tus" / other.rsplit("/", 1)[1]).exists()
+    # Their upload store and lock threads end with them on SIGTERM, an upload under way or not.
+    half_done = create(a, 10)
+    assert patch(b, half_done, 0, b"12345").status == 204
+    assert a.stop(timeout=10) == 0 and b.stop(timeout=10) == 0
 
 
 def _stuck_patch(node: ServerProcess, loc: str, data: bytes, sent: int) -> socket.socket:

@@ -105,11 +105,15 @@ class Connection:
             return succeed(None)
 
         def closing() -> None:
+            import psycopg
+
             conn, self._conn = self._conn, None
             if conn is not None and not conn.closed:
                 try:
                     if last is not None:
                         last(conn)
+                except psycopg.Error:
+                    pass  # a lost session holds nothing more to let go of
                 finally:
                     conn.close()
 
