@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -198,3 +199,48 @@ def test_sweeper_removes_expired_uploads_and_orphan_files(tmp_path: Path) -> Non
     assert expired == [old, held]
     sweeper.stop()
     assert store.closed
+
+
+def test_try_acquire_takes_a_free_upload_and_never_asks_a_holder_to_stop() -> None:
+    """try_acquire (the sweeper's) gets a free upload at once and gives None for a held one, without calling the holder's stop."""
+    locks = InProcessUploadLocks(Clock(), timeout=5)
+    stops: list[str] = []
+    held = fired(locks.acquire("u", lambda: stops.append("holder")))
+    assert fired(locks.try_acquire("u")) is None and stops == []
+    held.release()
+    got = fired(locks.try_acquire("u"))
+    assert got is not None and locks.held("u")
+    got.release()
+    assert not locks.held("u")
+
+
+class _RenewedMeanwhile(MemoryUploadStore):
+    """Lists an upload as expired, then (as another node's PATCH would) renews it."""
+
+    def expired(self, now: float) -> Deferred[list[Upload]]:
+        d = super().expired(now)
+        for u in self.uploads.values():
+            u.expires_at = now + 1000
+        return d
+
+
+def test_sweeper_leaves_an_upload_renewed_meanwhile_and_young_orphans(tmp_path: Path) -> None:
+    """The sweeper reads an expired upload again under its lock and leaves it if its expiry moved; with an orphan grace, a directory without a record is left until it is that old."""
+    clock = Clock()
+    clock.advance(time.time())
+    store = _RenewedMeanwhile()
+    tus = tmp_path / "tus"
+    renewed, orphan = new_upload_id(), new_upload_id()
+    fired(store.create(upload(renewed, expires=10.0)))
+    (tus / renewed).mkdir(parents=True)
+    (tus / orphan).mkdir()
+    expired: list[str] = []
+    locks = InProcessUploadLocks(clock)
+    sweeper = UploadSweeper(clock, store, locks, tus, expired.append, orphan_grace=600)
+    fired(sweeper.sweep())
+    assert expired == [] and renewed in store.uploads
+    assert (tus / renewed).exists() and (tus / orphan).exists()
+    assert not locks.held(renewed) and not locks.held(orphan)
+    clock.advance(601)
+    fired(sweeper.sweep())
+    assert (tus / renewed).exists() and not (tus / orphan).exists()
