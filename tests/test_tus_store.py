@@ -1,7 +1,8 @@
-"""The upload stores (memory, SQLite) and the one-node upload lock."""
+"""The upload stores (memory, SQLite, PostgreSQL) and the one-node upload lock."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -44,15 +45,19 @@ def upload(uid: str | None = None, length: int | None = 100, expires: float = 50
 T = TypeVar("T")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IUploadStore]:
     s: IUploadStore
     if request.param == "memory":
         s = MemoryUploadStore()
-    else:
+    elif request.param == "sqlite":
         s = SQLiteUploadStore(tmp_path / "jobs.sqlite3", reactor)
+    else:
+        from transcoder.core.pguploads import PostgresUploadStore
+
+        s = PostgresUploadStore(request.getfixturevalue("pg_dsn"), reactor)
     yield s
-    if request.param == "sqlite":
+    if request.param != "memory":
         pytest_twisted.blockon(s.close())
 
 
@@ -79,6 +84,15 @@ async def test_store_provides_its_interface_and_keeps_records(store: IUploadStor
     assert got is not None and (got.length, got.offset, got.expires_at) == (10, 7, 99.0)
     assert await store.finish(u.id, "job1") == "job1"
     assert await store.finish(u.id, "job2") == "job1"
+    got = await store.get(u.id)
+    assert got is not None and got.job_id == "job1"
+    # An input kept for POST /jobs is finished with "" first, then with its job.
+    waiting = upload()
+    await store.create(waiting)
+    assert await store.finish(waiting.id, "") == ""
+    assert await store.finish(waiting.id, "job3") == "job3"
+    assert await store.finish(waiting.id, "") == "job3"
+    await store.terminate(waiting.id)
     assert [x.id for x in await store.expired(100.0)] == [u.id]
     assert await store.expired(98.0) == []
     await store.terminate(u.id)
@@ -185,3 +199,48 @@ def test_sweeper_removes_expired_uploads_and_orphan_files(tmp_path: Path) -> Non
     assert expired == [old, held]
     sweeper.stop()
     assert store.closed
+
+
+def test_try_acquire_takes_a_free_upload_and_never_asks_a_holder_to_stop() -> None:
+    """try_acquire (the sweeper's) gets a free upload at once and gives None for a held one, without calling the holder's stop."""
+    locks = InProcessUploadLocks(Clock(), timeout=5)
+    stops: list[str] = []
+    held = fired(locks.acquire("u", lambda: stops.append("holder")))
+    assert fired(locks.try_acquire("u")) is None and stops == []
+    held.release()
+    got = fired(locks.try_acquire("u"))
+    assert got is not None and locks.held("u")
+    got.release()
+    assert not locks.held("u")
+
+
+class _RenewedMeanwhile(MemoryUploadStore):
+    """Lists an upload as expired, then (as another node's PATCH would) renews it."""
+
+    def expired(self, now: float) -> Deferred[list[Upload]]:
+        d = super().expired(now)
+        for u in self.uploads.values():
+            u.expires_at = now + 1000
+        return d
+
+
+def test_sweeper_leaves_an_upload_renewed_meanwhile_and_young_orphans(tmp_path: Path) -> None:
+    """The sweeper reads an expired upload again under its lock and leaves it if its expiry moved; with an orphan grace, a directory without a record is left until it is that old."""
+    clock = Clock()
+    clock.advance(time.time())
+    store = _RenewedMeanwhile()
+    tus = tmp_path / "tus"
+    renewed, orphan = new_upload_id(), new_upload_id()
+    fired(store.create(upload(renewed, expires=10.0)))
+    (tus / renewed).mkdir(parents=True)
+    (tus / orphan).mkdir()
+    expired: list[str] = []
+    locks = InProcessUploadLocks(clock)
+    sweeper = UploadSweeper(clock, store, locks, tus, expired.append, orphan_grace=600)
+    fired(sweeper.sweep())
+    assert expired == [] and renewed in store.uploads
+    assert (tus / renewed).exists() and (tus / orphan).exists()
+    assert not locks.held(renewed) and not locks.held(orphan)
+    clock.advance(601)
+    fired(sweeper.sweep())
+    assert (tus / renewed).exists() and not (tus / orphan).exists()

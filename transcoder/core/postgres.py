@@ -121,6 +121,23 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN NULL;
     END $$;
     """,
+    # 4: resumable (tus) uploads, which any node may continue (core/pguploads.py).
+    # Times are POSIX seconds as the nodes' clocks give them, like the records'.
+    # The record (metadata, file name, checks) is JSON text, not jsonb: metadata
+    # may hold NULs or lone surrogates, which jsonb refuses.
+    """
+    CREATE TABLE uploads (
+        id text PRIMARY KEY,
+        owner text,
+        length bigint,
+        upload_offset bigint NOT NULL,
+        created_at double precision NOT NULL,
+        expires_at double precision NOT NULL,
+        job_id text,
+        record text NOT NULL
+    );
+    CREATE INDEX uploads_expiry ON uploads (expires_at);
+    """,
 )
 
 # node, attempt and the lease are not written: they will belong to claims.

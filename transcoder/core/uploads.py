@@ -8,9 +8,10 @@ last byte is in, the directory (or, for an input of a multi-input job, its
 file) is renamed into the job's place, exactly as a plain upload's is.
 
 Two implementations of L{IUploadStore}: L{MemoryUploadStore} here, for unit
-tests, and L{transcoder.core.sqliteuploads.SQLiteUploadStore} beside the jobs
-table.  A store shared by several nodes (PostgreSQL) also provides
-L{IUploadLocks} across them; L{InProcessUploadLocks} is the one-node lock.
+tests, L{transcoder.core.sqliteuploads.SQLiteUploadStore} beside the jobs
+table, and L{transcoder.core.pguploads.PostgresUploadStore} for several nodes.
+L{InProcessUploadLocks} is the one-node lock;
+L{transcoder.core.pguploadlocks.PostgresUploadLocks} holds uploads across nodes.
 """
 
 from __future__ import annotations
@@ -152,6 +153,18 @@ class IUploadLocks(Interface):
     def held(upload_id: str) -> bool:
         """Whether a request holds the upload now (on this node)."""
 
+    def try_acquire(upload_id: str) -> Deferred[IUploadLock | None]:
+        """
+        The lock if no request (on any node) holds the upload, else None at
+        once: nobody is asked to stop.  For the sweeper.
+        """
+
+    def start() -> None:
+        """Begin hearing other nodes' requests to stop (before the first acquire)."""
+
+    def close() -> Deferred[None]:
+        """Let go of everything held and stop listening."""
+
 
 @implementer(IUploadLock)
 class _Held:
@@ -179,6 +192,28 @@ class InProcessUploadLocks:
 
     def held(self, upload_id: str) -> bool:
         return upload_id in self._holders
+
+    def try_acquire(self, upload_id: str) -> Deferred[IUploadLock | None]:
+        if upload_id in self._holders:
+            return succeed(None)
+        lock = _Held(self, upload_id, lambda: None)
+        self._holders[upload_id] = lock
+        return succeed(lock)
+
+    def ask_to_stop(self, upload_id: str) -> None:
+        """Ask the request holding the upload (if any) to let go, as a later request would."""
+        holder = self._holders.get(upload_id)
+        if holder is not None:
+            try:
+                holder.stop()
+            except Exception:
+                pass
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
 
     def acquire(self, upload_id: str, stop: Callable[[], None]) -> Deferred[IUploadLock]:
         holder = self._holders.get(upload_id)

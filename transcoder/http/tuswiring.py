@@ -1,6 +1,7 @@
 """
 Putting the tus uploads together for L{transcoder.service.makeService}: the
-upload store beside the job store, the lock, the sweeper, the metrics.
+upload store beside the job store (SQLite, or the cluster's PostgreSQL), the
+lock (in-process, or across nodes), the sweeper, the metrics.
 """
 
 from __future__ import annotations
@@ -10,18 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
-
 from transcoder.core.profiles import Profile
 from transcoder.core.registry import JobRegistry
 from transcoder.core.sqliteuploads import SQLiteUploadStore
 from transcoder.core.stores import StoreURL
-from transcoder.core.uploads import InProcessUploadLocks
+from transcoder.core.uploads import InProcessUploadLocks, IUploadLocks, IUploadStore
 from transcoder.core.uploadsweep import UploadSweeper
 from transcoder.http.tusproto import tus_error
 from transcoder.http.tusupload import TusUploads
-
-log = Logger()
 
 
 def disk_check(directory: Path, min_free: int) -> Any:
@@ -51,15 +48,21 @@ def build_tus(
     metrics: Any = None,
 ) -> tuple[TusUploads, UploadSweeper]:
     """The L{TusUploads} of this node and the sweeper of its expired uploads."""
-    if store_url.kind == "sqlite":
-        path = Path(store_url.target)
+    store: IUploadStore
+    locks: IUploadLocks
+    orphan_grace = 0.0
+    if store_url.kind == "postgresql":
+        # Any node continues any upload: records and locks in the shared database.
+        from transcoder.core.pguploadlocks import PostgresUploadLocks
+        from transcoder.core.pguploads import PostgresUploadStore
+
+        store = PostgresUploadStore(store_url.target, reactor)
+        locks = PostgresUploadLocks(store_url.target, reactor)
+        # Another node makes an upload's directory just before its record.
+        orphan_grace = 600.0
     else:
-        # Resumable uploads across nodes (PostgreSQL) are not built yet: each
-        # node keeps its own, and a client must resume on the node it began on.
-        path = data_dir / "uploads.sqlite3"
-        log.warn("tus uploads are kept per node (in {path}) with a PostgreSQL store", path=path)
-    store = SQLiteUploadStore(path, reactor)
-    locks = InProcessUploadLocks(reactor)
+        store = SQLiteUploadStore(Path(store_url.target), reactor)
+        locks = InProcessUploadLocks(reactor)
     event = getattr(metrics, "tus_event", None)
     if metrics is not None and event is None:
         from transcoder.http.tusmetrics import TusMetrics
@@ -84,5 +87,7 @@ def build_tus(
 
     # Every minute, or sooner for a short expiry (an upload lives at most a quarter longer).
     interval = max(1.0, min(60.0, expiry / 4))
-    sweeper = UploadSweeper(reactor, store, locks, uploads.dir, expired, interval=interval)
+    sweeper = UploadSweeper(
+        reactor, store, locks, uploads.dir, expired, interval=interval, orphan_grace=orphan_grace
+    )
     return uploads, sweeper
