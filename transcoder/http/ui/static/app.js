@@ -355,8 +355,10 @@
           return;
         }
         const res = err.originalResponse;
-        let text = err.message;
+        // Without an answer tus-js-client's message is a dump of its request: say what happened.
+        let text = 'the server cannot be reached; Retry once it is back';
         if (res) {
+          text = err.message;
           try {
             const body = JSON.parse(res.getBody());
             if (body.error) text = body.error.message;
