@@ -298,10 +298,16 @@
     function setState(state, text) {
       entry.state = state;
       item.dataset.state = state;
+      const focused = Object.values(buttons).find((b) => b === document.activeElement);
       buttons.pause.hidden = state !== 'uploading';
       buttons.resume.hidden = state !== 'paused';
       buttons.cancel.hidden = !['uploading', 'paused', 'failed', 'offline'].includes(state);
       buttons.retry.hidden = state !== 'failed';
+      // A keyboard user who pressed Pause lands on Resume (and back), not at the page's top.
+      if (focused && focused.hidden) {
+        const next = Object.values(buttons).find((b) => !b.hidden);
+        if (next) next.focus();
+      }
       if (text) detail.textContent = text;
       else if (state === 'paused') detail.textContent = 'paused';
       else if (state === 'cancelled') detail.textContent = 'cancelled';
