@@ -11,6 +11,7 @@ another process, so its loop and the reactor never share a thread.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -438,6 +439,16 @@ def test_a_token_is_asked_for_and_a_wrong_one_refused(
         )
         with urllib.request.urlopen(request, timeout=30) as r:
             assert hashlib.sha256(got).hexdigest() == json.loads(r.read())["output"]["sha256"]
+        # Asked once: a reload of the tab keeps the token (sessionStorage, never
+        # localStorage); a new browser session asks again.
+        page.reload()
+        job_card(page, clips.flv_video.name, "succeeded").wait_for()
+        assert page.locator("#token-section").is_hidden()
+        kept = "[sessionStorage, localStorage].map(s => Object.values(s).some(v => v.includes(t)))"
+        assert page.evaluate(f"(t) => {kept}", TOKEN) == [True, False]
+        again = open_page(server)
+        again.page.locator("#token-message").filter(has_text="needs a token").wait_for()
+        again.check("401 (Unauthorized)")
         for part in ("/jobs", "/uploads", "/profiles"):
             sent = {r.headers.get("authorization") for r in w.requests if part in r.url}
             assert f"Bearer {TOKEN}" in sent, part
@@ -445,3 +456,45 @@ def test_a_token_is_asked_for_and_a_wrong_one_refused(
         w.check("401 (Unauthorized)")
     finally:
         server.stop()
+
+
+def test_the_page_works_from_the_keyboard_and_long_polls(
+    server: ServerProcess, open_page: Any, big_clip: Path, tmp_path: Path
+) -> None:
+    """At 360 px: Tab goes through the profile and its fields to the file input, Space there opens the file chooser; the next Tab is the upload's Pause button, Enter pauses it and leaves the focus on Resume, Enter resumes it; nothing is wider than the screen while the upload's buttons show.  The job is then followed by long-poll: every request for it after the first waits (?wait=30), and every answer brings a change (no polling)."""
+    clip = named(big_clip, tmp_path, "keyboard.mp4")
+    w = open_page(server, width=360)
+    page = w.page
+    page.locator("#status", has_text="Ready.").wait_for()
+    page.select_option("select[name=profile]", "mp4-h264")
+    _slow(page, 1_000_000)
+    page.evaluate("document.activeElement.blur()")
+    order = []
+    while not order or order[-1] != "file-file":
+        assert len(order) < 30, order
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order.index("profile") < order.index("param-crf") < order.index("file-file")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(clip)
+    upload = page.locator("#uploads li.upload")
+    upload.and_(page.locator("[data-state=uploading]")).wait_for()
+    focused = "document.activeElement.className"
+    page.keyboard.press("Tab")
+    assert page.evaluate(focused) == "pause"
+    page.keyboard.press("Enter")
+    upload.and_(page.locator("[data-state=paused]")).wait_for()
+    assert page.evaluate(focused) == "resume"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.keyboard.press("Enter")
+    assert page.evaluate(focused) == "pause"
+    card = job_card(page, clip.name, "succeeded")
+    card.wait_for()
+    job = f"{server.url}/jobs/{card.get_attribute('data-id')}"
+    answers = [r for r in w.responses if r.url.split("?")[0] == job]
+    assert [r.url.removeprefix(job) for r in answers[1:]] == ["?wait=30"] * (len(answers) - 1)
+    seen = [(a["state"], a["progress"]) for a in (r.json() for r in answers)]
+    assert all(a != b for a, b in itertools.pairwise(seen)), seen
+    assert seen[-1][0] == "succeeded"
+    w.check("net::ERR_ABORTED")

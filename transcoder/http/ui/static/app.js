@@ -298,10 +298,16 @@
     function setState(state, text) {
       entry.state = state;
       item.dataset.state = state;
+      const focused = Object.values(buttons).find((b) => b === document.activeElement);
       buttons.pause.hidden = state !== 'uploading';
       buttons.resume.hidden = state !== 'paused';
       buttons.cancel.hidden = !['uploading', 'paused', 'failed', 'offline'].includes(state);
       buttons.retry.hidden = state !== 'failed';
+      // A keyboard user who pressed Pause lands on Resume (and back), not at the page's top.
+      if (focused && focused.hidden) {
+        const next = Object.values(buttons).find((b) => !b.hidden);
+        if (next) next.focus();
+      }
       if (text) detail.textContent = text;
       else if (state === 'paused') detail.textContent = 'paused';
       else if (state === 'cancelled') detail.textContent = 'cancelled';
@@ -355,8 +361,10 @@
           return;
         }
         const res = err.originalResponse;
-        let text = err.message;
+        // Without an answer tus-js-client's message is a dump of its request: say what happened.
+        let text = 'the server cannot be reached; Retry once it is back';
         if (res) {
+          text = err.message;
           try {
             const body = JSON.parse(res.getBody());
             if (body.error) text = body.error.message;
