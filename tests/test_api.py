@@ -329,10 +329,14 @@ async def served(
 
 @pytest_twisted.ensureDeferred
 async def test_index_and_profiles(make_api: Callable[..., Api]) -> None:
-    """/ links to the rest; /profiles lists every loaded profile with its parameters."""
+    """/ links to the rest (uploads and the page included); /profiles lists every loaded profile with its parameters."""
     api = make_api()
     reply = await api.call("GET", "/")
-    assert reply.json()["links"]["jobs"] == "/jobs"
+    links = reply.json()["links"]
+    assert {"jobs", "uploads", "profiles", "health", "ui"} <= set(links)
+    assert links["jobs"] == "/jobs" and links["ui"] == "/ui/"
+    for path in links.values():
+        assert (await api.call("OPTIONS" if path == "/uploads" else "GET", path)).code in (200, 204)
     reply = await api.call("GET", "/profiles")
     assert reply.code == 200
     profiles = {p["name"]: p for p in reply.json()["profiles"]}

@@ -137,6 +137,10 @@ class PreflightResource(Resource):
         return b""
 
 
+# What the index links to, in this order, when the server has it.
+_LINKED = ("jobs", "uploads", "profiles", "nodes", "health", "metrics", "ui")
+
+
 class RootResource(JSONResource):
     """
     C{/}: a pointer to the rest.  With tokens, every child but L{PUBLIC} ones
@@ -176,11 +180,9 @@ class RootResource(JSONResource):
                 "service": "transcoder",
                 "version": __version__,
                 "links": {
-                    "jobs": "/jobs",
-                    "profiles": "/profiles",
-                    "nodes": "/nodes",
-                    "health": "/health",
-                    "metrics": "/metrics",
+                    name: f"/{name}/" if name == "ui" else f"/{name}"
+                    for name in _LINKED
+                    if name.encode() in self.children
                 },
             },
         )
