@@ -1,8 +1,9 @@
 """
 A tus client for big files that holds none of their bytes: each PATCH's body
 goes from the file to the socket with sendfile(2), as a byte range.  Blocking
-and standard library only (bench/tus_bench.py has its own copy, since the
-bench runs under another interpreter).
+and standard library only.  (The bench's client, bench/tus_client.py, reads
+and writes instead, as curl does: on loopback sendfile shifts CPU from the
+client to the server, which a memory test does not mind and a CPU bench does.)
 """
 
 from __future__ import annotations
