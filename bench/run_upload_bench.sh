@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Upload bench: the project's server beside raw socat, nginx, aiohttp and stock twisted.web,
-# first with curl -T (upload_bench.py), then chunked and multipart bodies (upload_variants.py).
+# first with curl -T (upload_bench.py), then chunked and multipart bodies (upload_variants.py),
+# then the project's tus uploads against its own curl -T (tus_bench.py).
 # `make bench` installs what this needs and calls it; see docs/performance.md.
 #
 # Environment (all optional):
@@ -8,6 +9,8 @@
 #   TARGETS   default raw,nginx,aiohttp,twisted-naive,project
 #   VARIANTS  default chunked,multipart ("" skips upload_variants.py)
 #   VARIANT_TARGETS  targets for the variants, default nginx,aiohttp,twisted-naive,project
+#   TUS_CHUNK_MIB  tus PATCH size for tus_bench.py (the project against itself with curl -T),
+#             default 64 ("" skips it; so does a TARGETS without project)
 #   PEER_PY   python with twisted and aiohttp, default bench/.venv/bin/python
 #   PROJECT_CMD  how to start the project on 127.0.0.1:18090 storing under $STORE
 set -euo pipefail
@@ -19,6 +22,7 @@ ROUNDS=${ROUNDS:-5}
 TARGETS=${TARGETS:-raw,nginx,aiohttp,twisted-naive,project}
 VARIANTS=${VARIANTS-chunked,multipart}
 VARIANT_TARGETS=${VARIANT_TARGETS:-nginx,aiohttp,twisted-naive,project}
+TUS_CHUNK_MIB=${TUS_CHUNK_MIB-64}
 export PEER_PY=${PEER_PY:-$root/bench/.venv/bin/python}
 # $STORE is expanded by upload_bench.py's shell, which sets it per target.
 export PROJECT_CMD=${PROJECT_CMD:-"$root/.venv/bin/transcoder serve --listen tcp:18090:interface=127.0.0.1 --data-dir \"\$STORE\" --max-upload-size 4G"}
@@ -63,4 +67,10 @@ if [[ -n $VARIANTS && -n $VARIANT_TARGETS ]]; then
   echo
   echo "== chunked and multipart: bench/upload_variants.py $SIZE_MIB $ROUNDS $VARIANT_TARGETS $VARIANTS"
   "$PEER_PY" bench/upload_variants.py "$SIZE_MIB" "$ROUNDS" "$VARIANT_TARGETS" "$VARIANTS"
+fi
+
+if [[ -n $TUS_CHUNK_MIB && ,$TARGETS, == *,project,* ]]; then
+  echo
+  echo "== tus: bench/tus_bench.py $SIZE_MIB $ROUNDS $TUS_CHUNK_MIB"
+  "$PEER_PY" bench/tus_bench.py "$SIZE_MIB" "$ROUNDS" "$TUS_CHUNK_MIB"
 fi
