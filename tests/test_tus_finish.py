@@ -164,7 +164,7 @@ async def test_reconcile_completes_the_record_of_a_job_stored_before_a_crash(
                    [InputFile("file", "v.flv", len(data), digest, u.filename)]),
         None,
     )  # fmt: skip
-    await world.store.update_offset(u.id, len(data), 1e12)
+    assert await world.store.update_offset(u.id, 0, len(data), 1e12)
     assert (await world.store.get(u.id)).job_id is None  # type: ignore[union-attr]
 
     await world.uploads.finisher.reconcile()

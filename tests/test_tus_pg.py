@@ -94,7 +94,7 @@ async def test_another_node_sees_every_change(pg_dsn: str) -> None:
         await a.create(u)
         got = await b.get(u.id)
         assert got is not None and got.metadata == u.metadata and got.offset == 0
-        await b.update_offset(u.id, 60, 123.5)
+        assert await b.update_offset(u.id, 0, 60, 123.5)
         got = await a.get(u.id)
         assert got is not None and (got.offset, got.expires_at) == (60, 123.5)
         assert await b.finish(u.id, "job-b") == "job-b"

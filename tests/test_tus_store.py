@@ -79,7 +79,7 @@ async def test_store_provides_its_interface_and_keeps_records(store: IUploadStor
     assert got is not None and got.metadata == u.metadata and got.length is None
     await store.set_length(u.id, 10)
     await store.set_length(u.id, 20)  # fixed once
-    await store.update_offset(u.id, 7, 99.0)
+    assert await store.update_offset(u.id, 0, 7, 99.0) is True
     got = await store.get(u.id)
     assert got is not None and (got.length, got.offset, got.expires_at) == (10, 7, 99.0)
     assert await store.finish(u.id, "job1") == "job1"
@@ -101,13 +101,35 @@ async def test_store_provides_its_interface_and_keeps_records(store: IUploadStor
 
 
 @pytest_twisted.ensureDeferred
+async def test_update_offset_is_a_compare_and_set(store: IUploadStore) -> None:
+    """update_offset writes only over the offset the writer expects: a stale writer (a node that lost its lock while another took the upload on) gets False and moves the offset neither back nor forward; the same write again is harmless; a removed upload gets False."""
+    u = upload()
+    await store.create(u)
+    assert await store.update_offset(u.id, 0, 30, 60.0) is True
+    # The writer that took over wrote 30; a stale one that started at 0 ends at 20, or 40.
+    assert await store.update_offset(u.id, 0, 20, 61.0) is False
+    assert await store.update_offset(u.id, 0, 40, 61.0) is False
+    got = await store.get(u.id)
+    assert got is not None and (got.offset, got.expires_at) == (30, 60.0)
+    # A retried statement (its first try committed) finds its own write.
+    assert await store.update_offset(u.id, 0, 30, 60.0) is True
+    assert await store.update_offset(u.id, 30, 45, 62.0) is True
+    got = await store.get(u.id)
+    assert got is not None and (got.offset, got.expires_at) == (45, 62.0)
+    await store.terminate(u.id)
+    assert await store.update_offset(u.id, 45, 50, 63.0) is False
+    assert await store.get(u.id) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_store_keeps_uploads_across_restarts(tmp_path: Path) -> None:
     """A reopened SQLite store has the records, offsets and job ids written before it closed."""
     path = tmp_path / "jobs.sqlite3"
     s = SQLiteUploadStore(path, reactor)
     u = upload()
     await s.create(u)
-    await s.update_offset(u.id, 42, 77.0)
+    assert await s.update_offset(u.id, 0, 42, 77.0) is True
+    assert await s.update_offset(u.id, 0, 10, 78.0) is False
     await s.close()
     s2 = SQLiteUploadStore(path, reactor)
     got = await s2.get(u.id)

@@ -229,11 +229,22 @@ class PostgresUploadStore:
             "UPDATE uploads SET length = %s WHERE id = %s AND length IS NULL", (length, upload_id)
         )
 
-    def update_offset(self, upload_id: str, offset: int, expires_at: float) -> Deferred[None]:
-        return self._execute(
-            "UPDATE uploads SET upload_offset = %s, expires_at = %s WHERE id = %s",
-            (offset, expires_at, upload_id),
-        )
+    def update_offset(
+        self, upload_id: str, expected: int, offset: int, expires_at: float
+    ) -> Deferred[bool]:
+        def update(conn: Any) -> bool:
+            # Compare and set: a node that lost its lock mid-PATCH cannot move
+            # back (or over) the offset that the node which took over wrote.
+            # The second arm makes a retry over a dropped connection, whose
+            # first try did commit, find its own write.
+            rows: int = conn.execute(
+                "UPDATE uploads SET upload_offset = %s, expires_at = %s WHERE id = %s"
+                " AND (upload_offset = %s OR (upload_offset = %s AND expires_at = %s))",
+                (offset, expires_at, upload_id, expected, offset, expires_at),
+            ).rowcount
+            return rows == 1
+
+        return self._db.call(update)
 
     def finish(self, upload_id: str, job_id: str) -> Deferred[str]:
         def finish(conn: Any) -> str:

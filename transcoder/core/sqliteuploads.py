@@ -101,15 +101,19 @@ class SQLiteUploadStore:
             "UPDATE uploads SET length = ? WHERE id = ? AND length IS NULL", (length, upload_id)
         )
 
-    def update_offset(self, upload_id: str, offset: int, expires_at: float) -> Deferred[None]:
+    def update_offset(
+        self, upload_id: str, expected: int, offset: int, expires_at: float
+    ) -> Deferred[bool]:
+        # One node: the records in memory are the truth, checked here; the
+        # statement's condition only keeps the file in step with them.
         u = self._uploads.get(upload_id)
-        if u is None:
-            return succeed(None)
+        if u is None or u.offset != expected:
+            return succeed(u is not None and (u.offset, u.expires_at) == (offset, expires_at))
         u.offset, u.expires_at = offset, expires_at
         return self._write(
-            "UPDATE uploads SET offset = ?, expires_at = ? WHERE id = ?",
-            (offset, expires_at, upload_id),
-        )
+            "UPDATE uploads SET offset = ?, expires_at = ? WHERE id = ? AND offset = ?",
+            (offset, expires_at, upload_id, expected),
+        ).addCallback(lambda _: True)
 
     def finish(self, upload_id: str, job_id: str) -> Deferred[str]:
         u = self._uploads.get(upload_id)

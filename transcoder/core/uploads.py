@@ -106,8 +106,18 @@ class IUploadStore(Interface):
     def set_length(upload_id: str, length: int) -> Deferred[None]:
         """Fix a deferred length, once."""
 
-    def update_offset(upload_id: str, offset: int, expires_at: float) -> Deferred[None]:
-        """Record the bytes now durably on disk and the new expiry."""
+    def update_offset(
+        upload_id: str, expected: int, offset: int, expires_at: float
+    ) -> Deferred[bool]:
+        """
+        Record the bytes now durably on disk and the new expiry, if the
+        recorded offset is still C{expected} (what the writer last recorded
+        or found): fires with whether it was written.  False means another
+        request (on another node, after this one lost its lock) moved the
+        upload on, or it is gone: the offset is never moved back.  Writing
+        the same C{offset} and C{expires_at} again is harmless (a statement
+        retried over a dropped connection).
+        """
 
     def finish(upload_id: str, job_id: str) -> Deferred[str]:
         """
@@ -285,11 +295,14 @@ class MemoryUploadStore:
             u.length = length
         return succeed(None)
 
-    def update_offset(self, upload_id: str, offset: int, expires_at: float) -> Deferred[None]:
+    def update_offset(
+        self, upload_id: str, expected: int, offset: int, expires_at: float
+    ) -> Deferred[bool]:
         u = self.uploads.get(upload_id)
-        if u is not None:
-            u.offset, u.expires_at = offset, expires_at
-        return succeed(None)
+        if u is None or u.offset != expected:
+            return succeed(u is not None and (u.offset, u.expires_at) == (offset, expires_at))
+        u.offset, u.expires_at = offset, expires_at
+        return succeed(True)
 
     def finish(self, upload_id: str, job_id: str) -> Deferred[str]:
         u = self.uploads.get(upload_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,42 @@ class SpooledFile:
     md5: str | None
 
 
+class Checkpoints:
+    """
+    When an open file's bytes are made durable while it is written: after
+    C{seconds} or C{nbytes} more bytes since the last time, whichever comes
+    first (and only if bytes came).  C{synced(size)} is called on the
+    reactor thread each time, with the bytes now durable.
+    """
+
+    __slots__ = ("_last_size", "_last_time", "nbytes", "seconds", "synced")
+
+    def __init__(self, seconds: float, nbytes: int, synced: Callable[[int], None]) -> None:
+        self.seconds = seconds
+        self.nbytes = nbytes
+        self.synced = synced
+        self._last_size = -1
+        self._last_time = 0.0
+
+    def begin(self, size: int) -> None:
+        self._last_size = size
+        self._last_time = time.monotonic()
+
+    def due(self, size: int) -> bool:
+        if size <= self._last_size:
+            return False
+        late = time.monotonic() - self._last_time >= self.seconds
+        return late or size - self._last_size >= self.nbytes
+
+    def wait(self, size: int) -> float | None:
+        """How long the spool's thread may wait for more bytes before it is due."""
+        if size <= self._last_size:
+            return None
+        return max(0.0, self._last_time + self.seconds - time.monotonic())
+
+
 class _Open:
-    __slots__ = ("extra", "keep", "md5", "path", "sha", "size", "start")
+    __slots__ = ("checkpoints", "extra", "keep", "md5", "path", "sha", "size", "start")
 
     def __init__(
         self,
@@ -55,7 +90,9 @@ class _Open:
         sha: Any = None,
         extra: tuple[Any, ...] = (),
         keep: bool = False,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
+        self.checkpoints = checkpoints
         self.path = path
         self.md5 = md5
         self.size = size
@@ -134,6 +171,7 @@ class Spool:
         sha: Any = None,
         extra: tuple[Any, ...] = (),
         keep: bool = False,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         """
         Start a new file.  Given its C{size}, the space is allocated ahead of
@@ -147,8 +185,10 @@ class Spool:
         SHA-256 object C{sha}, also feeding the C{extra} hash objects (the
         chunk's own checksum); with C{keep}, the file is not removed on
         L{abort}, since what came before this request is not the spool's.
+        With C{checkpoints}, its bytes are made durable from time to time
+        as they come (see L{Checkpoints}).
         """
-        self._queue.put(_Open(path, md5, size, start, sha, extra, keep))
+        self._queue.put(_Open(path, md5, size, start, sha, extra, keep, checkpoints))
 
     def write(self, data: bytes, wait: bool = False) -> None:
         """
@@ -231,6 +271,7 @@ class Spool:
 
     def _run(self) -> None:
         current: FileWriter | None = None
+        checkpoints: Checkpoints | None = None
         files: list[SpooledFile] = []
         failed = False
 
@@ -238,7 +279,25 @@ class Spool:
             self._reactor.callFromThread(self._failed, e)
 
         while True:
-            item = self._queue.get()
+            if checkpoints is not None and current is not None and not failed:
+                if checkpoints.due(current.size):
+                    try:
+                        synced = current.sync()
+                    except OSError as e:
+                        failed = True
+                        report(e)
+                        continue
+                    if synced is not None:
+                        checkpoints.begin(synced)
+                        self._reactor.callFromThread(checkpoints.synced, synced)
+                wait = checkpoints.wait(current.size)
+            else:
+                wait = None
+            try:
+                # A slow client's staged bytes are made durable in time too.
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
             if item is _ABORT:
                 break
             if isinstance(item, Lent | bytes | bytearray | memoryview):
@@ -273,6 +332,9 @@ class Spool:
                         sha=item.sha,
                         extra=item.extra,
                     )
+                    checkpoints = item.checkpoints
+                    if checkpoints is not None:
+                        checkpoints.begin(item.start)
                 except OSError as e:
                     failed = True
                     report(e)
@@ -282,6 +344,7 @@ class Spool:
                     item.objects += current.extra
                 item.event.set()
             elif item is _CLOSE:
+                checkpoints = None
                 if current is not None:
                     done, current = current, None
                     try:

@@ -9,6 +9,12 @@ the upload and is asked to stop; after a restart the bytes on disk are
 hashed again).  Then the body waits, the socket paused: what the first read
 brought is kept in memory (at most one read), and the rest stays in the
 kernel until the upload is ready.
+
+A long PATCH is checkpointed: every L{CHECKPOINT_SECONDS}, or every
+L{CHECKPOINT_BYTES}, whichever comes first, the spool syncs the file and its
+offset is recorded, so that a crash (kill -9, a dead host) loses at most
+that much of it.  Not a PATCH with C{Upload-Checksum}: its chunk is kept
+whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,13 +31,19 @@ from transcoder.core.errors import DomainError
 from transcoder.core.uploads import Upload
 from transcoder.http.bodies import IRequestBody, _storage_error, spool_limits
 from transcoder.http.errors import APIError
-from transcoder.http.spool import Spool, SpooledFile
+from transcoder.http.spool import Checkpoints, Spool, SpooledFile
 from transcoder.http.tusproto import tus_error
 
 if TYPE_CHECKING:
     from transcoder.http.tusupload import Prepared, TusUploads
 
 log = Logger()
+
+# A crash loses at most a second of a client's sending (what it sends again
+# on resuming), and at most this many bytes of a fast one.  Each costs a
+# drain of the writers, an fdatasync and one store write (docs/performance.md).
+CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_BYTES = 64 << 20
 
 
 def _reopen(path: Any) -> Any:
@@ -64,6 +76,8 @@ class TusPatchBody:
         self._finishing = False
         self._ended = False
         self._pump_hashes = False
+        # The checkpoint being recorded: the PATCH's own record waits for it.
+        self._recording: Deferred[None] | None = None
         self.onFatal: Callable[[DomainError], None] = lambda e: None
         self.onPressure: Callable[[bool], None] = lambda paused: None
         self._paused_here = False
@@ -96,6 +110,11 @@ class TusPatchBody:
             self._uploads.release(prep, None)
             return
         prep.stop_request = self.stop
+        if not self._nbytes:
+            # Nothing to write (an empty PATCH: its offset is checked, its
+            # expiry renewed): no spool, no file opened.
+            self._fire_ready()
+            return
         highWater, stagingBuffers = spool_limits(self._crowd)
         self._spool = Spool(
             self.reactor,
@@ -112,16 +131,46 @@ class TusPatchBody:
             sha=prep.sha,
             extra=(prep.checksum_hash,) if prep.checksum_hash is not None else (),
             keep=True,
+            checkpoints=(
+                Checkpoints(CHECKPOINT_SECONDS, CHECKPOINT_BYTES, self._synced)
+                if prep.checksum is None
+                else None
+            ),
         )
         for data in self._waiting:
             self._spool.write(data)
         self._waiting = []
+        self._fire_ready()
+
+    def _fire_ready(self) -> None:
         if self._paused_here:
             self._paused_here = False
             self.onPressure(False)
         for d in self._ready:
             d.callback(None)
         self._ready = []
+
+    def _synced(self, size: int) -> None:
+        prep = self._prep
+        if prep is None or self._ended or self._recording is not None or size <= prep.recorded:
+            # The PATCH's own record (or the next checkpoint) covers it.
+            return
+
+        def recorded(result: object) -> None:
+            self._recording = None
+            if isinstance(result, Failure):
+                error = result.value
+                if not isinstance(error, DomainError):
+                    log.failure("upload {id}: recording a checkpoint failed", result,
+                                id=prep.upload.id)  # fmt: skip
+                    return
+                # Another request moved the upload on: this one stops now
+                # (its own record will find the same and answer 409).
+                if not self._ended:
+                    self.onFatal(error)
+
+        self._recording = self._uploads.checkpoint(prep, size)
+        self._recording.addBoth(recorded)
 
     def _not_prepared(self, f: Failure) -> None:
         error = f.value if isinstance(f.value, DomainError) else None
@@ -178,7 +227,7 @@ class TusPatchBody:
         d: Deferred[None] = Deferred()
         if self._error is not None:
             d.errback(self._error)
-        elif self._spool is not None:
+        elif self._spool is not None or (self._prep is not None and not self._nbytes):
             d.callback(None)
         else:
             self._ready.append(d)
@@ -195,7 +244,11 @@ class TusPatchBody:
         if self._ended:
             return
         self._ended = True
-        if self._spool is None or self._prep is None:
+        if self._prep is None:
+            return
+        if self._spool is None:
+            if not self._nbytes:
+                self._uploads.release(self._prep, None)
             return
         if self._spool_error is not None:
             self._discard()
@@ -204,15 +257,22 @@ class TusPatchBody:
 
     def _close(self, complete: bool) -> Deferred[Upload]:
         spool, prep = self._spool, self._prep
-        assert spool is not None and prep is not None
+        assert prep is not None
+        if spool is None:
+            d = self._uploads.patched(prep, prep.offset, complete, True)
+            self._uploads.ending(d)
+            return d
         spool.close_file()
 
-        def done(files: list[SpooledFile]) -> Deferred[Upload]:
+        async def done(files: list[SpooledFile]) -> Upload:
             (f,) = files
+            if self._recording is not None:
+                # Its offset is the one this record is compared with.
+                await self._recording
             # A pump that hashed may have hashed bytes it had no time to
             # lend: then the SHA-256 object is not the file's.
             trusted = complete or not self._pump_hashes
-            return self._uploads.patched(prep, f.size, complete, trusted)
+            return await self._uploads.patched(prep, f.size, complete, trusted)
 
         def failed(f: Failure) -> Failure:
             self._discard()
@@ -220,7 +280,12 @@ class TusPatchBody:
                 return Failure(_storage_error(f.value or Exception()))
             return f
 
-        return spool.finish().addCallbacks(done, failed)
+        from twisted.internet.defer import ensureDeferred
+
+        d = spool.finish().addCallbacks(lambda files: ensureDeferred(done(files)), failed)
+        # The service's stop waits for it (a SIGTERM just after the client went).
+        self._uploads.ending(d)
+        return d
 
     def _spool_failed(self, error: OSError) -> None:
         log.warn("tus PATCH: write failed: {error}", error=error)

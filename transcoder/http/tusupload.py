@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,6 +63,9 @@ class Prepared:
     checksum: tuple[str, bytes] | None = None
     checksum_hash: Any = None
     stop_request: Callable[[], None] = field(default=lambda: None)
+    # The offset on record for this PATCH's own writes to be compared with
+    # (see IUploadStore.update_offset): where it started, then its last checkpoint.
+    recorded: int = 0
 
 
 def _hash_file(path: Path, nbytes: int) -> Any:
@@ -86,6 +89,35 @@ def _settle(path: Path, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _trim(path: Path, size: int) -> None:
+    # Only once the offset is recorded: a PATCH that lost the upload to another
+    # node must not cut off the bytes that node wrote past its own end.  Not
+    # synced: a longer file than the offset is harmless (the next PATCH writes
+    # from the offset, the last one ends the file).
+    try:
+        os.truncate(path, size)
+    except OSError as e:
+        log.warn("could not trim {path}: {error}", path=str(path), error=e)
+
+
+def superseded(upload: Upload | None = None) -> APIError:
+    """The answer to a PATCH whose offset could not be recorded: another request moved it on."""
+    return tus_error(
+        409,
+        "superseded",
+        "another request took over this upload; HEAD it for its offset",
+        **({"Upload-Offset": str(upload.offset)} if upload is not None else {}),
+    )
 
 
 class TusUploads:
@@ -120,6 +152,9 @@ class TusUploads:
         self.check_disk = check_disk
         self.event = event
         self._hashes: dict[str, tuple[int, Any]] = {}
+        # PATCHes ending (their files synced, their offsets recorded), waited
+        # for by stop(): a SIGTERM just after a client went must not lose them.
+        self._ending: set[Deferred[Any]] = set()
         self.gone: OrderedDict[str, None] = OrderedDict()
         # Counts the jobs made, as plain uploads' are (set by build_root).
         self.report: Callable[[str, int], None] = lambda outcome, nbytes: None
@@ -130,8 +165,23 @@ class TusUploads:
         """Finish what a crash or a refusal left unfinished, now and from time to time."""
         self.finisher.start()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """Stop reconciling; fires once every PATCH that is ending has recorded its offset."""
         self.finisher.stop()
+        ending = list(self._ending)
+        if ending:
+            log.info("shutting down: recording the offsets of {n} PATCHes", n=len(ending))
+        return DeferredList(ending, consumeErrors=True).addCallback(lambda _: None)
+
+    def ending(self, d: Deferred[Any]) -> None:
+        """A PATCH is ending in C{d}: the service's stop waits for it."""
+        self._ending.add(d)
+
+        def done(result: object) -> object:
+            self._ending.discard(d)
+            return result
+
+        d.addBoth(done)
 
     def now(self) -> float:
         return float(self.reactor.seconds()) if hasattr(self.reactor, "seconds") else time.time()
@@ -306,7 +356,7 @@ class TusUploads:
                 raise tus_error(403, "finished", "the upload is complete")
             sha = await self._sha(upload)
             prep = Prepared(upload, lock, self.upload_dir(upload_id) / upload.filename,
-                            upload.offset, sha, sha.copy())  # fmt: skip
+                            upload.offset, sha, sha.copy(), recorded=upload.offset)  # fmt: skip
             if checksum is not None:
                 prep.checksum = checksum
                 prep.checksum_hash = new_hash(checksum[0])
@@ -368,6 +418,10 @@ class TusUploads:
         the job if the upload is complete.  Releases the lock.
         """
         upload = prep.upload
+        if upload.job_id is not None:
+            # An empty PATCH at the end of a finished upload (its file is the
+            # job's now, or waits for POST /jobs): answered as the last one was.
+            return self._after(prep, succeed(upload), None, 0)
         if prep.checksum is not None and (
             not complete or prep.checksum_hash.digest() != prep.checksum[1]
         ):
@@ -382,11 +436,14 @@ class TusUploads:
         written = end - prep.offset
 
         async def record() -> Upload:
-            await deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), _settle, prep.path, end
-            )
-            upload.offset = end
-            await self.store.update_offset(upload.id, end, self.now() + self.expiry)
+            pool = self.reactor.getThreadPool()
+            await deferToThreadPool(self.reactor, pool, _sync, prep.path)
+            if not await self.store.update_offset(
+                upload.id, prep.recorded, end, self.now() + self.expiry
+            ):
+                raise superseded(await self.store.get(upload.id))
+            prep.recorded = upload.offset = end
+            await deferToThreadPool(self.reactor, pool, _trim, prep.path, end)
             if upload.complete and upload.job_id is None:
                 await self._complete(upload, prep.sha)
             return upload
@@ -414,10 +471,30 @@ class TusUploads:
 
         return d.addBoth(settled)
 
+    def checkpoint(self, prep: Prepared, size: int) -> Deferred[None]:
+        """
+        A long PATCH's bytes up to C{size} are durably in the file (synced by
+        the spool): record them, so that a crash loses at most what came
+        since.  Fails with L{superseded} when another request moved the upload on.
+        """
+
+        def lost(upload: Upload | None) -> None:
+            raise superseded(upload)
+
+        def recorded(ok: bool) -> Deferred[None] | None:
+            if not ok:
+                return self.store.get(prep.upload.id).addCallback(lost)
+            prep.recorded = size
+            return None
+
+        return self.store.update_offset(
+            prep.upload.id, prep.recorded, size, self.now() + self.expiry
+        ).addCallback(recorded)
+
     def discard(self, prep: Prepared) -> None:
-        """A write failed: the file goes back to the offset, as does the hash."""
+        """A write failed: the file goes back to the offset on record, as does the hash."""
         d = deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), _settle, prep.path, prep.offset
+            self.reactor, self.reactor.getThreadPool(), _settle, prep.path, prep.recorded
         )
         self._after(prep, d.addCallback(lambda _: prep.upload), prep.sha_before, 0).addErrback(
             lambda f: log.failure("could not truncate {path}", f, path=str(prep.path))

@@ -343,6 +343,25 @@ class FileWriter:
         self._writer.submit(item, self._staged_at)
         item.release()
 
+    def sync(self) -> int | None:
+        """
+        Make every byte so far durable: wait for the writers, write what is
+        staged (its buffer stays, to be written whole once full, so that the
+        writes after it stay aligned), C{fdatasync}.  The bytes now durable,
+        or None after a write error (the writer reported it).
+
+        @raise OSError: the staged bytes or the sync failed.
+        """
+        writer = self._writer
+        if writer is not None:
+            if writer.drain() is not None:
+                return None
+            if self._staging is not None and self._staged:
+                staged = memoryview(self._staging)[: self._staged]
+                writer._pwrite_all(self._f.fileno(), staged, self._staged_at)
+        os.fdatasync(self._f.fileno())
+        return self.size
+
     def close(self) -> OSError | None:
         """Write what is staged, wait for the writers, close; the first write error."""
         error = None
