@@ -467,6 +467,10 @@ def test_the_page_works_from_the_keyboard_and_long_polls(
     page = w.page
     page.locator("#status", has_text="Ready.").wait_for()
     page.select_option("select[name=profile]", "mp4-h264")
+    # The profile's fields and file input are built anew on a change: tab through
+    # the new ones, not ones about to be replaced.
+    page.locator("#param-crf").wait_for()
+    page.locator("#file-file").wait_for()
     _slow(page, 1_000_000)
     page.evaluate("document.activeElement.blur()")
     order = []
@@ -475,7 +479,8 @@ def test_the_page_works_from_the_keyboard_and_long_polls(
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id"))
     assert order.index("profile") < order.index("param-crf") < order.index("file-file")
-    with page.expect_file_chooser() as chooser:
+    assert page.evaluate("document.activeElement.id") == "file-file"
+    with page.expect_file_chooser(timeout=20_000) as chooser:
         page.keyboard.press("Space")
     chooser.value.set_files(clip)
     upload = page.locator("#uploads li.upload")
