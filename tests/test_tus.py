@@ -424,13 +424,15 @@ def test_multi_input_job_refusals(server: ServerProcess, clips: Clips) -> None:
 
 
 def test_expired_uploads_are_swept_and_counted(tmp_path: Path) -> None:
-    """With --upload-expiry 2s an abandoned upload's files go and its id answers 410; the metrics count it."""
+    """With --upload-expiry 2s an abandoned upload's files go and its id answers 410; the metrics count it, and an empty PATCH leaves the PATCHes-in-flight gauge at 0."""
     srv = ServerProcess(tmp_path, "--workers", "0", "--upload-expiry", "2s")
     try:
         srv.wait_healthy()
         loc = create(srv, 100)
         status, h, _ = patch(srv, loc, 0, b"abc")
         assert status == 204 and "upload-expires" in h
+        # An empty PATCH is no PATCH in flight, before or after.
+        assert patch(srv, loc, 3, b"")[0] == 204
         upload_dir = tmp_path / "tus" / loc.rsplit("/", 1)[1]
         assert upload_dir.is_dir()
         assert wait_for(lambda: head(srv, loc)[0] == 410, timeout=15)

@@ -66,6 +66,8 @@ class Prepared:
     # The offset on record for this PATCH's own writes to be compared with
     # (see IUploadStore.update_offset): where it started, then its last checkpoint.
     recorded: int = 0
+    # Counted in the PATCHes-in-flight gauge (a PATCH with a body), to be uncounted once.
+    in_flight: bool = False
 
 
 def _hash_file(path: Path, nbytes: int) -> Any:
@@ -362,6 +364,7 @@ class TusUploads:
                 prep.checksum_hash = new_hash(checksum[0])
             box.append(prep)
             if nbytes:
+                prep.in_flight = True
                 self.event("patches", 1)
             return prep
 
@@ -465,7 +468,9 @@ class TusUploads:
             if end is not None:
                 prep.offset = end
             self.event("bytes", nbytes)
-            self.event("patches", -1)
+            if prep.in_flight:
+                prep.in_flight = False
+                self.event("patches", -1)
             self.release(prep, sha if prep.upload.job_id is None else None)
             return result
 
