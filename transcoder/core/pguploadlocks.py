@@ -127,9 +127,11 @@ class PostgresUploadLocks:
         if self._check is not None and self._check.running:
             self._check.stop()
         self._check = None
-        self._listener.stop()
         self._taken.clear()
-        return self._db.close(lambda conn: conn.execute("SELECT pg_advisory_unlock_all()"))
+        d = self._listener.stop()
+        return d.addCallback(
+            lambda _: self._db.close(lambda conn: conn.execute("SELECT pg_advisory_unlock_all()"))
+        )
 
     # The lock.
 
@@ -248,10 +250,22 @@ class _Listener:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """Fires once the thread has closed its connection (or after a bound)."""
         self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(_LISTEN_POLL * 4)
+        done: Deferred[None] = Deferred()
+        # Watched from the reactor, never joined on it: a join would hold the
+        # reactor for up to a poll, long enough to miss a lease renewal.
+        deadline = self._reactor.seconds() + _LISTEN_POLL * 4
+
+        def check() -> None:
+            if not self._thread.is_alive() or self._reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self._reactor.callLater(0.05, check)
+
+        check()
+        return done
 
     def _run(self) -> None:
         import psycopg
