@@ -287,9 +287,13 @@ class Spool:
                         failed = True
                         report(e)
                         continue
-                    if synced is not None:
-                        checkpoints.begin(synced)
-                        self._reactor.callFromThread(checkpoints.synced, synced)
+                    if synced is None:
+                        # A writer failed and reported it: as for a write, nothing
+                        # more is done (else this loop would sync again at once, on and on).
+                        failed = True
+                        continue
+                    checkpoints.begin(synced)
+                    self._reactor.callFromThread(checkpoints.synced, synced)
                 wait = checkpoints.wait(current.size)
             else:
                 wait = None

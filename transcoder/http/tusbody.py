@@ -106,8 +106,9 @@ class TusPatchBody:
     def _prepared(self, prep: Prepared) -> None:
         self._prep = prep
         if self._ended and not self._finishing:
-            # The client went away while it waited: nothing was written.
-            self._uploads.release(prep, None)
+            # The client went away while it waited: nothing was written, so
+            # the hash is still the file's (and the PATCH is no longer in flight).
+            self._uploads.release(prep, prep.sha if prep.upload.job_id is None else None)
             return
         prep.stop_request = self.stop
         if not self._nbytes:
@@ -187,6 +188,10 @@ class TusPatchBody:
 
     def stop(self) -> None:
         """Another request wants the upload: end this one, keeping what it wrote."""
+        if self._ended:
+            # Its body is in (or cut off): it is recording its offset and lets go
+            # once that is done.  Failing it now would answer its client twice.
+            return
         self.onFatal(tus_error(409, "superseded", "another request took over this upload"))
 
     # What the request calls.

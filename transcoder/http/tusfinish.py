@@ -195,27 +195,32 @@ class TusFinisher:
             upload_id = entry.name
             if not is_upload_id(upload_id) or uploads.locks.held(upload_id):
                 continue
-            upload = await uploads.store.get(upload_id)
-            if upload is None or not upload.complete:
-                continue
-            if upload.job_id == "" and used is None:
-                used = {
-                    u: job.id
-                    for job in uploads.registry.jobs()
-                    if len(job.extra.get(UPLOADS_KEY) or ()) > 1
-                    for u in job.extra[UPLOADS_KEY]
-                }
-            if upload.job_id == "" and (used is None or upload_id not in used):
-                continue  # an input waiting for its POST /jobs
-            if uploads.locks.held(upload_id):
-                continue
-            lock = await uploads.locks.acquire(upload_id, lambda: None)
+            # One upload's failure (the store down a moment) is logged; the
+            # pass goes on, and so do the next ones.
             try:
-                await self._settle(upload_id, used or {})
+                upload = await uploads.store.get(upload_id)
+                if upload is None or not upload.complete:
+                    continue
+                if upload.job_id == "" and used is None:
+                    used = {
+                        u: job.id
+                        for job in uploads.registry.jobs()
+                        if len(job.extra.get(UPLOADS_KEY) or ()) > 1
+                        for u in job.extra[UPLOADS_KEY]
+                    }
+                if upload.job_id == "" and (used is None or upload_id not in used):
+                    continue  # an input waiting for its POST /jobs
+                # Never asks a holder to stop: a request on another node may be
+                # making this very job (its last PATCH, a HEAD).
+                lock = await uploads.locks.try_acquire(upload_id)
+                if lock is None:
+                    continue
+                try:
+                    await self._settle(upload_id, used or {})
+                finally:
+                    lock.release()
             except Exception:
                 log.failure("reconciling upload {id} failed", id=upload_id)
-            finally:
-                lock.release()
 
     async def _settle(self, upload_id: str, used: dict[str, str]) -> None:
         uploads = self._uploads

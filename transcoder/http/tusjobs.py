@@ -27,7 +27,7 @@ from transcoder.core.files import remove
 from transcoder.core.jobs import InputFile, Job
 from transcoder.core.profiles import profile_for
 from transcoder.core.submit import UPLOADS_KEY, Submission
-from transcoder.core.uploads import IUploadLock, Upload
+from transcoder.core.uploads import IUploadLock, Upload, is_upload_id
 from transcoder.http.bodies import IRequestBody
 from transcoder.http.errors import APIError
 from transcoder.http.fields import check_callback, input_digests, query_fields, split_fields
@@ -64,6 +64,13 @@ class FromUploads:
                 f"profile {self._profile.name} takes upload.<role> for "
                 f"{', '.join(self._profile.inputs)}",
             )
+        for role, upload_id in self._named.items():
+            # Checked before any lock is taken: a lock's key is made from the id.
+            if not is_upload_id(upload_id):
+                raise APIError(404, "not_found", f"upload.{role}: no such upload")
+        if len(set(self._named.values())) != len(self._named):
+            # One upload cannot be two inputs (and would wait on its own lock).
+            raise APIError(422, "bad_input", "the same upload is named for two inputs")
         self._digests = input_digests(control, self._profile)
         self._uploads = uploads
         self._owner: str | None = getattr(request, "owner", None)

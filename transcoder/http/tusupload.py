@@ -335,6 +335,9 @@ class TusUploads:
         async def take() -> Prepared:
             upload = await self.lookup(upload_id, owner)
             if upload.length is None and length is not None:
+                if length == 0:
+                    # As for POST /uploads with Upload-Length: 0 and a plain upload.
+                    raise tus_error(400, "empty_body", "the upload is empty")
                 if length > self.max_size or length < upload.offset:
                     raise tus_error(413, "too_large", "Upload-Length is past the maximum size")
                 await self.store.set_length(upload_id, length)
@@ -410,6 +413,10 @@ class TusUploads:
         return d.addCallback(hashed)
 
     def release(self, prep: Prepared, sha: Any) -> None:
+        """The PATCH lets go of the upload; C{sha}, if given, is its hash at C{prep.offset}."""
+        if prep.in_flight:
+            prep.in_flight = False
+            self.event("patches", -1)
         if sha is not None:
             self._hashes[prep.upload.id] = (prep.offset, sha)
         prep.lock.release()
@@ -468,9 +475,6 @@ class TusUploads:
             if end is not None:
                 prep.offset = end
             self.event("bytes", nbytes)
-            if prep.in_flight:
-                prep.in_flight = False
-                self.event("patches", -1)
             self.release(prep, sha if prep.upload.job_id is None else None)
             return result
 
@@ -516,7 +520,9 @@ class TusUploads:
         upload.extra["sha256"] = digest
         want = upload.extra.get("sha256_expected")
         if want is not None and want != digest:
-            self.terminate_now(upload)
+            # Gone before the client hears of it (and before the lock goes):
+            # a HEAD then finds no complete upload to make a job of.
+            await self.terminate_now(upload)
             raise tus_error(400, "digest_mismatch", "the upload's SHA-256 does not match")
         profile_name = upload.metadata.get("profile")
         if not profile_name:
