@@ -325,6 +325,9 @@ def test_disposition_filename(value: str, name: str | None) -> None:
         ("-rf.mp4", "rf.mp4"),
         ("a\x1b[31mb.mp4", "a_[31mb.mp4"),
         ("..", None),
+        # Cut to 250 bytes at the start, room left for ".part", nothing bared hidden.
+        pytest.param("\u52d5" * 116 + ".mp4", "\u52d5" * 82 + ".mp4", id="long-cjk"),
+        pytest.param("a" * 10 + "." + "b" * 249, "b" * 249, id="cut-bares-a-dot"),
         ("dir/", None),
         ("", None),
         (None, None),
