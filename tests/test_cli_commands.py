@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
+from urllib.request import Request as URLRequest
 from urllib.request import urlopen
 
 import pytest
@@ -160,6 +161,30 @@ def test_download_without_o_uses_the_servers_name(
     assert early.returncode == EXIT_SERVER_ERROR
     assert "409: not_ready: the job is" in early.stderr
     assert os.listdir(where) == ["my clip.mp4"]
+
+
+def test_download_without_o_fits_a_long_suggested_name(
+    server: ServerProcess, clips: Any, tmp_path: Path
+) -> None:
+    """
+    A suggested name longer than a file name may be (120 CJK letters: 352
+    bytes in UTF-8) is cut at its start, so that it and the download's
+    C{.part} both fit in 255 bytes: the result is saved, its extension kept.
+    """
+    name = "動" * 116 + ".mov"
+    upload = URLRequest(
+        f"{server.url}/jobs?profile=mp4-h264&preset=ultrafast&filename={quote(name)}",
+        data=clips.av.read_bytes(),
+        method="PUT",
+    )
+    with urlopen(upload, timeout=60) as answer:
+        job_id = json.load(answer)["id"]
+    assert _run("-s", server.url, "-q", "wait", job_id).returncode == EXIT_OK
+    where = tmp_path / "here"
+    where.mkdir()
+    saved = _run("-s", server.url, "-q", "download", job_id, cwd=where)
+    assert saved.returncode == EXIT_OK, saved.stderr
+    assert os.listdir(where) == ["動" * 82 + ".mp4"]
 
 
 def test_jobs_table_limit_and_json(tmp_path: Path, clips: Any) -> None:

@@ -24,11 +24,12 @@ from serverproc import ServerProcess, serve
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from transcoder.client import Client, RemoteJob, TranscoderError
+from transcoder.client import Client, ConnectionLost, NetworkError, RemoteJob, TranscoderError
 from transcoder.client.names import disposition_filename, safe_filename
 
 
@@ -325,6 +326,9 @@ def test_disposition_filename(value: str, name: str | None) -> None:
         ("-rf.mp4", "rf.mp4"),
         ("a\x1b[31mb.mp4", "a_[31mb.mp4"),
         ("..", None),
+        # Cut to 250 bytes at the start, room left for ".part", nothing bared hidden.
+        pytest.param("\u52d5" * 116 + ".mp4", "\u52d5" * 82 + ".mp4", id="long-cjk"),
+        pytest.param("a" * 10 + "." + "b" * 249, "b" * 249, id="cut-bares-a-dot"),
         ("dir/", None),
         ("", None),
         (None, None),
@@ -333,3 +337,50 @@ def test_disposition_filename(value: str, name: str | None) -> None:
 def test_safe_filename(suggested: str | None, safe: str | None) -> None:
     """A server's suggested name is cut to a plain name in the current directory, or refused."""
     assert safe_filename(suggested) == safe
+
+
+class _CutBody(Protocol):
+    """Answers each request with a 200 that promises 100 bytes, sends 10, and hangs up."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"id": "ab'
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_cut_short_is_a_network_error() -> None:
+    """
+    An answer whose connection breaks before the end of its body raises
+    ConnectionLost (a NetworkError, so a TranscoderError) naming the
+    request's method and URL, whichever call it was: get, profiles, log,
+    health, cancel.
+    """
+    port = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(_CutBody), interface="127.0.0.1"
+    )
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    job = "a" * 32
+    c = Client(url)
+    try:
+        for call, method, path in [
+            (lambda: c.get(job), "GET", f"/jobs/{job}"),
+            (c.profiles, "GET", "/profiles"),
+            (lambda: c.log(job, 5), "GET", f"/jobs/{job}/log?tail=5"),
+            (c.health, "GET", "/health"),
+            (lambda: c.cancel(job), "DELETE", f"/jobs/{job}"),
+        ]:
+            with pytest.raises(ConnectionLost) as e:
+                await call()
+            assert isinstance(e.value, NetworkError) and isinstance(e.value, TranscoderError)
+            assert (e.value.method, e.value.url) == (method, url + path)
+    finally:
+        await c.close()
+        await port.stopListening()

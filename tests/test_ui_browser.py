@@ -327,6 +327,33 @@ def test_an_upload_is_paused_resumed_and_cancelled(
     w.check("net::ERR_ABORTED")
 
 
+def test_the_same_file_for_two_jobs_is_two_uploads(
+    server: ServerProcess, open_page: Any, big_clip: Path, tmp_path: Path
+) -> None:
+    """The same file chosen again for another profile while its first upload is still going is an upload of its own (a second POST /uploads), not the first one resumed under the first one's profile: two jobs, one of each profile, each with the file's sha256."""
+    clip = named(big_clip, tmp_path, "twice.mp4")
+    w = open_page(server)
+    page = w.page
+    page.select_option("select[name=profile]", "mp4-h264")
+    _slow(page)
+    page.set_input_files("#file-file", clip)
+    _past(page, 10)
+    page.select_option("select[name=profile]", "paced")
+    page.set_input_files("#file-file", clip)
+    page.locator("#uploads li.upload").nth(1).wait_for()
+    _slow(page, -1)
+    cards = job_card(page, clip.name, "succeeded")
+    cards.nth(1).wait_for()
+    ids = cards.evaluate_all("cards => cards.map(c => c.dataset.id)")
+    jobs = [api(server, f"/jobs/{job_id}") for job_id in ids]
+    assert sorted(job["profile"] for job in jobs) == ["mp4-h264", "paced"]
+    digest = hashlib.sha256(clip.read_bytes()).hexdigest()
+    assert [job["inputs"][0]["sha256"] for job in jobs] == [digest, digest]
+    created = [r for r in w.requests if r.method == "POST" and r.url.endswith("/uploads")]
+    assert len(created) == 2
+    w.check()
+
+
 def test_a_failed_upload_says_why_and_retry_starts_it_again(
     server: ServerProcess, open_page: Any, clips: Clips, tmp_path: Path
 ) -> None:

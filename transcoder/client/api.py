@@ -240,7 +240,7 @@ class Client:
         self, method: str, path: str, query: Mapping[str, Any] | None = None, **kw: Any
     ) -> Any:
         response = await self._request(method, path, query, **kw)
-        text = await _content(response)
+        text = await _content(response, method, self._url(path, query))
         try:
             return json.loads(text)
         except ValueError:
@@ -363,7 +363,7 @@ class Client:
 
     async def _cancel_now(self, path: str) -> None:
         response = await self._request("DELETE", path)
-        await _content(response)
+        await _content(response, "DELETE", self._url(path))
 
     def jobs(self, state: str | None = None, *, page_size: int = 100) -> JobList:
         """
@@ -416,7 +416,7 @@ class Client:
 
     async def _text(self, path: str, query: Mapping[str, Any] | None) -> bytes:
         response = await self._request("GET", path, query, headers={b"Accept": b"text/plain"})
-        return await _content(response)
+        return await _content(response, "GET", self._url(path, query))
 
     def health(self) -> Deferred[dict[str, Any]]:
         """
@@ -434,7 +434,7 @@ class Client:
 
     async def _health_now(self) -> dict[str, Any]:
         response = await self._request("GET", "/health", accept=(503,))
-        text = await _content(response)
+        text = await _content(response, "GET", self._url("/health"))
         try:
             data = json.loads(text)
         except ValueError:
@@ -526,6 +526,14 @@ async def _nothing() -> None:
     return None
 
 
-async def _content(response: Any) -> bytes:
-    content: bytes = await response.content()
+async def _content(response: Any, method: str, url: str) -> bytes:
+    """The answer's body; a connection that breaks before its end is a L{NetworkError}."""
+    try:
+        content: bytes = await response.content()
+    except ResponseFailed as e:
+        # As _request does: a cancellation stays one (a timeout says so).
+        translated = as_network_error(network_failure(e), method, url)
+        if translated is e:
+            raise
+        raise translated from e
     return content

@@ -14,7 +14,9 @@ _EXTENDED = re.compile(r"""filename\*\s*=\s*([\w!#$%&+^`{}~-]+)'[^']*'([^;\s]+)"
 _QUOTED = re.compile(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', re.I)
 _TOKEN = re.compile(r"filename\s*=\s*([^;\s\"]+)", re.I)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
-MAX_NAME = 255
+# A file name's limit (255 bytes on Linux filesystems), less the ".part" the
+# download is written to first (transcoder.client.fetch).
+MAX_NAME = 255 - len(".part")
 
 
 def disposition_filename(value: str) -> str | None:
@@ -38,7 +40,8 @@ def safe_filename(name: str | None) -> str | None:
     C{name} as a file name in the current directory, or None if nothing
     usable is left: only its last path component (a server that says
     C{../../.bashrc} gets C{bashrc}), control characters replaced, no
-    leading dots, dashes or spaces, at most 255 bytes.
+    leading dots, dashes or spaces, at most L{MAX_NAME} bytes (cut at its
+    start, so that the extension stays).
     """
     if not name:
         return None
@@ -48,4 +51,5 @@ def safe_filename(name: str | None) -> str | None:
         return None
     while len(cleaned.encode("utf-8")) > MAX_NAME:
         cleaned = cleaned[1:]
-    return cleaned
+    # The cut may have bared a dot or a dash.
+    return cleaned.lstrip(".- ") or None

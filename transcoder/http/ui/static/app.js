@@ -379,13 +379,23 @@
     entry.upload = upload;
     entry.setState = setState;
     setState('uploading', 'starting…');
+    // tus-js-client knows a file by its name, size and date alone: an earlier upload of it
+    // is resumed only if it was for the same job (profile, parameters, input) and is not
+    // going on in this page (the same file chosen again, for another job).
     upload.findPreviousUploads().then((previous) => {
-      if (previous.length) {
-        upload.resumeFromPreviousUpload(previous[0]);
+      const busy = new Set(Array.from(uploads).filter((u) => u !== entry && u.upload && u.upload.url).map((u) => u.upload.url));
+      const same = previous.find((p) => !busy.has(p.uploadUrl) && sameMetadata(p.metadata || {}, metadata));
+      if (same) {
+        upload.resumeFromPreviousUpload(same);
         detail.textContent = 'resuming…';
       }
       upload.start();
     });
+  }
+
+  function sameMetadata(a, b) {
+    const keys = Object.keys(b);
+    return Object.keys(a).length === keys.length && keys.every((key) => a[key] === b[key]);
   }
 
   // Offline: a request under way would hang on a dead connection until TCP gives up, so
