@@ -127,8 +127,9 @@ from transcoder.client import Blocking
 
 with Blocking(sys.argv[1]) as client:
     job = client.submit(Path(sys.argv[2]), "mp4-h264", {"preset": "veryslow"})
-    print(job.id, flush=True)
     try:
+        # Inside the try: the test's Ctrl-C may come before wait() is entered.
+        print(job.id, flush=True)
         client.wait(job.id)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
