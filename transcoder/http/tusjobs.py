@@ -96,7 +96,10 @@ class FromUploads:
         uploads = self._uploads
         try:
             found = self._found
-            for role, upload_id in self._named.items():
+            got: dict[str, Upload] = {}
+            # In id order: two requests naming the same uploads in other orders would
+            # otherwise each hold one and wait on the other's until both get 423.
+            for role, upload_id in sorted(self._named.items(), key=lambda kv: kv[1]):
                 lock = await uploads.locks.acquire(upload_id, lambda: None).addErrback(
                     uploads._locked
                 )
@@ -115,7 +118,8 @@ class FromUploads:
                     raise APIError(
                         409, "upload_used", f"upload.{role} made job {upload.job_id} already"
                     )
-                found[role] = upload
+                got[role] = upload
+            found.update((role, got[role]) for role in self._named)
             ids = [u.id for u in found.values()]
             job_id = job_id_for(*ids)
             if uploads.registry.get(job_id) is not None:
