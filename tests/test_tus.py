@@ -485,3 +485,22 @@ def test_answers_conform_to_the_openapi_spec(server: ServerProcess) -> None:
     conform("patch", loc, call(server.port, "PATCH", loc, {**OCTETS, "Upload-Offset": "3"}, b"d"))
     conform("delete", loc, call(server.port, "DELETE", loc))
     conform("head", loc, call(server.port, "HEAD", loc))
+
+
+def test_bytes_on_a_finished_upload_and_an_empty_patch_below_it(
+    server: ServerProcess, clips: Clips
+) -> None:
+    """A PATCH with bytes at the end of a finished upload is 403 finished (not 413); an empty PATCH to a path below an upload's is 404, as any unknown path, and does not act on the upload."""
+    data = clips.flv_video.read_bytes()
+    loc = create(server, len(data), meta=metadata(profile="mp4-h264", filename="v.flv"))
+    status, h, _ = patch(server, loc, 0, data)
+    assert status == 204 and "job-location" in h
+    status, h, body = patch(server, loc, len(data), b"more")
+    assert status == 403 and b'"finished"' in body and h["tus-resumable"] == "1.0.0"
+    # The empty PATCH that at loc itself answers 204 with its Job-Location.
+    assert patch(server, loc, len(data), b"")[0] == 204
+    status, h, body = patch(server, loc + "/x", len(data), b"")
+    assert status == 404 and b'"not_found"' in body and "job-location" not in h
+    deferred = create(server, None)
+    assert patch(server, deferred + "/x", 0, b"", Upload_Length="10")[0] == 404
+    assert head(server, deferred)[1]["upload-defer-length"] == "1"

@@ -250,3 +250,61 @@ async def test_tus_bodies_and_resources_provide_their_interfaces(world: World) -
     from_uploads.abort()
     verifyObject(IBodyReceiver, UploadsResource(world.uploads))
     verifyObject(IBodyReceiver, UploadResource(world.uploads, u.id))
+
+
+class _TurnLocks(InProcessUploadLocks):
+    """Grants each lock a reactor turn later, so that two requests' acquisitions interleave."""
+
+    def acquire(self, upload_id: str, stop: Any) -> Deferred[IUploadLock]:
+        return deferLater(reactor, 0, lambda: None).addCallback(
+            lambda _: super(_TurnLocks, self).acquire(upload_id, stop)
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_jobs_naming_the_same_uploads_in_other_orders_do_not_wait_on_each_other(
+    world: World,
+) -> None:
+    """Two POST /jobs naming the same uploads in different orders take their locks in id order: the first gets its job at once (no 423 after each held one lock and waited 5 s on the other's), the second follows once it lets go; each job lists its inputs in its request's order."""
+    world.uploads.locks = _TurnLocks(reactor)
+    ids: dict[str, str] = {}
+    for role, data in {"video": b"v" * 400, "audio": b"a" * 200}.items():
+        u = await world.upload(data, input=role, filename=f"{role}.bin")
+        await world.last_patch(u, data)
+        ids[role] = u.id
+    one = {"profile": "mux-avi", "upload.video": ids["video"], "upload.audio": ids["audio"]}
+    other = {"profile": "mux-avi", "upload.audio": ids["audio"], "upload.video": ids["video"]}
+    first = FromUploads(world.uploads, _request(**one)).finish()
+    second = FromUploads(world.uploads, _request(**other)).finish()
+    got = await first
+    assert [i.name for i in got.inputs] == ["video", "audio"]
+    assert not second.called
+    assert got.refused is not None
+    got.refused(Failure(RuntimeError("refused")))
+    then = await second
+    assert then.job_id == got.job_id and [i.name for i in then.inputs] == ["audio", "video"]
+    assert then.refused is not None
+    then.refused(Failure(RuntimeError("refused")))
+    assert not any(world.uploads.locks.held(i) for i in ids.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deferred_length_below_the_bytes_received_is_400(world: World) -> None:
+    """A PATCH declaring a deferred length below the bytes already received gets 400 bad_length saying so (not 413 past the maximum), with the real Upload-Offset; the length stays deferred."""
+    uid = new_upload_id()
+    metadata = {"profile": "mp4-h264"}
+    checked = world.uploads.check_metadata(metadata)
+    filename = world.uploads.new_file(uid, checked["role"], checked["display"])
+    (world.uploads.upload_dir(uid) / filename).write_bytes(b"x" * 10)
+    await world.store.create(
+        Upload(uid, None, None, 10, metadata, 0.0, 1e12, filename, extra=checked)
+    )
+    with pytest.raises(APIError) as refused:
+        await world.uploads.prepare(uid, None, 10, 0, 5, None)
+    e = refused.value
+    assert e.status == 400 and e.code == "bad_length"
+    assert "below" in e.message and "10 bytes received" in e.message
+    assert e.headers["Upload-Offset"] == "10" and e.headers["Tus-Resumable"] == "1.0.0"
+    got = await world.store.get(uid)
+    assert got is not None and got.length is None
+    assert not world.uploads.locks.held(uid)

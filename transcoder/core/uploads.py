@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
-from transcoder.core.errors import DomainError, Unavailable
+from transcoder.core.errors import Unavailable
 
 # 160 random bits, as hex: the id is the capability (whoever has the URL may
 # write to the upload, within its owner's token).
@@ -71,13 +71,6 @@ class Upload:
     @property
     def complete(self) -> bool:
         return self.length is not None and self.offset == self.length
-
-
-class UploadGone(DomainError):
-    """The upload expired or was terminated (410)."""
-
-    def __init__(self, upload_id: str) -> None:
-        super().__init__("upload_gone", f"upload {upload_id[:8]}... expired or was terminated")
 
 
 class UploadLocked(Unavailable):

@@ -270,7 +270,7 @@ class UploadResource(_TusResource):
                 ),
             )
         handler = getattr(self, "render_" + method.decode("ascii", "replace"), None)
-        if handler is None or method == b"POST":
+        if handler is None:
             return self._refuse(request, tus_error(405, "method_not_allowed", "no such method"))
         result: bytes | int = handler(request)
         return result
@@ -283,6 +283,8 @@ class UploadResource(_TusResource):
         else:
             try:
                 check_resumable(request)
+                if request.postpath:
+                    raise tus_error(404, "not_found", "no such upload")
                 check_content_type(request)
                 offset = number(request, "Upload-Offset")
                 if offset is None:

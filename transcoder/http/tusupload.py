@@ -338,8 +338,15 @@ class TusUploads:
                 if length == 0:
                     # As for POST /uploads with Upload-Length: 0 and a plain upload.
                     raise tus_error(400, "empty_body", "the upload is empty")
-                if length > self.max_size or length < upload.offset:
+                if length > self.max_size:
                     raise tus_error(413, "too_large", "Upload-Length is past the maximum size")
+                if length < upload.offset:
+                    raise tus_error(
+                        400,
+                        "bad_length",
+                        f"Upload-Length {length} is below the {upload.offset} bytes received",
+                        Upload_Offset=str(upload.offset),
+                    )
                 await self.store.set_length(upload_id, length)
                 upload.length = length
             if offset != upload.offset and upload.complete and upload.job_id is None:
@@ -354,11 +361,13 @@ class TusUploads:
                     # A client retrying the last PATCH learns of the job it made.
                     **({"Job_Location": f"/jobs/{upload.job_id}"} if upload.job_id else {}),
                 )
+            if nbytes and upload.complete:
+                # Checked before the 413 below, which any byte on a complete upload would
+                # also hit: the client is told the upload is done, not that it is too long.
+                raise tus_error(403, "finished", "the upload is complete")
             end = upload.length if upload.length is not None else self.max_size
             if nbytes > end - upload.offset:
                 raise tus_error(413, "too_large", "the body goes past the upload's length")
-            if nbytes and upload.job_id is not None:
-                raise tus_error(403, "finished", "the upload is complete")
             sha = await self._sha(upload)
             prep = Prepared(upload, lock, self.upload_dir(upload_id) / upload.filename,
                             upload.offset, sha, sha.copy(), recorded=upload.offset)  # fmt: skip
