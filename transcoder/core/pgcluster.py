@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +43,10 @@ from transcoder.core.jobs import (
     NodeNameTaken,
     StoreClosed,
 )
+from transcoder.core.pglisten import Listener
 from transcoder.core.postgres import (
     PostgresJobStore,
     column_text,
-    oneline,
     parse_record,
     record_json,
     unwrap_record,
@@ -58,10 +57,6 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 CHANNEL = "transcoder_jobs"
-# How long the LISTEN thread waits for a notification before looking at its stop flag.
-_LISTEN_POLL = 0.5
-# Pause before the LISTEN thread reconnects after losing its connection.
-_RELISTEN_PAUSE = 1.0
 
 _COLUMNS = "record::text, node, attempt, cancel_requested"
 
@@ -106,7 +101,7 @@ class PostgresClusterStore(PostgresJobStore):
         super().__init__(*args, **kwargs)
         self._claimer = ThreadPool(1, 1, name="job-store claims")
         self._reader = ThreadPool(1, 1, name="job-store reads")
-        self._listeners: list[_Listener] = []
+        self._listeners: list[Listener] = []
         self._host = host_name()
 
     # -- IJobStore ---------------------------------------------------------
@@ -131,6 +126,8 @@ class PostgresClusterStore(PostgresJobStore):
         return self._write(fenced)
 
     def close(self) -> Deferred[None]:
+        # Not waited for: a listener delivers nothing once stopped, and its
+        # thread, on a connection of its own, ends within a poll.
         for listener in self._listeners:
             listener.stop()
         self._listeners.clear()
@@ -373,10 +370,30 @@ class PostgresClusterStore(PostgresJobStore):
         return self._call(self._reader, nodes)
 
     def listen(self, on_change: Callable[[JobChange | None], None]) -> Callable[[], None]:
-        listener = _Listener(self._url, self._connect_timeout, self._reactor, on_change)
+        """
+        Each notification, as a L{JobChange}, goes to C{on_change} on the
+        reactor thread; after every (re)connection C{on_change(None)} says that
+        notifications may have been missed, so the whole table must be read again.
+        """
+        listener = Listener(
+            self._url,
+            self._connect_timeout,
+            self._reactor,
+            CHANNEL,
+            lambda payload: on_change(job_change(payload)),
+            name="job-store LISTEN",
+            log=_log,
+            lost="lost the job-change feed ({error}); reconnecting",
+            regained="listening for job changes again",
+            on_connect=lambda: on_change(None),
+        )
         self._listeners.append(listener)
         listener.start()
-        return listener.stop
+
+        def stop() -> None:
+            listener.stop()
+
+        return stop
 
     # -- helpers -----------------------------------------------------------
 
@@ -388,61 +405,6 @@ class PostgresClusterStore(PostgresJobStore):
         if not pool.started:
             pool.start()
         return deferToThreadPool(self._reactor, pool, f, *args, **kwargs)
-
-
-class _Listener:
-    """
-    LISTEN on a connection of its own, on a thread of its own: each
-    notification, as a L{JobChange}, goes to C{on_change} on the reactor
-    thread; after every (re)connection C{on_change(None)} says that
-    notifications may have been missed, so the whole table must be read again.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        timeout: float,
-        reactor: Any,
-        on_change: Callable[[JobChange | None], None],
-    ) -> None:
-        self._url = url
-        self._timeout = max(1, round(timeout))
-        self._reactor = reactor
-        self._on_change = on_change
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-store LISTEN", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(_LISTEN_POLL * 4)
-
-    def _run(self) -> None:
-        import psycopg
-
-        failing = False
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(
-                    self._url, autocommit=True, connect_timeout=self._timeout
-                ) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    if failing:
-                        _log.info("listening for job changes again")
-                    failing = False
-                    self._reactor.callFromThread(self._on_change, None)
-                    while not self._stopping.is_set():
-                        for n in conn.notifies(timeout=_LISTEN_POLL):
-                            change = job_change(n.payload)
-                            self._reactor.callFromThread(self._on_change, change)
-            except psycopg.Error as e:
-                if not failing:
-                    _log.warn("lost the job-change feed ({error}); reconnecting", error=oneline(e))
-                failing = True
-                self._stopping.wait(_RELISTEN_PAUSE)
 
 
 def job_change(payload: str) -> JobChange:

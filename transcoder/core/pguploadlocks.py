@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from transcoder.core.pglisten import Listener
 from transcoder.core.pguploads import Connection
-from transcoder.core.postgres import oneline
 from transcoder.core.uploads import InProcessUploadLocks, IUploadLock, IUploadLocks, UploadLocked
 
 log = Logger()
@@ -45,9 +44,6 @@ POLL = 0.2
 RENOTIFY = 1.0
 # How often a node holding uploads checks that its lock connection (and so its locks) lives.
 CHECK = 5.0
-# Seconds the LISTEN thread waits for a notification before looking at its stop flag.
-_LISTEN_POLL = 0.5
-_RELISTEN_PAUSE = 1.0
 # The server notices a vanished client host within about idle + interval * count seconds.
 _KEEPALIVE = (
     "SET tcp_keepalives_idle = 5",
@@ -101,7 +97,17 @@ class PostgresUploadLocks:
             setup=_KEEPALIVE,
             on_new=lambda: reactor.callFromThread(self._lost),
         )
-        self._listener = _Listener(url, connect_timeout, reactor, self._asked, self._me)
+        self._listener = Listener(
+            url,
+            connect_timeout,
+            reactor,
+            CHANNEL,
+            self._heard,
+            name="upload locks LISTEN",
+            log=log,
+            lost="lost the upload-lock feed ({error}); reconnecting",
+            regained="listening for other nodes' upload requests again",
+        )
         self._check: LoopingCall | None = None
 
     # IUploadLocks
@@ -207,6 +213,16 @@ class PostgresUploadLocks:
 
     # Other nodes and the session.
 
+    def _heard(self, payload: str) -> None:
+        """A notification on C{CHANNEL}: another node's request, or this node's own echo."""
+        try:
+            body = json.loads(payload)
+            upload_id, sender = str(body["id"]), body.get("from")
+        except (ValueError, KeyError, TypeError):
+            return
+        if sender != self._me:
+            self._asked(upload_id)
+
     def _asked(self, upload_id: str) -> None:
         """Another node wants the upload: this node's holder is asked to stop."""
         if upload_id in self._taken:
@@ -230,70 +246,3 @@ class PostgresUploadLocks:
         # calls _lost; make it now rather than at the next request.
         d = self._db.call(ping).addErrback(lambda f: self._db.call(lambda conn: None))
         return d.addErrback(lambda f: None)
-
-
-class _Listener:
-    """LISTEN on C{CHANNEL} on a thread and connection of its own; C{asked(id)} on the reactor."""
-
-    def __init__(
-        self, url: str, timeout: float, reactor: Any, asked: Callable[[str], None], me: str
-    ) -> None:
-        self._url = url
-        self._timeout = max(1, round(timeout))
-        self._reactor = reactor
-        self._asked = asked
-        self._me = me
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="upload locks LISTEN", daemon=True)
-
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self) -> Deferred[None]:
-        """Fires once the thread has closed its connection (or after a bound)."""
-        self._stopping.set()
-        done: Deferred[None] = Deferred()
-        # Watched from the reactor, never joined on it: a join would hold the
-        # reactor for up to a poll, long enough to miss a lease renewal.
-        deadline = self._reactor.seconds() + _LISTEN_POLL * 4
-
-        def check() -> None:
-            if not self._thread.is_alive() or self._reactor.seconds() >= deadline:
-                done.callback(None)
-            else:
-                self._reactor.callLater(0.05, check)
-
-        check()
-        return done
-
-    def _run(self) -> None:
-        import psycopg
-
-        failing = False
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(
-                    self._url, autocommit=True, connect_timeout=self._timeout
-                ) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    if failing:
-                        log.info("listening for other nodes' upload requests again")
-                    failing = False
-                    while not self._stopping.is_set():
-                        for n in conn.notifies(timeout=_LISTEN_POLL):
-                            self._heard(n.payload)
-            except psycopg.Error as e:
-                if not failing:
-                    log.warn("lost the upload-lock feed ({error}); reconnecting", error=oneline(e))
-                failing = True
-                self._stopping.wait(_RELISTEN_PAUSE)
-
-    def _heard(self, payload: str) -> None:
-        try:
-            body = json.loads(payload)
-            upload_id, sender = str(body["id"]), body.get("from")
-        except (ValueError, KeyError, TypeError):
-            return
-        if sender != self._me:
-            self._reactor.callFromThread(self._asked, upload_id)
