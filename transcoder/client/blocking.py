@@ -160,9 +160,12 @@ class Blocking:
         path: Path,
         on_progress: ProgressCallback | None = None,
         retries: int = 5,
+        overwrite: bool = True,
     ) -> Path:
         """L{Client.download}."""
-        return self._call(self._client.download, job_id, Path(path), on_progress, retries)
+        return self._call(
+            self._client.download, job_id, Path(path), on_progress, retries, overwrite
+        )
 
     def download_outputs(
         self,
