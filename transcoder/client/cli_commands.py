@@ -22,6 +22,7 @@ from transcoder.client.cli_options import (
     EXIT_CONNECTION,
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
+    EXIT_LOCAL_FILE,
     EXIT_OK,
     EXIT_SERVER_ERROR,
     EXIT_USAGE,
@@ -140,8 +141,9 @@ async def run_command(
             print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)
             return EXIT_CONNECTION
         if isinstance(e, OSError):
+            # Reading an input or saving a result failed here, not the command line.
             print(f"transcoder: {e}", file=err)
-            return EXIT_USAGE
+            return EXIT_LOCAL_FILE
         raise
     finally:
         progress.close()
