@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from transcoder.client import Client, TranscoderError, cli_commands
-from transcoder.client.cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
+from transcoder.client.cli import EXIT_LOCAL_FILE, EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, Options
 from transcoder.client.cli_commands import run_command
 
 
@@ -389,3 +389,58 @@ def test_jobs_piped_into_head(server: ServerProcess, clips: Any) -> None:
     )  # fmt: skip
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.split() == ["ID", "STATE", "PROGRESS", "PROFILE", "FILE", "CREATED"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_without_o_keeps_a_file_made_while_it_ran(
+    server: ServerProcess, clips: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    `transcoder download ID` never overwrites: a file of the suggested name
+    made after the up-front check, while the result downloads, is kept, the
+    command says so as the check does (exit 2), and no .part is left.
+    """
+    clip = tmp_path / "raced.mov"
+    shutil.copy(clips.av, clip)
+    job_id = _submit(server, clip, "--param", "preset=ultrafast", "--wait")
+    where = tmp_path / "here"
+    where.mkdir()
+    monkeypatch.chdir(where)
+    client = Client(server.url, reactor=reactor)
+    fetch = client.fetch
+
+    async def meanwhile(result: str, expected: str | None, path: Path, *rest: Any) -> Path:
+        # After the command's check, before the bytes arrive: as another program would.
+        path.write_bytes(b"someone else's")
+        return await fetch(result, expected, path, *rest)
+
+    client.fetch = meanwhile  # type: ignore[method-assign,assignment]
+    options = Options()
+    options.parseOptions(["-s", server.url, "download", job_id])
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        code = await run_command(reactor, "download", options.subOptions, out, err, client=client)
+    finally:
+        await client.close()
+    assert code == EXIT_USAGE
+    assert "raced.mp4 exists; not overwriting it (name another file with -o)" in err.getvalue()
+    assert os.listdir(where) == ["raced.mp4"]
+    assert (where / "raced.mp4").read_bytes() == b"someone else's"
+
+
+def test_a_local_file_error_has_its_own_exit_code(
+    server: ServerProcess, clips: Any, tmp_path: Path
+) -> None:
+    """
+    A result that cannot be saved (-o names a path under a file) is a local
+    file error: its reason on stderr and exit 74, not 2 (bad usage); no
+    traceback.
+    """
+    job_id = _submit(server, clips.av, "--param", "preset=ultrafast", "--wait")
+    blocker = tmp_path / "somefile"
+    blocker.write_bytes(b"not a directory")
+    saved = _run("-s", server.url, "-q", "download", job_id, "-o", str(blocker / "x.mp4"))
+    assert saved.returncode == EXIT_LOCAL_FILE == 74
+    assert "Not a directory" in saved.stderr
+    assert "Traceback" not in saved.stderr
+    assert blocker.read_bytes() == b"not a directory"

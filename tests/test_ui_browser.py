@@ -530,3 +530,52 @@ def test_the_page_works_from_the_keyboard_and_long_polls(
     assert all(a != b for a, b in itertools.pairwise(seen)), seen
     assert seen[-1][0] == "succeeded"
     w.check("net::ERR_ABORTED")
+
+
+def test_retry_after_a_new_token_sends_it_and_a_download_keeps_a_unicode_name(
+    open_page: Any, tmp_path: Path, clips: Clips
+) -> None:
+    """An upload whose token stops being accepted fails and the page asks for another; after a new one is entered, Retry sends the new one (not the one the upload started with) and the upload goes through; the result, fetched with the token, is saved under its UTF-8 name (filename*), not the ASCII fallback."""
+    old, new = "browser-old-1", "browser-new-2"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"web:{old}\nweb:{new}\n")
+    server = _serve(tmp_path, "--tokens", str(tokens))
+    clip = named(clips.flv_video, tmp_path, "clïp ünï.flv")
+    try:
+        w = open_page(server)
+        page = w.page
+        page.get_by_label("API token").fill(old)
+        page.get_by_role("button", name="Use this token").click()
+        page.locator("#new-section").wait_for()
+        revoked = {"error": {"code": "invalid_token", "message": "the token is no longer valid"}}
+
+        def refuse_the_old_token(route: Any) -> None:
+            # The upload is created with the old token, which is then refused: as if revoked.
+            request = route.request
+            if request.method != "POST" and request.headers.get("authorization") == f"Bearer {old}":
+                route.fulfill(status=401, json=revoked)
+            else:
+                route.continue_()
+
+        page.route(lambda url: "/uploads" in url, refuse_the_old_token)
+        page.select_option("select[name=profile]", "mp4-h264")
+        page.set_input_files("#file-file", clip)
+        upload = page.locator("#uploads li.upload")
+        # Failed, and out of sight with the rest of the form while the page asks for a token.
+        upload.and_(page.locator("[data-state=failed]")).wait_for(state="attached")
+        page.locator("#token-message").filter(has_text="not valid").wait_for()
+        before = len(w.requests)
+        page.get_by_label("API token").fill(new)
+        page.get_by_role("button", name="Use this token").click()
+        page.locator("#new-section").wait_for()
+        upload.get_by_role("button", name=re.compile("^Retry")).click()
+        card = job_card(page, clip.name, "succeeded")
+        card.wait_for()
+        sent = {r.headers.get("authorization") for r in w.requests[before:] if "/uploads" in r.url}
+        assert sent == {f"Bearer {new}"}
+        with page.expect_download() as download:
+            card.get_by_role("link", name=re.compile("Download the result")).click()
+        assert download.value.suggested_filename == "clïp ünï.mp4"
+        w.check("401 (Unauthorized)")
+    finally:
+        server.stop()

@@ -471,11 +471,14 @@ class Client:
         path: Path,
         on_progress: ProgressCallback | None = None,
         retries: int = 5,
+        overwrite: bool = True,
     ) -> Deferred[Path]:
         """
         Save the job's result to C{path}, streaming it to C{path}.part and
         renaming it into place once complete (and, when the job states its
-        SHA-256, checked).  A dropped or stalled connection is resumed with
+        SHA-256, checked); with C{overwrite=False} a file at C{path}, even
+        one made during the download, is kept and the call fails with
+        L{FileExistsError}.  A dropped or stalled connection is resumed with
         C{Range} from the bytes already saved, at once if bytes came since
         the last try.  Failures in a row with nothing received (a server
         being restarted: refused connections, a 503) are retried after
@@ -484,7 +487,7 @@ class Client:
         C{.part} left by an earlier call is resumed too.
         C{on_progress(received, total)} counts bytes on disk.
         """
-        return ensureDeferred(self._download(job_id, Path(path), on_progress, retries))
+        return ensureDeferred(self._download(job_id, Path(path), on_progress, retries, overwrite))
 
     def download_outputs(
         self,
@@ -502,12 +505,17 @@ class Client:
         return ensureDeferred(save_outputs(self, job_id, Path(directory), on_progress, retries))
 
     async def _download(
-        self, job_id: str, path: Path, on_progress: ProgressCallback | None, retries: int
+        self,
+        job_id: str,
+        path: Path,
+        on_progress: ProgressCallback | None,
+        retries: int,
+        overwrite: bool = True,
     ) -> Path:
         job = await self._get_again(job_id)
         result = f"/jobs/{quote(job_id, safe='')}/result"
         return await self.fetch(
-            result, (job.output or {}).get("sha256"), path, on_progress, retries
+            result, (job.output or {}).get("sha256"), path, on_progress, retries, overwrite
         )
 
     async def fetch(
@@ -517,9 +525,10 @@ class Client:
         path: Path,
         on_progress: ProgressCallback | None,
         retries: int,
+        overwrite: bool = True,
     ) -> Path:
         """Save C{result} (a path on the server) to C{path}, as L{download} describes."""
-        return await fetch(self, result, expected, path, on_progress, retries)
+        return await fetch(self, result, expected, path, on_progress, retries, overwrite)
 
 
 async def _nothing() -> None:

@@ -89,19 +89,30 @@ class Blocking:
         """Run C{fn} in the reactor's thread; its (Deferred's) result, or its exception."""
         results: queue.Queue[Any] = queue.Queue(maxsize=1)
         started: list[Deferred[Any]] = []
+        # A Ctrl-C may come before the reactor's thread has run start(): the call must then
+        # never begin (a submit would otherwise go on in the background and make a job).
+        cancelled = threading.Event()
 
         def start() -> None:
+            if cancelled.is_set():
+                return
             d = maybeDeferred(fn, *args, **kw)
             started.append(d)
             d.addBoth(results.put)
+
+        def cancel() -> None:
+            # In the reactor's thread, after start() (callFromThread keeps the order): what
+            # started is seen there even when this thread looked too early.
+            for d in started:
+                d.cancel()
 
         self._reactor.callFromThread(start)
         try:
             result = results.get()
         except BaseException:
             # Ctrl-C: what the call was doing stops (a half-sent upload is dropped).
-            for d in started:
-                self._reactor.callFromThread(d.cancel)
+            cancelled.set()
+            self._reactor.callFromThread(cancel)
             raise
         if isinstance(result, Failure):
             result.raiseException()
@@ -149,9 +160,12 @@ class Blocking:
         path: Path,
         on_progress: ProgressCallback | None = None,
         retries: int = 5,
+        overwrite: bool = True,
     ) -> Path:
         """L{Client.download}."""
-        return self._call(self._client.download, job_id, Path(path), on_progress, retries)
+        return self._call(
+            self._client.download, job_id, Path(path), on_progress, retries, overwrite
+        )
 
     def download_outputs(
         self,

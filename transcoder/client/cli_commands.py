@@ -22,6 +22,7 @@ from transcoder.client.cli_options import (
     EXIT_CONNECTION,
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
+    EXIT_LOCAL_FILE,
     EXIT_OK,
     EXIT_SERVER_ERROR,
     EXIT_USAGE,
@@ -140,8 +141,9 @@ async def run_command(
             print(f"transcoder: cannot talk to {options['server']}: {_describe(e)}", file=err)
             return EXIT_CONNECTION
         if isinstance(e, OSError):
+            # Reading an input or saving a result failed here, not the command line.
             print(f"transcoder: {e}", file=err)
-            return EXIT_USAGE
+            return EXIT_LOCAL_FILE
         raise
     finally:
         progress.close()
@@ -224,15 +226,19 @@ async def _save_as_suggested(client: Any, job_id: str, progress: Progress, err: 
     name = safe_filename(suggested) or safe_filename(f"{job_id}.result")
     assert name is not None
     target = Path(name)
+    exists = f"transcoder: {name} exists; not overwriting it (name another file with -o)"
     if target.exists() or target.is_symlink():
-        print(
-            f"transcoder: {name} exists; not overwriting it (name another file with -o)",
-            file=err,
-        )
+        print(exists, file=err)
         return EXIT_USAGE
     shown = name if name == suggested else f"{name} (the server suggested {suggested!r})"
     print(f"transcoder: saving the result as {shown}", file=err, flush=True)
-    await client.download(job_id, target, progress.bytes("download"))
+    try:
+        # The check above is for the common case; this one holds against a file made
+        # while the download ran.
+        await client.download(job_id, target, progress.bytes("download"), overwrite=False)
+    except FileExistsError:
+        print(exists, file=err)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -22,6 +22,9 @@ EXIT_USAGE = 2
 EXIT_SERVER_ERROR = 3
 EXIT_CONNECTION = 4
 EXIT_BUG = 70  # EX_SOFTWARE
+# A local file could not be read or written while the command ran (disk full, no
+# permission, a path through a file): not bad usage, and no use retrying as is.
+EXIT_LOCAL_FILE = 74  # EX_IOERR
 EXIT_INTERRUPTED = 130
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"

@@ -33,6 +33,7 @@ async def fetch(
     path: Path,
     on_progress: ProgressCallback | None,
     retries: int,
+    overwrite: bool = True,
 ) -> Path:
     """Save C{result} (a path on the server) to C{path}, as L{Client.download} describes."""
     partial = path.with_name(path.name + ".part")
@@ -112,12 +113,31 @@ async def fetch(
         partial.unlink(missing_ok=True)
         if old_part:
             # Once more from the start, with nothing of the old .part.
-            return await fetch(client, result, expected, path, on_progress, retries)
+            return await fetch(client, result, expected, path, on_progress, retries, overwrite)
         raise TranscoderError(
             0, "digest_mismatch", f"the result's SHA-256 is not {expected}; removed the copy"
         )
-    os.replace(partial, path)
+    put_in_place(partial, path, overwrite)
     return path
+
+
+def put_in_place(partial: Path, path: Path, overwrite: bool) -> None:
+    """
+    Rename the complete C{partial} to C{path}.  Without C{overwrite}, a file
+    at C{path} (even one made while the download ran) is never replaced:
+    L{FileExistsError}, and C{partial} removed.
+    """
+    if overwrite:
+        os.replace(partial, path)
+        return
+    try:
+        # A hard link is made only if nothing has the name: the check and the
+        # rename in one step, where exists() then replace() would race.
+        os.link(partial, path)
+    except FileExistsError:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.unlink()
 
 
 def header(response: IResponse, name: bytes) -> bytes | None:

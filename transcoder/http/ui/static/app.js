@@ -317,8 +317,13 @@
       endpoint: '/uploads',
       chunkSize: CHUNK_SIZE,
       retryDelays: RETRY_DELAYS,
-      headers: authHeaders(),
       metadata,
+      // Per request, not once at the start: after a rejected token the user enters a new
+      // one, and Retry/Resume must send that one.
+      onBeforeRequest(req) {
+        const value = authHeaders().Authorization;
+        if (value) req.setHeader('Authorization', value);
+      },
       removeFingerprintOnSuccess: true,
       // As tus-js-client's own rule, but also while offline: the 'online' event restarts it.
       onShouldRetry(err) {
@@ -481,6 +486,21 @@
     return (job.inputs || []).map((i) => i.filename || i.name).join(' + ') || job.id.slice(0, 8);
   }
 
+  // The file name of a Content-Disposition: the UTF-8 filename* (RFC 6266/5987) first, the
+  // ASCII filename="..." only as the fallback it is meant to be.
+  function dispositionName(disposition) {
+    const star = /filename\*\s*=\s*UTF-8'[^']*'([^;\s]+)/i.exec(disposition);
+    if (star) {
+      try {
+        return decodeURIComponent(star[1]);
+      } catch (_error) {
+        // A malformed percent-encoding: fall through to the ASCII name.
+      }
+    }
+    const plain = /filename\s*=\s*"([^"]*)"/i.exec(disposition);
+    return plain ? plain[1] : null;
+  }
+
   // A link to a job's file: a plain download without a token; with one, fetched with the
   // header and handed over as a blob, since a link cannot carry it (and it never goes in a URL).
   function downloadLink(url, text, label) {
@@ -492,10 +512,9 @@
         const response = await api(url);
         if (!response.ok) throw await errorOf(response);
         const disposition = response.headers.get('Content-Disposition') || '';
-        const match = /filename="([^"]*)"/.exec(disposition);
         const blob = await response.blob();
         const object = URL.createObjectURL(blob);
-        const tmp = el('a', { href: object, download: match ? match[1] : url.split('/').pop() });
+        const tmp = el('a', { href: object, download: dispositionName(disposition) || url.split('/').pop() });
         document.body.append(tmp);
         tmp.click();
         tmp.remove();
@@ -565,7 +584,9 @@
     const fresh = renderJob(job);
     const old = document.getElementById('job-' + job.id);
     // Keep the keyboard where it was when a job's card is drawn again.
-    const focused = old && old.contains(document.activeElement) ? document.activeElement.className : null;
+    // classList, not className: an element without a class (or an SVG one, whose className is
+    // no string) must not make the selector below throw.
+    const focused = old && old.contains(document.activeElement) ? document.activeElement.classList[0] : undefined;
     if (old) {
       old.replaceWith(fresh);
     } else {
@@ -574,7 +595,7 @@
       list.insertBefore(fresh, after || null);
     }
     if (focused) {
-      const again = fresh.querySelector('.' + focused.split(' ')[0]);
+      const again = fresh.querySelector('.' + CSS.escape(focused));
       if (again) again.focus();
     }
     $('jobs-empty').hidden = jobs.size > 0;
