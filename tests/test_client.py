@@ -743,6 +743,7 @@ async def test_download_survives_a_server_restart(tmp_path: Path, clips: Any) ->
     data = tmp_path / "data"
     first = serve(data, tmp_path / "first.log", "--profiles", str(profiles))
     servers = [first]
+    restarted: list[Deferred[ServerProcess]] = []
     c = Client(first.url, retry_for=30)
     try:
         job = await c.wait((await c.submit(clips.av_long, "raw-video")).id)
@@ -757,8 +758,6 @@ async def test_download_survives_a_server_restart(tmp_path: Path, clips: Any) ->
             argv = [transcoder(), "serve", "--listen", listen, "--data-dir", str(data)]
             return start([*argv, "--profiles", str(profiles)], data, tmp_path / "second.log")
 
-        restarted: list[Deferred[ServerProcess]] = []
-
         def progress(received: int, total: int) -> None:
             seen.append(received)
             if not restarted:
@@ -766,9 +765,12 @@ async def test_download_survives_a_server_restart(tmp_path: Path, clips: Any) ->
                 restarted.append(threads.deferToThread(restart))
 
         out = await c.download(job.id, tmp_path / "out.nut", progress)
-        servers.append(await restarted[0])
     finally:
         await c.close()
+        # Stopped whether the download worked or not: a failed one must not
+        # leave the restarted server running.
+        if restarted:
+            servers.append(await restarted[0])
         for server in servers:
             server.stop()
     assert sha256_of(out) == job.output["sha256"]
